@@ -1,0 +1,226 @@
+"""Training of CRD and its baselines, then calibration on the validation (normal) split.
+
+Recipe of the paper: Adam(lr 0.005, betas (0.5, 0.999)), exponential decay 0.95 per epoch,
+batch 16, no augmentation, one optimiser per branch stepped one after the other.
+The teacher is frozen and there is no augmentation, so its features are computed once and
+cached (when they fit `cache_budget_mb`): training then only runs the students.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import structlog
+import torch
+from tqdm import tqdm
+
+import crd_model
+from crd_model.checkpoint import save_checkpoint
+from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
+from crd_model.dataset import LoadedSplit, load_split
+from crd_model.inspector import batched_maps, default_device
+from crd_model.metrics import threshold_at_false_reject_rate
+from crd_model.torch_model import CRDModel
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class TrainOptions:
+    epochs: int = 200
+    batch_size: int = 16
+    learning_rate: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    lr_decay: float = 0.95
+    seed: int = 42
+    false_reject_rate: float = 0.01
+    device: str | None = None
+    cache_budget_mb: float = 4096.0
+    teacher_weights: str | None = None  # None: the backbone's bundled offline weights
+    progress: bool = True
+    workers: int | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def _features_nbytes(model: CRDModel, n: int, config: CRDConfig) -> int:
+    per_image = sum(
+        c * (config.image_size // r) ** 2 for c, r in zip(model.teacher.channels, model.teacher.reductions, strict=True)
+    )
+    modalities = int(config.uses_rgb) + int(config.uses_3d)
+    return per_image * modalities * n * 4
+
+
+def _to_device(a: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
+    return None if a is None else torch.from_numpy(a).to(device)
+
+
+def fit(
+    model: CRDModel,
+    train: LoadedSplit,
+    options: TrainOptions,
+    device: torch.device,
+    on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, float]:
+    """Train the model's branches in place; returns the last epoch's mean loss per branch."""
+    n = len(train.frames)
+    rgb_all, x3d_all = train.stack("rgb"), train.stack("x3d")
+    cache = None
+    if _features_nbytes(model, n, model.config) <= options.cache_budget_mb * 2**20:
+        cache = []
+        with torch.inference_mode():
+            for i in range(0, n, options.batch_size):
+                sl = slice(i, i + options.batch_size)
+                feats = model.encode(
+                    _to_device(None if rgb_all is None else rgb_all[sl], device),
+                    _to_device(None if x3d_all is None else x3d_all[sl], device),
+                )
+                cache.append(feats)
+        # Flatten to one tensor per modality and scale for random batching.
+        cache = {m: [torch.cat([c[m][k] for c in cache]).clone() for k in range(len(cache[0][m]))] for m in cache[0]}
+
+    branches = dict(model.branches.items())
+    optimisers = {
+        name: torch.optim.Adam(b.parameters(), lr=options.learning_rate, betas=options.betas)
+        for name, b in branches.items()
+    }
+    schedulers = {
+        name: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=options.lr_decay) for name, opt in optimisers.items()
+    }
+    generator = torch.Generator().manual_seed(options.seed)
+    last: dict[str, float] = {}
+    bar = tqdm(range(options.epochs), desc="train", unit="epoch", disable=not options.progress, leave=False)
+    for epoch in bar:
+        model.branches.train()
+        order = torch.randperm(n, generator=generator)
+        sums = dict.fromkeys(branches, 0.0)
+        steps = 0
+        for i in range(0, n, options.batch_size):
+            idx = order[i : i + options.batch_size]
+            if len(idx) < 2 and n >= 2:
+                continue  # BatchNorm cannot train on a batch of one
+            if cache is not None:
+                dev_idx = idx.to(device)
+                feats = {m: [f.index_select(0, dev_idx) for f in fs] for m, fs in cache.items()}
+            else:
+                with torch.inference_mode():
+                    feats = model.encode(
+                        _to_device(None if rgb_all is None else rgb_all[idx.numpy()], device),
+                        _to_device(None if x3d_all is None else x3d_all[idx.numpy()], device),
+                    )
+                feats = {m: [f.clone() for f in fs] for m, fs in feats.items()}
+            # Separate optimisers, stepped one after the other (the branches share no parameters).
+            for name in branches:
+                out = model.run_branch(feats, name)
+                loss = sum(out.loss_terms().values())
+                optimisers[name].zero_grad(set_to_none=True)
+                loss.backward()
+                optimisers[name].step()
+                sums[name] += float(loss.detach())
+            steps += 1
+        for s in schedulers.values():
+            s.step()
+        last = {k: v / max(steps, 1) for k, v in sums.items()}
+        bar.set_postfix({k: f"{v:.4f}" for k, v in last.items()})
+        if on_epoch is not None:
+            on_epoch(epoch, last)
+    model.eval()
+    return last
+
+
+def calibrate(
+    model: CRDModel, validation: LoadedSplit, device: torch.device, false_reject_rate: float, batch_size: int = 16
+) -> Calibration:
+    """Per-branch map mean/std over all validation pixels, then the image threshold."""
+    model.eval()
+    raw: dict[str, list[torch.Tensor]] = {}
+    n = len(validation.frames)
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            idx = list(range(i, min(n, i + batch_size)))
+            maps = model(
+                _to_device(validation.stack("rgb", idx), device), _to_device(validation.stack("x3d", idx), device)
+            )
+            for k, v in maps.items():
+                raw.setdefault(k, []).append(v.float().cpu())
+    stats = {}
+    for k, chunks in raw.items():
+        allmaps = torch.cat(chunks)
+        stats[k] = BranchStats(mean=float(allmaps.mean()), std=max(float(allmaps.std()), 1e-8))
+    std_stats = {k: (s.mean, s.std) for k, s in stats.items()}
+    scores = []
+    for i in range(0, n, batch_size):
+        idx = list(range(i, min(n, i + batch_size)))
+        _, s = batched_maps(model, validation.stack("rgb", idx), validation.stack("x3d", idx), device, std_stats)
+        scores.append(s.cpu().numpy())
+    val_scores = np.concatenate(scores)
+    return Calibration(
+        branch_stats=stats,
+        threshold=threshold_at_false_reject_rate(val_scores, false_reject_rate),
+        false_reject_rate=false_reject_rate,
+        n_validation=n,
+        validation_score_max=float(val_scores.max()),
+        validation_score_median=float(np.median(val_scores)),
+    )
+
+
+def train_category(
+    data_root: str | Path,
+    category: str,
+    out_dir: str | Path,
+    config: CRDConfig | None = None,
+    options: TrainOptions | None = None,
+) -> CheckpointMeta:
+    """Train on `<root>/<category>/train`, calibrate on `validation`, save a checkpoint."""
+    config = config or CRDConfig()
+    options = options or TrainOptions()
+    seed_everything(options.seed)
+    device = torch.device(options.device) if options.device else default_device()
+    teacher_weights: str | bool = options.teacher_weights or True
+    model = CRDModel(config, teacher_weights=teacher_weights).to(device)
+    t0 = time.perf_counter()
+    train = load_split(data_root, category, "train", config, options.workers)
+    validation = load_split(data_root, category, "validation", config, options.workers)
+    log.info("training", category=category, architecture=config.architecture, backbone=config.backbone,
+             n_train=len(train.frames), n_validation=len(validation.frames), device=str(device),
+             trainable_parameters=model.trainable_parameters())
+
+    def report(epoch: int, losses: dict[str, float]) -> None:
+        tqdm.write(f"epoch {epoch + 1}/{options.epochs} " + " ".join(f"loss_{k}={v:.5f}" for k, v in losses.items()))
+
+    final = fit(model, train, options, device, on_epoch=report if options.progress else None)
+    calibration = calibrate(model, validation, device, options.false_reject_rate, options.batch_size)
+    seconds = time.perf_counter() - t0
+    meta = CheckpointMeta(
+        model_id="pending",
+        config=config,
+        calibration=calibration,
+        training=TrainingInfo(
+            category=category,
+            epochs=options.epochs,
+            batch_size=options.batch_size,
+            learning_rate=options.learning_rate,
+            seed=options.seed,
+            n_train=len(train.frames),
+            seconds=round(seconds, 2),
+            final_loss=final,
+            trainable_parameters=model.trainable_parameters(),
+            created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            crd_inspect_version=crd_model.__version__,
+            torch_version=torch.__version__,
+        ),
+    )
+    meta = save_checkpoint(out_dir, model, meta)
+    log.info("trained", model_id=meta.model_id, seconds=round(seconds, 1), threshold=round(calibration.threshold, 4))
+    return meta
