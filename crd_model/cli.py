@@ -79,6 +79,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(a: argparse.Namespace) -> int:
+    from crd_model.demo import run_offline_demo
+    from crd_model.logs import configure_logging
+
+    configure_logging()
+    summary = run_offline_demo(Path(a.workdir))
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="crd", description=__doc__.split("\n")[0] if __doc__ else None)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
+    p.add_argument("--workdir", default="runs/demo")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,35 @@
+"""Shared fixtures: a tiny synthetic data set and one small trained CRD checkpoint per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TINY_CATEGORY = "dome"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from crd_model.data.synth import generate_dataset
+
+    root = tmp_path_factory.mktemp("synth")
+    generate_dataset(
+        root, categories=[TINY_CATEGORY], seed=3, n_train=24, n_validation=8, n_test_good=8,
+        n_test_per_defect=3, size_scale=0.6,
+    )
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real CRD model trained for a few epochs on the tiny set (about half a minute on 2 cores)."""
+    from crd_model.config import CRDConfig
+    from crd_model.train import TrainOptions, train_category
+
+    out = tmp_path_factory.mktemp("ckpt") / "crd"
+    train_category(
+        tiny_data, TINY_CATEGORY, out, CRDConfig(image_size=96),
+        TrainOptions(epochs=12, batch_size=8, progress=False, seed=0),
+    )
+    return out

@@ -1,0 +1,124 @@
+"""End to end on tiny synthetic data: train -> calibrate -> checkpoint -> eval / predict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from crd_model.checkpoint import WEIGHTS, load_checkpoint, read_meta
+from crd_model.cli import main
+from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
+from crd_model.evaluate import evaluate
+from crd_model.inputs import FrameError
+from crd_model.inspector import Inspector
+from tests.conftest import TINY_CATEGORY
+
+
+def test_anomalies_score_higher_than_normals(tiny_data: Path, tiny_checkpoint: Path):
+    report = evaluate(tiny_checkpoint, tiny_data, TINY_CATEGORY)
+    overall = report["overall"]
+    assert overall["n"] == 8 + 3 * 5
+    # A few epochs on 24 images: far from the benchmark's numbers, but clearly better than chance.
+    assert overall["i_auroc"] > 0.7
+    assert overall["p_auroc"] > 0.8
+    assert 0.0 < overall["aupro_30"] <= 1.0
+    assert set(report["per_defect"]) == {"color", "dent", "hole", "cut", "combined"}
+
+
+def test_checkpoint_round_trip_gives_the_same_scores(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path):
+    meta = read_meta(tiny_checkpoint)
+    assert meta.calibration is not None and meta.training is not None
+    assert meta.model_id.startswith(f"{TINY_CATEGORY}-crd-")
+    assert set(meta.calibration.branch_stats) == {"rgb", "3d"}
+    samples = list_samples(tiny_data, TINY_CATEGORY, "test")[:4]
+    rgbs = [read_rgb(s.rgb_path) for s in samples]
+    xyzs = [read_xyz(s.xyz_path) for s in samples]
+    first = Inspector(tiny_checkpoint, "cpu").inspect(rgbs, xyzs)
+    second = Inspector(tiny_checkpoint, "cpu").inspect(rgbs, xyzs)
+    for a, b in zip(first, second, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-5)
+        np.testing.assert_allclose(a.anomaly_map, b.anomaly_map, rtol=1e-5, atol=1e-5)
+        # Maps come back at the input image's own (non-square) resolution.
+    assert first[0].anomaly_map.shape == rgbs[0].shape[:2]
+    # The weights file is plain safetensors: a truncated one fails loudly instead of loading junk.
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((tiny_checkpoint / "config.json").read_text())
+    (broken / WEIGHTS).write_bytes((tiny_checkpoint / WEIGHTS).read_bytes()[:1000])
+    with pytest.raises(Exception):  # noqa: B017 - safetensors raises its own error type
+        load_checkpoint(broken)
+
+
+def test_batch_results_do_not_depend_on_batch_composition(tiny_data: Path, tiny_checkpoint: Path):
+    samples = list_samples(tiny_data, TINY_CATEGORY, "test")[:3]
+    rgbs = [read_rgb(s.rgb_path) for s in samples]
+    xyzs = [read_xyz(s.xyz_path) for s in samples]
+    inspector = Inspector(tiny_checkpoint, "cpu")
+    together = inspector.inspect(rgbs, xyzs)
+    alone = [inspector.inspect([r], [x])[0] for r, x in zip(rgbs, xyzs, strict=True)]
+    for a, b in zip(together, alone, strict=True):
+        assert a.score == pytest.approx(b.score, rel=1e-4, abs=1e-4)
+
+
+def test_bad_frames_get_clear_errors(tiny_checkpoint: Path):
+    inspector = Inspector(tiny_checkpoint, "cpu")
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    with pytest.raises(FrameError, match="differ") as exc:
+        inspector.prepare(rgb, np.zeros((40, 51, 3), np.float32))
+    assert exc.value.code == "shape_mismatch"
+    with pytest.raises(FrameError) as exc:
+        inspector.prepare(rgb.astype(np.float32), np.zeros((40, 50, 3), np.float32))
+    assert exc.value.code == "bad_rgb"
+    with pytest.raises(FrameError) as exc:
+        inspector.prepare(rgb, np.zeros((40, 50), np.float32))
+    assert exc.value.code == "bad_xyz"
+    # An all-missing point cloud is valid input (a camera dropout): it is scored, not a crash.
+    result = inspector.inspect([rgb], [np.zeros((40, 50, 3), np.float32)])[0]
+    assert np.isfinite(result.score)
+
+
+def test_cli_eval_and_predict(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path, capsys):
+    report_path = tmp_path / "report.json"
+    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data),
+                 "--category", TINY_CATEGORY, "--out", str(report_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "I-AUROC" in printed and "overall" in printed and "dent" in printed
+    assert json.loads(report_path.read_text())["overall"]["n"] == 23
+
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data),
+                 "--category", TINY_CATEGORY, "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 23
+    hole = next(r for r in lines if r["path"] == "test/hole/rgb/000.png")
+    assert hole["verdict"] in ("ok", "anomalous") and hole["defect_type"] == "hole"
+    amap = tifffile.imread(out / "maps" / "test/hole/rgb/000.tiff")
+    rgb = read_rgb(tiny_data / TINY_CATEGORY / "test/hole/rgb/000.png")
+    assert amap.dtype == np.float32 and amap.shape == rgb.shape[:2]
+    assert (out / "overlays" / "test/hole/rgb/000.png").is_file()
+
+
+def test_cli_predict_on_a_plain_folder_of_pairs(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path):
+    # A user's own images: rgb/ and xyz/ side by side, no gt, no split folders.
+    folder = tmp_path / "mine"
+    for sub in ("rgb", "xyz"):
+        (folder / sub).mkdir(parents=True)
+    src = tiny_data / TINY_CATEGORY / "validation" / "good"
+    for stem in ("000", "001"):
+        (folder / "rgb" / f"part_{stem}.png").write_bytes((src / "rgb" / f"{stem}.png").read_bytes())
+        (folder / "xyz" / f"part_{stem}.tiff").write_bytes((src / "xyz" / f"{stem}.tiff").read_bytes())
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--folder", str(folder), "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["path"] for r in lines] == ["rgb/part_000.png", "rgb/part_001.png"]
+    assert all((out / r["map"]).is_file() for r in lines)
+
+
+def test_cli_reports_missing_data_cleanly(tmp_path: Path, capsys):
+    code = main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--category", "x"])
+    assert code == 2
+    assert "error" in capsys.readouterr().err
