@@ -79,14 +79,112 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _settings(a: argparse.Namespace, **sections: dict):
+    """Settings from the environment (CRD_*), then the command line on top."""
+    from crd_model.logs import configure_logging
+    from crd_model.settings import Settings
+
+    s = Settings()
+    update: dict = {}
+    if getattr(a, "line", None):
+        update["line"] = a.line
+    if getattr(a, "redis_url", None):
+        update["redis"] = s.redis.model_copy(update={"url": a.redis_url})
+    for name, values in sections.items():
+        values = {k: v for k, v in values.items() if v is not None}
+        if values:
+            update[name] = getattr(s, name).model_copy(update=values)
+    if getattr(a, "metrics_port", None) is not None:
+        update["observability"] = s.observability.model_copy(update={"http_port": a.metrics_port})
+    s = s.model_copy(update=update)
+    configure_logging(json_logs=s.observability.log_json and not getattr(a, "plain_logs", False),
+                      level=s.observability.log_level)
+    return s
+
+
+def cmd_produce(a: argparse.Namespace) -> int:
+    from producers.producer import Producer
+    from producers.sources import ReplaySource, SyntheticSource, WatchFolderSource
+
+    s = _settings(a, producer=dict(fps=a.fps, max_outstanding=a.max_outstanding, backpressure=a.backpressure,
+                                   rgb_encoding=a.rgb_encoding, xyz_dtype=a.xyz_dtype))
+    producer = Producer(s, camera=a.camera)
+    producer.install_signal_handlers()
+    if a.source == "replay":
+        if not (a.data and a.category):
+            raise ValueError("--source replay needs --data and --category")
+        source = ReplaySource(Path(a.data), a.category, a.split, loop=a.loop)
+    elif a.source == "synthetic":
+        source = SyntheticSource(a.category or "disc", seed=a.seed, anomaly_rate=a.anomaly_rate)
+    else:
+        if not (a.folder and a.category):
+            raise ValueError("--source watch needs --folder and --category")
+        source = WatchFolderSource(Path(a.folder), a.category, stop=producer.stopping.is_set)
+    sent = producer.run(source, max_frames=a.count)
+    print(f"sent {sent} frames to {producer.frames_key}", file=sys.stderr)
+    return 0
+
+
+def _parse_models(pairs: list[str]) -> dict[str, Path]:
+    models = {}
+    for pair in pairs or []:
+        category, sep, path = pair.partition("=")
+        if not sep or not category or not path:
+            raise ValueError(f"--model takes CATEGORY=CHECKPOINT_DIR, got {pair!r}")
+        models[category] = Path(path)
+    return models
+
+
+def cmd_work(a: argparse.Namespace) -> int:
+    from workers.models import ModelRegistry, StandInInspector
+    from workers.worker import Worker
+
+    models = _parse_models(a.model)
+    s = _settings(a, worker=dict(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, device=a.device,
+                                 claim_idle_ms=a.claim_idle_ms, consumer=a.consumer,
+                                 models=models or None))
+    if a.stand_in_latency_ms is not None:
+        categories = list(s.worker.models) or [a.stand_in_category]
+        registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})
+    else:
+        if not s.worker.models:
+            raise ValueError("no models: pass --model CATEGORY=CHECKPOINT_DIR (or set CRD_WORKER__MODELS)")
+        registry = ModelRegistry.load(s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile)
+    worker = Worker(s, registry)
+    worker.install_signal_handlers()
+    worker.run(max_frames=a.max_frames, idle_exit_s=a.idle_exit_s)
+    return 0
+
+
+def cmd_results(a: argparse.Namespace) -> int:
+    from crd_model.results import format_result, tail_results
+    from crd_model.streams import connect
+
+    s = _settings(a)
+    r = connect(s.redis)
+    key = s.streams.key(s.line, "results")
+    print(f"# {key}  (frame id, verdict, score/threshold, capture->result latency)", flush=True)
+    for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count,
+                                  timeout_s=a.timeout_s):
+        print(format_result(result), flush=True)
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
-    from crd_model.demo import run_offline_demo
+    from crd_model.demo import run_stream_demo
     from crd_model.logs import configure_logging
 
-    configure_logging()
-    summary = run_offline_demo(Path(a.workdir))
-    print(json.dumps(summary, indent=2))
+    configure_logging(level="WARNING")
+    summary = run_stream_demo(Path(a.workdir), frames=a.frames, fps=a.fps)
+    print("\nsummary:\n" + json.dumps(summary, indent=2))
     return 0
+
+
+def _add_service_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--line", default=None, help="line id (default: CRD_LINE or line1)")
+    p.add_argument("--redis-url", default=None, help="default: CRD_REDIS__URL, REDIS_URL, redis://127.0.0.1:6379/0")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz")
+    p.add_argument("--plain-logs", action="store_true", help="key=value logs instead of JSON")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,8 +233,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_predict)
+    p = sub.add_parser("produce", help="camera producer: push frames onto a line's stream")
+    _add_service_args(p)
+    p.add_argument("--camera", default="cam1")
+    p.add_argument("--source", default="synthetic", choices=["replay", "synthetic", "watch"])
+    p.add_argument("--data", default=None, help="replay: MVTec 3D-AD root")
+    p.add_argument("--category", default=None)
+    p.add_argument("--split", default="test")
+    p.add_argument("--loop", action="store_true", help="replay: start over at the end")
+    p.add_argument("--folder", default=None, help="watch: folder with rgb/ and xyz/ subfolders")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--anomaly-rate", type=float, default=0.2)
+    p.add_argument("--fps", type=float, default=None)
+    p.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--max-outstanding", type=int, default=None)
+    p.add_argument("--backpressure", default=None, choices=["block", "slow"])
+    p.add_argument("--rgb-encoding", default=None, choices=["png", "jpeg", "raw"])
+    p.add_argument("--xyz-dtype", default=None, choices=["float32", "float16"])
+    p.set_defaults(func=cmd_produce)
+
+    p = sub.add_parser("work", help="batched inference worker for a line")
+    _add_service_args(p)
+    p.add_argument("--model", action="append", default=[], metavar="CATEGORY=CHECKPOINT_DIR")
+    p.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
+    p.add_argument("--max-batch", type=int, default=None)
+    p.add_argument("--max-wait-ms", type=int, default=None)
+    p.add_argument("--claim-idle-ms", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-frames", type=int, default=None)
+    p.add_argument("--idle-exit-s", type=float, default=None, help="exit after this long without frames")
+    p.add_argument("--stand-in-latency-ms", type=float, default=None,
+                   help="benchmarks only: a labelled fixed-latency stand-in instead of a model")
+    p.add_argument("--stand-in-category", default="disc")
+    p.set_defaults(func=cmd_work)
+
+    p = sub.add_parser("results", help="tail a line's results live")
+    _add_service_args(p)
+    p.add_argument("--from-start", action="store_true")
+    p.add_argument("--count", type=int, default=None)
+    p.add_argument("--timeout-s", type=float, default=None)
+    p.set_defaults(func=cmd_results)
+
     p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
     p.add_argument("--workdir", default="runs/demo")
+    p.add_argument("--frames", type=int, default=None, help="default: the whole synthetic test split (60)")
+    p.add_argument("--fps", type=float, default=10.0)
     p.set_defaults(func=cmd_demo)
     return parser
 

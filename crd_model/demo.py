@@ -1,15 +1,22 @@
-"""`crd demo`: synthetic data -> small CRD model (trained once, then reused) -> verdicts.
+"""`crd demo`: the whole product on one machine, end to end.
 
-Everything lands in `runs/demo/` so a second run starts in seconds.
+Synthetic data -> a small CRD model (trained once, then reused from `runs/demo/`) -> a producer
+replaying the synthetic test split as a line camera -> Redis Streams (REDIS_URL, else an embedded
+Valkey server) -> a worker process -> the results stream, tailed live, then a summary.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import redis
 
 DEMO_CATEGORY = "disc"
 
@@ -26,32 +33,120 @@ def ensure_demo_model(workdir: Path, epochs: int = 20, image_size: int = 192) ->
         print(f"generating synthetic data in {data} ...", flush=True)
         generate_dataset(data, categories=[DEMO_CATEGORY], seed=0)
     if not (ckpt / "config.json").is_file():
-        print(f"training a CRD model ({epochs} epochs, {image_size} px) -> {ckpt}; reused on later runs",
-              flush=True)
-        train_category(data, DEMO_CATEGORY, ckpt, CRDConfig(image_size=image_size), TrainOptions(epochs=epochs))
+        print(f"training a CRD model ({epochs} epochs, {image_size} px, a few minutes on 2 CPU cores) -> {ckpt}; "
+              "reused on later runs", flush=True)
+        train_category(data, DEMO_CATEGORY, ckpt, CRDConfig(image_size=image_size),
+                       TrainOptions(epochs=epochs, progress=True))
     else:
-        print(f"reusing {ckpt}", flush=True)
+        print(f"reusing model {ckpt}", flush=True)
     return data, ckpt
 
 
-def run_offline_demo(workdir: Path) -> dict:
-    from crd_model.predict import predict
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 10.0, timeout_s: float = 300.0) -> dict:
+    from PIL import Image
+
+    from crd_model.data.mvtec3d import read_rgb
+    from crd_model.embedded import redis_server_url
+    from crd_model.overlay import overlay
+    from crd_model.results import format_result, latency_ms, tail_results
+    from crd_model.settings import Settings
+    from crd_model.streams import connect
+    from crd_model.wire import decode_map
+    from producers.producer import Producer
+    from producers.sources import ReplaySource
 
     data, ckpt = ensure_demo_model(workdir)
-    t = time.perf_counter()
-    out = predict(ckpt, workdir / "predictions", data_root=data, category=DEMO_CATEGORY, split="test")
-    seconds = time.perf_counter() - t
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    flagged = np.array([r["verdict"] == "anomalous" for r in rows])
-    bad = np.array([r.get("defect_type") != "good" for r in rows])
-    summary = {
-        "images": len(rows),
-        "seconds": round(seconds, 2),
-        "images_per_second": round(len(rows) / seconds, 2),
-        "anomalous_caught": f"{int((flagged & bad).sum())}/{int(bad.sum())}",
-        "good_rejected": f"{int((flagged & ~bad).sum())}/{int((~bad).sum())}",
-        "predictions": str(out),
+    source = ReplaySource(data, DEMO_CATEGORY, "test")
+    n = frames or len(source.samples)
+    line = f"demo-{int(time.time())}"
+    with redis_server_url() as url:
+        print(f"redis: {url}   line: {line}", flush=True)
+        env = dict(os.environ, REDIS_URL=url, CRD_LINE=line, PYTHONUNBUFFERED="1")
+        env.pop("CRD_REDIS__URL", None)
+        log_path = workdir / "worker.log"
+        with open(log_path, "w") as log_file:
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "crd_model.cli", "work", "--model", f"{DEMO_CATEGORY}={ckpt}",
+                 "--max-wait-ms", "30"],
+                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )
+        try:
+            settings = Settings(line=line)
+            settings = settings.model_copy(update={
+                "redis": settings.redis.model_copy(update={"url": url}),
+                "producer": settings.producer.model_copy(update={"fps": fps}),
+            })
+            r = connect(settings.redis)
+            frames_key = settings.streams.key(line, "frames")
+            _wait_for_worker(r, frames_key, settings.streams.group, worker, log_path)
+            producer = Producer(settings, camera="demo-cam", r=r)
+            thread = threading.Thread(target=producer.run, args=(source,), kwargs={"max_frames": n},
+                                      name="producer", daemon=True)
+            t0 = time.time()
+            thread.start()
+            results = []
+            print(f"\nstreaming {n} frames at {fps:g} fps: producer -> {frames_key} -> worker -> results\n", flush=True)
+            for _, res in tail_results(r, settings.streams.key(line, "results"), start="0", count=n,
+                                       timeout_s=timeout_s):
+                print("  " + format_result(res), flush=True)
+                results.append(res)
+            wall = time.time() - t0
+            thread.join(timeout=5)
+        finally:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+
+    ok = [x for x in results if not isinstance(x, Exception)]
+    verdicts = {v: sum(1 for x in ok if x.verdict == v) for v in ("ok", "anomalous", "error")}
+    lat = [v for v in (latency_ms(x) for x in ok) if v is not None]
+    # The producer put each image's defect type into the frame's meta; results echo it back.
+    bad = [x for x in ok if x.meta.get("defect_type", "good") != "good"]
+    good = [x for x in ok if x.meta.get("defect_type", "good") == "good"]
+    out_dir = workdir / "overlays"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for x in sorted(ok, key=lambda x: -(x.score or 0))[:4]:
+        if x.anomaly_map is None or "path" not in x.meta:
+            continue
+        rgb = read_rgb(data / DEMO_CATEGORY / str(x.meta["path"]))
+        amap = np.asarray(Image.fromarray(decode_map(x.anomaly_map)).resize(rgb.shape[1::-1], Image.BILINEAR))
+        Image.fromarray(overlay(rgb, amap, x.threshold or 0.0)).save(out_dir / f"{x.frame_id.replace(':', '_')}.png")
+        written += 1
+    span = (max(x.timings.finished_at for x in ok) - min(x.timings.captured_at for x in ok)) if ok else 0.0
+    return {
+        "frames_sent": producer.sent,
+        "results": len(results),
+        "verdicts": verdicts,
+        "throughput_fps": round(len(ok) / span, 2) if span > 0 else None,
+        "latency_ms_p50": round(_percentile(lat, 50), 1),
+        "latency_ms_p99": round(_percentile(lat, 99), 1),
+        "anomalous_caught": f"{sum(1 for x in bad if x.verdict == 'anomalous')}/{len(bad)}",
+        "good_passed": f"{sum(1 for x in good if x.verdict == 'ok')}/{len(good)}",
+        "wall_seconds": round(wall, 1),
+        "overlays": f"{written} PNGs in {out_dir}",
+        "worker_log": str(workdir / "worker.log"),
     }
-    for r in rows[:: max(1, len(rows) // 8)]:
-        print(f"  {r['path']:<32} score {r['score']:8.3f}  {r['verdict']}")
-    return summary
+
+
+def _wait_for_worker(r: redis.Redis, frames_key: str, group: str, worker: subprocess.Popen, log_path: Path,
+                     timeout_s: float = 120.0) -> None:
+    """Until the worker has joined the consumer group (its models are loaded)."""
+    from crd_model.streams import ensure_group
+
+    ensure_group(r, frames_key, group)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if worker.poll() is not None:
+            tail = log_path.read_text()[-2000:]
+            raise RuntimeError(f"worker exited with {worker.returncode}; see {log_path}:\n{tail}")
+        if r.xinfo_consumers(frames_key, group):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"worker did not start within {timeout_s:.0f}s; see {log_path}")

@@ -33,3 +33,41 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
         TrainOptions(epochs=12, batch_size=8, progress=False, seed=0),
     )
     return out
+
+
+# --- Redis / Valkey ------------------------------------------------------------------------------
+# Tests talk to a real server: REDIS_URL if set (CI runs the stream tests against the machine's
+# Redis 7 too), else an embedded Valkey started once per session. Every test gets its own line id,
+# so its keys never meet another test's.
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    from crd_model.embedded import redis_server_url
+
+    with redis_server_url() as url:
+        yield url
+
+
+@pytest.fixture
+def settings(redis_url: str, request: pytest.FixtureRequest):
+    import uuid
+
+    from crd_model.settings import Settings
+
+    line = f"t{uuid.uuid4().hex[:10]}"
+    s = Settings(line=line)
+    s = s.model_copy(update={"redis": s.redis.model_copy(update={"url": redis_url})})
+    yield s
+    from crd_model.streams import connect
+
+    r = connect(s.redis)
+    for kind in ("frames", "results", "dead"):
+        r.delete(s.streams.key(line, kind))
+
+
+@pytest.fixture
+def r(settings):
+    from crd_model.streams import connect
+
+    return connect(settings.redis)

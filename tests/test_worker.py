@@ -1,0 +1,213 @@
+"""Workers against a real server: exact results, bad input, crashes, draining, batching."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
+from crd_model.inspector import Inspector
+from crd_model.streams import F_FRAME_ID, F_PAYLOAD, ensure_group
+from crd_model.wire import Limits, encode_xyz, make_frame, pack_frame, unpack_result
+from producers.producer import Producer
+from producers.sources import ReplaySource, SourceFrame
+from tests.conftest import TINY_CATEGORY
+from workers.models import ModelRegistry, StandInInspector
+from workers.worker import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _results(r, settings) -> list:
+    return [unpack_result(f[F_PAYLOAD]) for _, f in r.xrange(settings.streams.key(settings.line, "results"))]
+
+
+def _fast(settings, **worker):
+    w = settings.worker.model_copy(update=dict(dict(max_wait_ms=5, block_ms=100, claim_every_s=0.2), **worker))
+    p = settings.producer.model_copy(update={"fps": 1000.0})
+    return settings.model_copy(update={"worker": w, "producer": p})
+
+
+def test_n_frames_in_exactly_n_results_out_matching_the_offline_model(settings, r, tiny_data, tiny_checkpoint):
+    s = _fast(settings, max_batch=4)
+    producer = Producer(s, camera="cam7", r=r)
+    source = ReplaySource(tiny_data, TINY_CATEGORY, "test")
+    n = 10
+    assert producer.run(source, max_frames=n) == n
+    inspector = Inspector(tiny_checkpoint, "cpu")
+    worker = Worker(s, ModelRegistry({TINY_CATEGORY: inspector}), r=r)
+    assert worker.run(max_frames=n, idle_exit_s=5) == n
+    results = _results(r, s)
+    assert len(results) == n
+    assert [x.frame_id for x in results] == [f"cam7:{producer.boot}:{i}" for i in range(n)]
+    samples = list_samples(tiny_data, TINY_CATEGORY, "test")[:n]
+    offline = inspector.inspect([read_rgb(x.rgb_path) for x in samples], [read_xyz(x.xyz_path) for x in samples])
+    for res, off, smp in zip(results, offline, samples, strict=True):
+        assert res.verdict == off.verdict
+        assert res.score == pytest.approx(off.score, rel=1e-4, abs=1e-4)
+        assert res.threshold == pytest.approx(inspector.threshold)
+        assert res.model_id == inspector.model_id
+        assert res.anomaly_map is not None and tuple(res.anomaly_map.image_shape) == read_rgb(smp.rgb_path).shape[:2]
+        assert res.timings.captured_at <= res.timings.enqueued_at <= res.timings.started_at <= res.timings.finished_at
+        if res.verdict == "anomalous":
+            assert res.regions
+    pending = r.xpending(s.streams.key(s.line, "frames"), s.streams.group)
+    assert pending["pending"] == 0
+
+
+def test_bad_frames_become_error_results_and_dead_letters(settings, r):
+    s = _fast(settings, max_batch=8)
+    frames_key = s.streams.key(s.line, "frames")
+    ensure_group(r, frames_key, s.streams.group)
+    rgb = np.zeros((40, 50, 3), np.uint8)
+    xyz = np.zeros((40, 50, 3), np.float32)
+
+    def add(frame_id: str, payload: bytes) -> None:
+        r.xadd(frames_key, {F_FRAME_ID: frame_id.encode(), F_PAYLOAD: payload})
+
+    def frame(fid: str, **kw) -> bytes:
+        args = dict(frame_id=fid, line=s.line, camera="c", seq=0, category="disc") | kw
+        return pack_frame(make_frame(args.pop("rgb", rgb), args.pop("xyz", xyz), **args))
+
+    add("garbage", b"\x00\xffnot msgpack at all")
+    add("empty", b"")
+    add("unknown-cat", frame("unknown-cat", category="nope"))
+    # make_frame refuses a mismatched pair, so build it by hand, as a buggy producer might.
+    good = make_frame(rgb, xyz, frame_id="mismatch", line=s.line, camera="c", seq=0, category="disc")
+    add("mismatch", pack_frame(good.model_copy(update={"xyz": encode_xyz(np.zeros((40, 51, 3), np.float32))})))
+    add("huge", frame("huge", rgb=np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8),
+                      xyz=np.zeros((300, 300, 3), np.float32), rgb_encoding="raw"))
+    import msgpack
+
+    add("v2", msgpack.packb({"v": 2, "type": "frame", "frame_id": "v2"}))
+    add("good", frame("good"))
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r, limits=Limits(max_message_bytes=100_000))
+    assert worker.run(max_frames=7, idle_exit_s=3) == 7
+    by_id = {x.frame_id: x for x in _results(r, s)}
+    assert set(by_id) == {"garbage", "empty", "unknown-cat", "mismatch", "huge", "v2", "good"}
+    codes = {fid: (x.error.code if x.error else x.verdict) for fid, x in by_id.items()}
+    assert codes == {"garbage": "bad_msgpack", "empty": "invalid", "unknown-cat": "unknown_category",
+                     "mismatch": "shape_mismatch", "huge": "too_large", "v2": "unsupported_version", "good": "ok"}
+    dead = {f[b"frame_id"].decode(): f for _, f in r.xrange(s.streams.key(s.line, "dead"))}
+    assert set(dead) == set(by_id) - {"good"}
+    assert dead["garbage"][b"payload"] == b"\x00\xffnot msgpack at all"  # the original, for inspection
+    assert dead["v2"][b"reason"] == b"unsupported_version"
+    assert r.xpending(frames_key, s.streams.group)["pending"] == 0  # nothing left hanging
+
+
+def _spawn_worker(settings, *extra: str, consumer: str) -> subprocess.Popen:
+    env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1")
+    env.pop("CRD_REDIS__URL", None)
+    cmd = [sys.executable, "-m", "crd_model.cli", "work", "--consumer", consumer, "--plain-logs", *extra]
+    return subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _wait(cond, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _produce(settings, r, n: int) -> list[str]:
+    producer = Producer(_fast(settings), camera="c", r=r)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    xyz = np.zeros((32, 32, 3), np.float32)
+    producer.run([SourceFrame(rgb, xyz, "disc") for _ in range(n)])
+    return [f"c:{producer.boot}:{i}" for i in range(n)]
+
+
+def test_a_killed_worker_loses_nothing_and_nothing_is_published_twice(settings, r):
+    n = 24
+    ids = _produce(settings, r, n)
+    frames_key = settings.streams.key(settings.line, "frames")
+    results_key = settings.streams.key(settings.line, "results")
+    # Slow stand-in model: 400 ms per batch of 4, so the kill lands with a batch in flight.
+    slow = ("--stand-in-latency-ms", "400", "--max-batch", "4", "--claim-idle-ms", "1000")
+    w1 = _spawn_worker(settings, *slow, consumer="w1")
+    try:
+        _wait(lambda: r.xlen(results_key) >= 4, 60, "first results from w1")
+        _wait(lambda: any(c["name"] in (b"w1", "w1") and c["pending"] > 0
+                          for c in r.xinfo_consumers(frames_key, settings.streams.group)), 10, "w1 mid-batch")
+        w1.send_signal(signal.SIGKILL)
+        w1.wait(timeout=10)
+    finally:
+        if w1.poll() is None:
+            w1.kill()
+    left_pending = r.xpending(frames_key, settings.streams.group)["pending"]
+    assert left_pending > 0  # the kill really left frames in flight
+    w2 = _spawn_worker(settings, "--stand-in-latency-ms", "5", "--claim-idle-ms", "1000", consumer="w2")
+    try:
+        _wait(lambda: r.xlen(results_key) >= n, 90, "all results")
+        time.sleep(1.5)  # anything published twice would show up now
+    finally:
+        w2.send_signal(signal.SIGTERM)
+        w2.wait(timeout=30)
+    results = _results(r, settings)
+    assert sorted(x.frame_id for x in results) == sorted(ids)  # exactly n, none twice
+    assert any(x.deliveries >= 2 and x.worker == "w2" for x in results)  # reclaimed from the dead one
+    assert r.xpending(frames_key, settings.streams.group)["pending"] == 0
+
+
+def test_sigterm_finishes_the_batch_in_hand_then_exits(settings, r):
+    n = 40
+    _produce(settings, r, n)
+    frames_key = settings.streams.key(settings.line, "frames")
+    results_key = settings.streams.key(settings.line, "results")
+    w = _spawn_worker(settings, "--stand-in-latency-ms", "300", "--max-batch", "4", consumer="w1")
+    _wait(lambda: r.xlen(results_key) >= 4, 60, "first results")
+    w.send_signal(signal.SIGTERM)
+    out, _ = w.communicate(timeout=30)
+    assert w.returncode == 0, out.decode()[-2000:]
+    # Everything the worker took was finished: no pending entries, one result per delivered frame.
+    groups = {g["name"].decode(): g for g in r.xinfo_groups(frames_key)}
+    group = groups[settings.streams.group]
+    assert group["pending"] == 0
+    delivered = len(r.xrange(frames_key, "-", group["last-delivered-id"]))
+    assert r.xlen(results_key) == delivered < n  # it stopped early, and drained what it had
+
+
+def test_one_worker_serves_several_categories_and_batches_dynamically(settings, r):
+    s = _fast(settings, max_batch=8, max_wait_ms=200)
+    frames_key = s.streams.key(s.line, "frames")
+    ensure_group(r, frames_key, s.streams.group)
+    producer = Producer(s, camera="c", r=r)
+    rgb = np.zeros((32, 32, 3), np.uint8)
+    xyz = np.zeros((32, 32, 3), np.float32)
+    cats = ["disc", "rod"] * 6
+    seen: dict[str, list[int]] = {"disc": [], "rod": []}
+
+    class Recording(StandInInspector):
+        def __init__(self, name: str):
+            super().__init__(1)
+            self.name = name
+
+        def infer(self, frames):
+            seen[self.name].append(len(frames))
+            return super().infer(frames)
+
+    registry = ModelRegistry({"disc": Recording("disc"), "rod": Recording("rod")})
+    worker = Worker(s, registry, r=r)
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=12, idle_exit_s=3))
+    thread.start()
+    time.sleep(0.5)  # the worker is blocked on an empty stream; frames now arrive 5 ms apart
+    for c in cats:
+        producer.send(SourceFrame(rgb, xyz, c))
+        time.sleep(0.005)
+    thread.join(timeout=30)
+    results = _results(r, s)
+    assert len(results) == 12
+    assert {x.model_id for x in results} == {"stand-in-sleep-1ms"}
+    assert sum(seen["disc"]) == 6 and sum(seen["rod"]) == 6
+    # max_wait_ms lets the batch fill instead of running frame by frame.
+    assert max(seen["disc"]) > 1
