@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench-quality clean
+.PHONY: demo test test-streams lint bench-quality bench-throughput clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -19,12 +19,19 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
 
+# The tests that talk to the server, e.g. against your own: REDIS_URL=redis://host:6379/0 make test-streams
+test-streams: $(STAMP)
+	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
 bench-quality: $(STAMP)
 	$(PY) bench/quality.py
+
+bench-throughput: $(STAMP)
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
