@@ -30,15 +30,15 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, write_section  # noqa: E402
-from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz  # noqa: E402
-from crd_model.demo import DEMO_CATEGORY, ensure_demo_model  # noqa: E402
-from crd_model.embedded import redis_server_url  # noqa: E402
-from crd_model.inspector import Inspector  # noqa: E402
-from crd_model.results import tail_results  # noqa: E402
-from crd_model.settings import Settings  # noqa: E402
-from crd_model.streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, connect, ensure_group  # noqa: E402
-from crd_model.wire import WIRE_VERSION, make_frame, pack_frame  # noqa: E402
+from bench.common import ROOT, machine, write_section
+from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
+from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
+from crd_model.embedded import redis_server_url
+from crd_model.inspector import Inspector
+from crd_model.results import tail_results
+from crd_model.settings import Settings
+from crd_model.streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, connect, ensure_group
+from crd_model.wire import WIRE_VERSION, make_frame, pack_frame
 
 
 def model_only(inspector: Inspector, rgbs: list, xyzs: list, batch: int, repeats: int = 3) -> float:
