@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--frames", type=int, default=None, help="default: the whole synthetic test split (60)")
-    p.add_argument("--fps", type=float, default=10.0)
+    p.add_argument("--fps", type=float, default=5.0)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -46,7 +46,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
-def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 10.0, timeout_s: float = 300.0) -> dict:
+def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 5.0, timeout_s: float = 300.0) -> dict:
     from PIL import Image
 
     from crd_model.data.mvtec3d import read_rgb

@@ -109,6 +109,14 @@ class Inspector:
         if compile and self.device.type == "cuda":
             self.model.forward = torch.compile(self.model.forward, dynamic=True)  # type: ignore[method-assign]
 
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run one dummy batch so the first real frame does not pay for lazy initialisation
+        (allocator, kernels, cudnn autotuning, torch.compile)."""
+        s = self.config.image_size
+        blank = np.zeros((3, s, s), np.float32)
+        frame = PreparedFrame(blank if self.config.uses_rgb else None, blank if self.config.uses_3d else None, (s, s))
+        self.infer([frame] * batch_size)
+
     def prepare(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> PreparedFrame:
         """Validate and preprocess one pair (raises `FrameError` with a code on bad input)."""
         return prepare_frame(rgb, xyz, self.config)

@@ -33,7 +33,10 @@ class ModelRegistry:
         """Load every checkpoint up front: a worker that cannot serve a category fails at start."""
         from crd_model.inspector import Inspector
 
-        return cls({c: Inspector(p, device, bf16=bf16, compile=compile) for c, p in models.items()})
+        inspectors = {c: Inspector(p, device, bf16=bf16, compile=compile) for c, p in models.items()}
+        for inspector in inspectors.values():
+            inspector.warmup()  # before the worker reports ready
+        return cls(inspectors)
 
     def get(self, category: str) -> InspectorLike | None:
         return self._by_category.get(category)
