@@ -211,3 +211,32 @@ def test_one_worker_serves_several_categories_and_batches_dynamically(settings, 
     assert sum(seen["disc"]) == 6 and sum(seen["rod"]) == 6
     # max_wait_ms lets the batch fill instead of running frame by frame.
     assert max(seen["disc"]) > 1
+
+
+def test_metrics_and_health_endpoints(settings, r):
+    import urllib.error
+    import urllib.request
+
+    obs = settings.observability.model_copy(update={"http_port": 0, "http_host": "127.0.0.1"})
+    s = _fast(settings).model_copy(update={"observability": obs})
+    _produce(s, r, 3)
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
+    thread = threading.Thread(target=worker.run, kwargs=dict(idle_exit_s=4))
+    thread.start()
+    _wait(lambda: worker.http_server is not None and worker.published == 3, 20, "worker serving")
+    base = f"http://127.0.0.1:{worker.http_server.server_address[1]}"
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(base + path, timeout=5) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    assert get("/healthz")[0] == 200
+    assert get("/readyz")[0] == 200
+    status, body = get("/metrics")
+    assert status == 200 and 'crd_worker_frames_total{verdict="ok"} 3.0' in body
+    assert "crd_worker_batch_size_bucket" in body
+    assert get("/nope")[0] == 404
+    thread.join(timeout=20)

@@ -69,6 +69,7 @@ class Worker:
         self._last_trim = 0.0
         self._claim_cursor = "0-0"
         self.published = 0
+        self.http_server = None
         self.log = log.bind(line=settings.line, consumer=self.consumer)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -87,6 +88,7 @@ class Worker:
         if self.s.observability.http_port is not None:
             server = serve_http(self.s.observability.http_host, self.s.observability.http_port, self.health,
                                 self.registry)
+        self.http_server = server
         backoff = Backoff(cap=10.0)
         in_hand: Batch = []
         last_activity = time.monotonic()
