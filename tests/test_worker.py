@@ -240,3 +240,22 @@ def test_metrics_and_health_endpoints(settings, r):
     assert "crd_worker_batch_size_bucket" in body
     assert get("/nope")[0] == 404
     thread.join(timeout=20)
+
+
+def test_a_frame_redelivered_too_often_is_dead_lettered_with_an_error_result(settings, r):
+    """A poison frame (it keeps killing workers) stops after max_deliveries, and its PLC gets an answer."""
+    s = _fast(settings, claim_idle_ms=100, max_deliveries=3)
+    frames_key = s.streams.key(s.line, "frames")
+    (fid,) = _produce(s, r, 1)
+    entry = r.xreadgroup(s.streams.group, "crashed-worker", {frames_key: ">"}, count=1)[0][1][0][0]
+    # As if three workers had taken it and died: its delivery count is now 3.
+    r.xclaim(frames_key, s.streams.group, "crashed-worker", 0, [entry], retrycount=3)
+    time.sleep(0.2)
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
+    assert worker.run(max_frames=1, idle_exit_s=3) == 1
+    (result,) = _results(r, s)
+    assert result.frame_id == fid and result.verdict == "error" and result.error.code == "max_deliveries"
+    assert result.deliveries == 4
+    ((_, dead),) = r.xrange(s.streams.key(s.line, "dead"))
+    assert dead[b"reason"] == b"max_deliveries" and dead[b"deliveries"] == b"4"
+    assert r.xpending(frames_key, s.streams.group)["pending"] == 0
