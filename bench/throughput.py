@@ -109,17 +109,32 @@ def _stop(procs: list[subprocess.Popen]) -> None:
             p.kill()
 
 
-def pipeline_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int) -> dict:
-    """Pre-load n frames, then one worker drains them; rate from first start to last finish."""
-    line = f"bench{int(time.time() * 1000)}"
+def _open_line(url: str, prefix: str) -> tuple[Settings, object, str, str]:
+    line = f"{prefix}{int(time.time() * 1000)}"
     s = _settings(url, line)
     r = connect(s.redis)
     fkey, rkey = s.streams.key(line, "frames"), s.streams.key(line, "results")
     ensure_group(r, fkey, s.streams.group)
-    payloads = payloads_fn(line, n)
-    proc = _spawn_worker(url, line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch),
+    return s, r, fkey, rkey
+
+
+def _close_line(s: Settings, r) -> None:
+    for kind in ("frames", "results", "dead"):
+        r.delete(s.streams.key(s.line, kind))
+
+
+def _model_worker(url: str, s: Settings, r, ckpt: Path, batch: int) -> subprocess.Popen:
+    proc = _spawn_worker(url, s.line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch),
                          "--max-wait-ms", "20")
-    _wait_consumers(r, fkey, s.streams.group, 1)
+    _wait_consumers(r, s.streams.key(s.line, "frames"), s.streams.group, 1)
+    return proc
+
+
+def pipeline_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int) -> dict:
+    """Pre-load n frames, then one worker drains them; rate from first start to last finish."""
+    s, r, fkey, rkey = _open_line(url, "bench")
+    payloads = payloads_fn(s.line, n)
+    proc = _model_worker(url, s, r, ckpt, batch)
     _fill(r, fkey, payloads)
     results = _collect(r, rkey, n)
     _stop([proc])
@@ -128,8 +143,7 @@ def pipeline_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int) -> dict:
     end = max(x.timings.finished_at for x in results)
     sizes = [len(p) for _, p in payloads]
     result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(rkey)]
-    for k in (fkey, rkey, s.streams.key(line, "dead")):
-        r.delete(k)
+    _close_line(s, r)
     return {
         "frames": len(results),
         "errors": sum(1 for x in results if x.verdict == "error"),
@@ -141,15 +155,9 @@ def pipeline_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int) -> dict:
 
 
 def latency_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int, fps: float) -> dict:
-    line = f"lat{int(time.time() * 1000)}"
-    s = _settings(url, line)
-    r = connect(s.redis)
-    fkey, rkey = s.streams.key(line, "frames"), s.streams.key(line, "results")
-    ensure_group(r, fkey, s.streams.group)
-    payloads = payloads_fn(line, n)
-    proc = _spawn_worker(url, line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch),
-                         "--max-wait-ms", "20")
-    _wait_consumers(r, fkey, s.streams.group, 1)
+    s, r, fkey, rkey = _open_line(url, "lat")
+    payloads = payloads_fn(s.line, n)
+    proc = _model_worker(url, s, r, ckpt, batch)
     # Paced like a camera; frames are re-stamped at send time so latency starts at "capture".
     from crd_model.wire import Frame, unpack_frame
 
@@ -163,18 +171,14 @@ def latency_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int, fps: floa
     results = _collect(r, rkey, n)
     _stop([proc])
     lat = [(x.timings.finished_at - x.timings.captured_at) * 1000 for x in results]
-    for k in (fkey, rkey, s.streams.key(line, "dead")):
-        r.delete(k)
+    _close_line(s, r)
     return {"fps_offered": fps, "frames": len(results), "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99))}
 
 
 def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worker_frames: int) -> dict:
-    line = f"scale{workers}x{int(time.time() * 1000)}"
-    s = _settings(url, line)
-    r = connect(s.redis)
-    fkey, rkey = s.streams.key(line, "frames"), s.streams.key(line, "results")
-    ensure_group(r, fkey, s.streams.group)
+    s, r, fkey, rkey = _open_line(url, f"scale{workers}x")
+    line = s.line
     procs = [_spawn_worker(url, line, f"w{i}", "--stand-in-latency-ms", str(latency_ms), "--max-batch",
                            str(batch), "--max-wait-ms", "0", "--stand-in-category", DEMO_CATEGORY)
              for i in range(workers)]
@@ -189,8 +193,7 @@ def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worke
     end = max(x.timings.finished_at for x in results)
     ideal = workers * batch / (latency_ms / 1000.0)
     fps = len(results) / (end - start)
-    for k in (fkey, rkey, s.streams.key(line, "dead")):
-        r.delete(k)
+    _close_line(s, r)
     return {"workers": workers, "frames": len(results), "fps": fps, "ideal_fps": ideal, "efficiency": fps / ideal,
             "model_ids": sorted({x.model_id for x in results if x.model_id})}
 

@@ -196,6 +196,13 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_hw3(v: tuple[int, int, int], info: ValidationInfo, what: str) -> tuple[int, int, int]:
+    if v[2] != 3:
+        raise ValueError(f"{what} shape must be (H, W, 3)")
+    _validate_dims(v[0], v[1], info)
+    return v
+
+
 class RGBImage(_Model):
     """An RGB image: PNG or JPEG bytes, or raw row-major uint8 H*W*3 bytes."""
 
@@ -206,10 +213,7 @@ class RGBImage(_Model):
     @field_validator("shape")
     @classmethod
     def _check_shape(cls, v: tuple[int, int, int], info: ValidationInfo) -> tuple[int, int, int]:
-        if v[2] != 3:
-            raise ValueError("rgb shape must be (H, W, 3)")
-        _validate_dims(v[0], v[1], info)
-        return v
+        return _check_hw3(v, info, "rgb")
 
 
 class PointMap(_Model):
@@ -223,10 +227,7 @@ class PointMap(_Model):
     @field_validator("shape")
     @classmethod
     def _check_shape(cls, v: tuple[int, int, int], info: ValidationInfo) -> tuple[int, int, int]:
-        if v[2] != 3:
-            raise ValueError("xyz shape must be (H, W, 3)")
-        _validate_dims(v[0], v[1], info)
-        return v
+        return _check_hw3(v, info, "xyz")
 
 
 def _validate_meta(v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
@@ -243,7 +244,23 @@ def _validate_meta(v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
     return v
 
 
-class Frame(_Model):
+class _Message(_Model):
+    """Checks shared by the top-level messages (their fields are declared in each, to fix the key order)."""
+
+    @field_validator("v", check_fields=False)
+    @classmethod
+    def _check_v(cls, v: int) -> int:
+        if v != WIRE_VERSION:
+            raise ValueError(f"wire version {v} is not supported (this code speaks v{WIRE_VERSION})")
+        return v
+
+    @field_validator("meta", check_fields=False)
+    @classmethod
+    def _check_meta(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return _validate_meta(v, info)
+
+
+class Frame(_Message):
     """One paired RGB + xyz capture pushed by a camera producer."""
 
     v: StrictInt = WIRE_VERSION
@@ -257,18 +274,6 @@ class Frame(_Model):
     rgb: RGBImage
     xyz: PointMap
     meta: dict[StrictStr, MetaValue] = Field(default_factory=dict)
-
-    @field_validator("v")
-    @classmethod
-    def _check_v(cls, v: int) -> int:
-        if v != WIRE_VERSION:
-            raise ValueError(f"wire version {v} is not supported (this code speaks v{WIRE_VERSION})")
-        return v
-
-    @field_validator("meta")
-    @classmethod
-    def _check_meta(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _validate_meta(v, info)
 
 
 class AnomalyMap(_Model):
@@ -335,7 +340,7 @@ class ErrorInfo(_Model):
         return cls(code=code, message=message)
 
 
-class Result(_Model):
+class Result(_Message):
     """The inspection result of one frame, published by a worker."""
 
     v: StrictInt = WIRE_VERSION
@@ -357,18 +362,6 @@ class Result(_Model):
     worker: Ident
     deliveries: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] = 1
     meta: dict[StrictStr, MetaValue] = Field(default_factory=dict)  # the frame's meta, echoed back
-
-    @field_validator("meta")
-    @classmethod
-    def _check_meta(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
-        return _validate_meta(v, info)
-
-    @field_validator("v")
-    @classmethod
-    def _check_v(cls, v: int) -> int:
-        if v != WIRE_VERSION:
-            raise ValueError(f"wire version {v} is not supported (this code speaks v{WIRE_VERSION})")
-        return v
 
     @field_validator("regions")
     @classmethod
