@@ -119,7 +119,8 @@ def cmd_produce(a: argparse.Namespace) -> int:
     else:
         if not (a.folder and a.category):
             raise ValueError("--source watch needs --folder and --category")
-        source = WatchFolderSource(Path(a.folder), a.category, stop=producer.stopping.is_set)
+        source = WatchFolderSource(Path(a.folder), a.category, stop=producer.stopping.is_set,
+                                   on_idle=producer.health.beat)
     sent = producer.run(source, max_frames=a.count)
     print(f"sent {sent} frames to {producer.frames_key}", file=sys.stderr)
     return 0

@@ -36,8 +36,9 @@ class StreamSettings(BaseModel):
     prefix: str = "crd"
     group: str = "inspectors"
     # Results and dead letters are read by others: keep a bounded history (approximate MAXLEN).
-    results_maxlen: int = Field(100_000, ge=100)
-    dead_maxlen: int = Field(100_000, ge=100)
+    # Sized for memory: a result is ~40 kB (its map), a dead letter holds the whole frame (~0.5 MB).
+    results_maxlen: int = Field(10_000, ge=100)
+    dead_maxlen: int = Field(1_000, ge=100)
     # Frames are trimmed only below the oldest entry any consumer group still needs (MINID);
     # this is a hard cap on top for runaway lines, applied only when nothing unprocessed is lost.
     frames_trim_every_s: float = Field(5.0, gt=0)

@@ -67,6 +67,7 @@ class Producer:
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 self.metrics.reconnects.inc()
                 self.health.set_ready(False, "redis unreachable")
+                self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
                 if self.stopping.is_set():
                     raise
                 delay = backoff.sleep()

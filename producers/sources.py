@@ -64,9 +64,11 @@ class WatchFolderSource:
     """
 
     def __init__(self, folder: Path, category: str, settle_s: float = 0.5, poll_s: float = 0.2,
-                 stop: Callable[[], bool] = lambda: False):
+                 stop: Callable[[], bool] = lambda: False, on_idle: Callable[[], None] = lambda: None):
         self.folder, self.category = Path(folder), category
         self.settle_s, self.poll_s, self.stop = settle_s, poll_s, stop
+        # Called on every empty poll: a stopped line is idle, not stuck (liveness probes).
+        self.on_idle = on_idle
         for sub in ("rgb", "xyz"):
             (self.folder / sub).mkdir(parents=True, exist_ok=True)
 
@@ -92,6 +94,7 @@ class WatchFolderSource:
         while not self.stop():
             pairs = self._ready_pairs()
             if not pairs:
+                self.on_idle()
                 time.sleep(self.poll_s)
                 continue
             for rgb_path, xyz_path in pairs:

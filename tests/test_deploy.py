@@ -123,7 +123,9 @@ def _container_env(c: dict) -> dict[str, str]:
 def _entrypoint(dockerfile: str) -> list[str]:
     lines = [ln for ln in (DEPLOY / dockerfile).read_text().splitlines() if ln.startswith("ENTRYPOINT")]
     assert len(lines) == 1, f"{dockerfile}: one exec-form ENTRYPOINT expected"
-    return json.loads(lines[0].removeprefix("ENTRYPOINT"))
+    argv = json.loads(lines[0].removeprefix("ENTRYPOINT"))
+    # An init process (tini) in front is transparent: it only forwards signals to the service.
+    return argv[2:] if argv[:2] == ["tini", "--"] else argv
 
 
 def _image_key(image: str) -> str:

@@ -124,16 +124,29 @@ class Worker:
                     # What is in hand stays pending on the server; it is finished after reconnecting
                     # (or reclaimed by another worker if this one never comes back).
                     self.health.set_ready(False, "redis unreachable")
+                    self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
                     delay = backoff.sleep()
                     self.log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 2))
             if in_hand:
                 self._finish(in_hand)  # drain: finish the batch in hand before exiting
+            self._leave_group()
         finally:
             self.pool.shutdown(wait=True)
             if server is not None:
                 server.shutdown()
             self.log.info("stopped", published=self.published)
         return self.published
+
+    def _leave_group(self) -> None:
+        """On a clean exit with nothing pending, remove this consumer so names of finished pods
+        do not pile up in the group. With anything pending it stays, for XAUTOCLAIM to find."""
+        try:
+            for c in self.r.xinfo_consumers(self.frames_key, self.group):
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if name == self.consumer and int(c["pending"]) == 0:
+                    self.r.xgroup_delconsumer(self.frames_key, self.group, self.consumer)
+        except redis.RedisError as exc:
+            self.log.warning("leave_group_failed", error=str(exc))
 
     # -- reading ---------------------------------------------------------------------------
     def _submit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], deliveries: dict[str, int]) -> Batch:
