@@ -143,3 +143,14 @@ def test_group_created_by_producer(settings, r):
     ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)  # idempotent
     assert r.xinfo_groups(settings.streams.key(settings.line, "frames"))[0]["name"] in (
         settings.streams.group, settings.streams.group.encode())
+
+
+def test_producer_side_never_imports_torch():
+    """Camera PCs install the base distribution only: producers, wire format, data, results tail."""
+    import subprocess
+    import sys
+
+    code = ("import sys, producers.producer, producers.sources, crd_model.results, crd_model.wire, "
+            "crd_model.data.synth, crd_model.cli; crd_model.cli.build_parser(); "
+            "sys.exit(1 if [m for m in ('torch', 'timm', 'scipy', 'open3d') if m in sys.modules] else 0)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
