@@ -165,9 +165,13 @@ class Worker:
         return [(eid, fields) for eid, fields in entries if fields is not None]
 
     def _read(self, block: bool) -> Batch:
-        """Dynamic batching: whatever is there, then up to `max_wait_ms` more to fill the batch."""
+        """Dynamic batching: whatever is there, then up to `max_wait_ms` more to fill the batch.
+
+        With a batch in hand (`block=False`) there is no extra wait: what arrived while the device
+        was busy is the next batch, and waiting longer would only delay the batch in hand.
+        """
         entries = self._xreadgroup(self.w.max_batch, self.w.block_ms if block else None)
-        if entries and len(entries) < self.w.max_batch and self.w.max_wait_ms > 0:
+        if block and entries and len(entries) < self.w.max_batch and self.w.max_wait_ms > 0:
             deadline = time.monotonic() + self.w.max_wait_ms / 1000.0
             while len(entries) < self.w.max_batch and not self.stopping.is_set():
                 remaining_ms = int((deadline - time.monotonic()) * 1000)
