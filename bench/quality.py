@@ -92,7 +92,8 @@ def render(results: dict, models: list[str], categories: list[str], epochs: int,
         "",
         f"Command: `.venv/bin/python bench/quality.py --epochs {epochs}`; teacher efficientnet_lite0 "
         f"(ImageNet, offline), {image_size} px, {epochs} epochs, seed 42, default synthetic data "
-        "(seed 0). Machine: " + machine() + ".",
+        "(seed 0). Machine: " + machine() + ". Times are wall-clock and grow when other processes share "
+        "the cores.",
         "",
         "### Per category (I-AUROC / P-AUROC / AUPRO@30%)",
         "",
