@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from crd_model.data.mvtec3d import list_pairs, list_samples, read_rgb, read_xyz
+from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 
 
 @dataclass
@@ -107,8 +107,3 @@ class WatchFolderSource:
                 paths = (rgb_path, xyz_path)
                 yield SourceFrame(rgb, xyz, self.category, {"path": f"rgb/{rgb_path.name}"},
                                   on_sent=lambda paths=paths: self._move(paths, "sent"))
-
-
-def folder_pairs(folder: Path) -> int:
-    """How many pairs a folder holds (for messages)."""
-    return len(list_pairs(folder))
