@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--image-size", type=int, default=192)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "quality.json"), help="raw results file")
     a = ap.parse_args()
 
     data = Path(a.data)
@@ -71,9 +72,10 @@ def main() -> int:
             print(f"{category:>10} {model:>6}: I-AUROC {o['i_auroc']:.3f} P-AUROC {o['p_auroc']:.3f} "
                   f"AUPRO@30% {o['aupro_30']:.3f}  ({meta.training.seconds:.0f}s)", flush=True)
 
-    out_json = ROOT / "bench" / "results" / "quality.json"
+    out_json = Path(a.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"machine": machine(), "epochs": a.epochs, "results": results}, indent=2))
+    out_json.write_text(json.dumps({"machine": machine(), "epochs": a.epochs, "image_size": a.image_size,
+                                    "results": results}, indent=2))
     table = render(results, a.models, a.categories, a.epochs, a.image_size)
     print(table)
     if not a.no_write:
