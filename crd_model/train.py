@@ -21,10 +21,11 @@ import torch
 from tqdm import tqdm
 
 import crd_model
+from crd_model.anomaly_map import fuse_maps, image_scores
 from crd_model.checkpoint import save_checkpoint
 from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
 from crd_model.dataset import LoadedSplit, load_split
-from crd_model.inspector import batched_maps, default_device
+from crd_model.inspector import default_device
 from crd_model.metrics import threshold_at_false_reject_rate
 from crd_model.torch_model import CRDModel
 
@@ -158,13 +159,11 @@ def calibrate(
     for k, chunks in raw.items():
         allmaps = torch.cat(chunks)
         stats[k] = BranchStats(mean=float(allmaps.mean()), std=max(float(allmaps.std()), 1e-8))
+    # Scores from the maps already computed: standardise, sum, blur, max (what inference does).
     std_stats = {k: (s.mean, s.std) for k, s in stats.items()}
-    scores = []
-    for i in range(0, n, batch_size):
-        idx = list(range(i, min(n, i + batch_size)))
-        _, s = batched_maps(model, validation.stack("rgb", idx), validation.stack("x3d", idx), device, std_stats)
-        scores.append(s.cpu().numpy())
-    val_scores = np.concatenate(scores)
+    fused = fuse_maps({k: torch.cat(chunks) for k, chunks in raw.items()}, std_stats,
+                      model.config.effective_blur_sigma)
+    val_scores = image_scores(fused).numpy()
     return Calibration(
         branch_stats=stats,
         threshold=threshold_at_false_reject_rate(val_scores, false_reject_rate),
