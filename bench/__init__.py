@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): quality and throughput; their figures go to BENCHMARKS.md."""

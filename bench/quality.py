@@ -69,13 +69,17 @@ def main() -> int:
             report["trainable_parameters"] = meta.training.trainable_parameters
             results.setdefault(category, {})[model] = report
             o = report["overall"]
-            print(f"{category:>10} {model:>6}: I-AUROC {o['i_auroc']:.3f} P-AUROC {o['p_auroc']:.3f} "
-                  f"AUPRO@30% {o['aupro_30']:.3f}  ({meta.training.seconds:.0f}s)", flush=True)
+            print(
+                f"{category:>10} {model:>6}: I-AUROC {o['i_auroc']:.3f} P-AUROC {o['p_auroc']:.3f} "
+                f"AUPRO@30% {o['aupro_30']:.3f}  ({meta.training.seconds:.0f}s)",
+                flush=True,
+            )
 
     out_json = Path(a.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"machine": machine(), "epochs": a.epochs, "image_size": a.image_size,
-                                    "results": results}, indent=2))
+    out_json.write_text(
+        json.dumps({"machine": machine(), "epochs": a.epochs, "image_size": a.image_size, "results": results}, indent=2)
+    )
     table = render(results, a.models, a.categories, a.epochs, a.image_size)
     print(table)
     if not a.no_write:

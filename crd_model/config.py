@@ -83,6 +83,10 @@ class Calibration(BaseModel):
     validation_score_max: float
     validation_score_median: float
 
+    def statistics(self) -> dict[str, tuple[float, float]]:
+        """Per-branch (mean, std), as the model's scoring head takes them."""
+        return {k: (s.mean, s.std) for k, s in self.branch_stats.items()}
+
 
 class TrainingInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -33,10 +33,14 @@ def ensure_demo_model(workdir: Path, epochs: int = 20, image_size: int = 192) ->
         print(f"generating synthetic data in {data} ...", flush=True)
         generate_dataset(data, categories=[DEMO_CATEGORY], seed=0)
     if not (ckpt / "config.json").is_file():
-        print(f"training a CRD model ({epochs} epochs, {image_size} px, a few minutes on 2 CPU cores) -> {ckpt}; "
-              "reused on later runs", flush=True)
-        train_category(data, DEMO_CATEGORY, ckpt, CRDConfig(image_size=image_size),
-                       TrainOptions(epochs=epochs, progress=True))
+        print(
+            f"training a CRD model ({epochs} epochs, {image_size} px, a few minutes on 2 CPU cores) -> {ckpt}; "
+            "reused on later runs",
+            flush=True,
+        )
+        train_category(
+            data, DEMO_CATEGORY, ckpt, CRDConfig(image_size=image_size), TrainOptions(epochs=epochs, progress=True)
+        )
     else:
         print(f"reusing model {ckpt}", flush=True)
     return data, ckpt
@@ -50,12 +54,12 @@ def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 5.0, 
     from PIL import Image
 
     from crd_model.data.mvtec3d import read_rgb
-    from crd_model.embedded import redis_server_url
     from crd_model.overlay import overlay
-    from crd_model.results import format_result, latency_ms, tail_results
-    from crd_model.settings import Settings
-    from crd_model.streams import connect
-    from crd_model.wire import decode_map
+    from crd_model.stream import decode_map
+    from crd_model.stream.embedded import redis_server_url
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.results import format_result, latency_ms, tail_results
+    from crd_model.stream.settings import Settings
     from producers.producer import Producer
     from producers.sources import ReplaySource
 
@@ -70,28 +74,42 @@ def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 5.0, 
         log_path = workdir / "worker.log"
         with open(log_path, "w") as log_file:
             worker = subprocess.Popen(
-                [sys.executable, "-m", "crd_model.cli", "work", "--model", f"{DEMO_CATEGORY}={ckpt}",
-                 "--max-wait-ms", "30"],
-                env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                [
+                    sys.executable,
+                    "-m",
+                    "crd_model.cli",
+                    "work",
+                    "--model",
+                    f"{DEMO_CATEGORY}={ckpt}",
+                    "--max-wait-ms",
+                    "30",
+                ],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
             )
         try:
             settings = Settings(line=line)
-            settings = settings.model_copy(update={
-                "redis": settings.redis.model_copy(update={"url": url}),
-                "producer": settings.producer.model_copy(update={"fps": fps}),
-            })
+            settings = settings.model_copy(
+                update={
+                    "redis": settings.redis.model_copy(update={"url": url}),
+                    "producer": settings.producer.model_copy(update={"fps": fps}),
+                }
+            )
             r = connect(settings.redis)
             frames_key = settings.streams.key(line, "frames")
             _wait_for_worker(r, frames_key, settings.streams.group, worker, log_path)
             producer = Producer(settings, camera="demo-cam", r=r)
-            thread = threading.Thread(target=producer.run, args=(source,), kwargs={"max_frames": n},
-                                      name="producer", daemon=True)
+            thread = threading.Thread(
+                target=producer.run, args=(source,), kwargs={"max_frames": n}, name="producer", daemon=True
+            )
             t0 = time.time()
             thread.start()
             results = []
             print(f"\nstreaming {n} frames at {fps:g} fps: producer -> {frames_key} -> worker -> results\n", flush=True)
-            for _, res in tail_results(r, settings.streams.key(line, "results"), start="0", count=n,
-                                       timeout_s=timeout_s):
+            for _, res in tail_results(
+                r, settings.streams.key(line, "results"), start="0", count=n, timeout_s=timeout_s
+            ):
                 print("  " + format_result(res), flush=True)
                 results.append(res)
             wall = time.time() - t0
@@ -135,10 +153,11 @@ def run_stream_demo(workdir: Path, frames: int | None = None, fps: float = 5.0, 
     }
 
 
-def _wait_for_worker(r: redis.Redis, frames_key: str, group: str, worker: subprocess.Popen, log_path: Path,
-                     timeout_s: float = 120.0) -> None:
+def _wait_for_worker(
+    r: redis.Redis, frames_key: str, group: str, worker: subprocess.Popen, log_path: Path, timeout_s: float = 120.0
+) -> None:
     """Until the worker has joined the consumer group (its models are loaded)."""
-    from crd_model.streams import ensure_group
+    from crd_model.stream.redis_streams import ensure_group
 
     ensure_group(r, frames_key, group)
     deadline = time.monotonic() + timeout_s

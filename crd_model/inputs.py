@@ -52,7 +52,10 @@ def prepare_frame(rgb: np.ndarray | None, xyz: np.ndarray | None, config: CRDCon
     if config.uses_3d:
         xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
         x3d_in, _ = xyz_to_3d_input(
-            xyz, size, representation=config.representation_3d, plane=config.plane,
+            xyz,
+            size,
+            representation=config.representation_3d,
+            plane=config.plane,
             distance=config.plane_distance,
         )
     return PreparedFrame(rgb_in, x3d_in, hw)

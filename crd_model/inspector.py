@@ -18,9 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from crd_model.anomaly_map import fuse_maps, image_scores, resize_map
+from crd_model.anomaly_map import InferenceBatch, resize_map
 from crd_model.checkpoint import load_checkpoint
-from crd_model.config import CheckpointMeta
 from crd_model.inputs import PreparedFrame, prepare_frame
 from crd_model.torch_model import CRDModel
 
@@ -45,42 +44,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def standardisation(meta: CheckpointMeta) -> dict[str, tuple[float, float]] | None:
-    if meta.calibration is None:
-        return None
-    return {k: (s.mean, s.std) for k, s in meta.calibration.branch_stats.items()}
-
-
-def batched_maps(
-    model: CRDModel,
-    rgb: np.ndarray | None,
-    x3d: np.ndarray | None,
-    device: torch.device,
-    stats: dict[str, tuple[float, float]] | None,
-    autocast_bf16: bool = False,
-    channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fused blurred maps (B, S, S), image scores (B,)) on `device`, float32."""
-
-    def to_dev(a: np.ndarray | None) -> torch.Tensor | None:
-        if a is None:
-            return None
-        t = torch.from_numpy(a).to(device, non_blocking=True)
-        return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-    ctx = (
-        torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-        if autocast_bf16
-        else contextlib.nullcontext()
-    )
-    with torch.inference_mode(), ctx:
-        raw = model(to_dev(rgb), to_dev(x3d))
-    raw = {k: v.float() for k, v in raw.items()}
-    with torch.inference_mode():
-        fused = fuse_maps(raw, stats, model.config.effective_blur_sigma)
-        return fused, image_scores(fused)
-
-
 class Inspector:
     def __init__(
         self,
@@ -99,7 +62,6 @@ class Inspector:
         self.config = meta.config
         self.threshold = float(meta.calibration.threshold)
         self.model_id = meta.model_id
-        self._stats = standardisation(meta)
         # bf16 and compile only pay off (and are only well supported) on CUDA.
         self._bf16 = bf16 and self.device.type == "cuda"
         self._channels_last = channels_last
@@ -121,17 +83,33 @@ class Inspector:
         """Validate and preprocess one pair (raises `FrameError` with a code on bad input)."""
         return prepare_frame(rgb, xyz, self.config)
 
+    def forward(self, rgb: np.ndarray | None, x3d: np.ndarray | None) -> InferenceBatch:
+        """The model's own scoring on a stacked batch: fused maps (B, S, S) and scores (B,), float32, on device."""
+
+        def to_device(a: np.ndarray | None) -> torch.Tensor | None:
+            if a is None:
+                return None
+            t = torch.from_numpy(a).to(self.device, non_blocking=True)
+            return t.contiguous(memory_format=torch.channels_last) if self._channels_last else t
+
+        autocast = (
+            torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            if self._bf16
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            return self.model(to_device(rgb), to_device(x3d))
+
     def infer(self, frames: Sequence[PreparedFrame]) -> list[Inspection]:
         if not frames:
             return []
         rgb = np.stack([f.rgb for f in frames]) if self.config.uses_rgb else None
         x3d = np.stack([f.x3d for f in frames]) if self.config.uses_3d else None
-        maps, scores = batched_maps(
-            self.model, rgb, x3d, self.device, self._stats, self._bf16, self._channels_last
-        )
+        maps, scores = self.forward(rgb, x3d)
         out = []
         for frame, m, s in zip(frames, maps, scores.tolist(), strict=True):
-            full = resize_map(m, frame.original_hw)
+            with torch.inference_mode():
+                full = resize_map(m, frame.original_hw)
             out.append(
                 Inspection(
                     score=float(s),

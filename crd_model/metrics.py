@@ -166,9 +166,7 @@ class Scores:
         return asdict(self)
 
 
-def summarise(
-    labels: ArrayLike, image_scores: ArrayLike, gt_masks: MapStack, maps: MapStack
-) -> dict[str, float]:
+def summarise(labels: ArrayLike, image_scores: ArrayLike, gt_masks: MapStack, maps: MapStack) -> dict[str, float]:
     """{"i_auroc", "p_auroc", "aupro_30", "aupro_01"}; AU-PRO at FPR limits 0.3 and 0.01."""
     pairs = _pairs(gt_masks, maps)
     data = _collect(pairs)

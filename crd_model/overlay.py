@@ -5,9 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 # Anchor colours of a perceptually ordered blue -> cyan -> yellow -> red ramp.
-_RAMP = np.array(
-    [[0, 0, 128], [0, 90, 255], [0, 220, 220], [255, 230, 0], [255, 60, 0], [180, 0, 0]], dtype=np.float32
-)
+_RAMP = np.array([[0, 0, 128], [0, 90, 255], [0, 220, 220], [255, 230, 0], [255, 60, 0], [180, 0, 0]], dtype=np.float32)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:

@@ -8,6 +8,9 @@ Architectures (`CRDConfig.architecture`):
 - "fused": one reverse distillation on early-fused teacher features (per-scale concatenation of the
            two modalities, each L2-normalised over channels so neither dominates the cosine).
 All module shapes come from the teacher's `feature_info`, so any timm CNN serves as teacher.
+
+In eval mode the model owns its scoring: `model(rgb, x3d)` returns the fused anomaly map and the image
+scores (`InferenceBatch`) in one graph; in training mode it returns each branch's outputs for the loss.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crd_model.anomaly_map import branch_anomaly_map
+from crd_model.anomaly_map import AnomalyMapGenerator, InferenceBatch, branch_anomaly_map
 from crd_model.backbones import Teacher
 from crd_model.components.bottleneck import OneClassBottleneck
 from crd_model.components.crossmodal_amplifier import CrossmodalAmplifier
@@ -63,9 +66,7 @@ class RDBranch(nn.Module):
         super().__init__()
         crossmodal = helper_widths is not None
         self.filter = CrossmodalFilter(helper_widths, widths, reductions) if crossmodal else None
-        self.amplifier = (
-            CrossmodalAmplifier(helper_widths, widths, amplifier_expansion) if crossmodal else None
-        )
+        self.amplifier = CrossmodalAmplifier(helper_widths, widths, amplifier_expansion) if crossmodal else None
         in_channels = [2 * w for w in widths] if crossmodal else list(widths)
         self.bottleneck = OneClassBottleneck(in_channels, widths, bottleneck_blocks)
         self.decoder = StudentDecoder(self.bottleneck.out_channels, widths, decoder_blocks)
@@ -115,6 +116,7 @@ class CRDModel(nn.Module):
         else:
             branches = {arch: RDBranch(widths, reductions, **kw)}
         self.branches = nn.ModuleDict(branches)
+        self.anomaly_map_generator = AnomalyMapGenerator(config.branches, config.effective_blur_sigma)
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.branches.parameters())
@@ -143,11 +145,21 @@ class CRDModel(nn.Module):
     def run_branches(self, feats: dict[str, Features]) -> dict[str, BranchOutput]:
         return {name: self.run_branch(feats, name) for name in self.branches}
 
-    def forward(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    def branch_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Raw (unstandardised) anomaly map per branch, (B, H, W) at the input resolution."""
         size = tuple((rgb if rgb is not None else x3d).shape[-2:])
         outputs = self.run_branches(self.encode(rgb, x3d))
         return {name: branch_anomaly_map(o.target, o.mixed, size) for name, o in outputs.items()}
+
+    def set_calibration(self, stats: dict[str, tuple[float, float]]) -> None:
+        """Per-branch (mean, std) that standardise the raw maps before they are fused."""
+        self.anomaly_map_generator.set_statistics(stats)
+
+    def forward(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> InferenceBatch | dict[str, BranchOutput]:
+        """Eval mode: fused anomaly maps and image scores. Training mode: every branch's outputs."""
+        if self.training:
+            return self.run_branches(self.encode(rgb, x3d))
+        return self.anomaly_map_generator(self.branch_maps(rgb, x3d))
 
 
 def create_model(config: CRDConfig | None = None, teacher_weights: str | bool | None = True, **overrides) -> CRDModel:

@@ -21,7 +21,6 @@ import torch
 from tqdm import tqdm
 
 import crd_model
-from crd_model.anomaly_map import fuse_maps, image_scores
 from crd_model.checkpoint import save_checkpoint
 from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
 from crd_model.dataset import LoadedSplit, load_split
@@ -143,27 +142,34 @@ def fit(
 def calibrate(
     model: CRDModel, validation: LoadedSplit, device: torch.device, false_reject_rate: float, batch_size: int = 16
 ) -> Calibration:
-    """Per-branch map mean/std over all validation pixels, then the image threshold."""
+    """Per-branch map mean/std over all validation pixels, then the image threshold.
+
+    The scores come from the model's own scoring head, with the statistics just measured set on it:
+    the path `eval`, `predict` and the workers take.
+    """
     model.eval()
     raw: dict[str, list[torch.Tensor]] = {}
     n = len(validation.frames)
     with torch.inference_mode():
         for i in range(0, n, batch_size):
             idx = list(range(i, min(n, i + batch_size)))
-            maps = model(
+            maps = model.branch_maps(
                 _to_device(validation.stack("rgb", idx), device), _to_device(validation.stack("x3d", idx), device)
             )
             for k, v in maps.items():
-                raw.setdefault(k, []).append(v.float().cpu())
+                raw.setdefault(k, []).append(v.float())
     stats = {}
     for k, chunks in raw.items():
         allmaps = torch.cat(chunks)
         stats[k] = BranchStats(mean=float(allmaps.mean()), std=max(float(allmaps.std()), 1e-8))
-    # Scores from the maps already computed: standardise, sum, blur, max (what inference does).
-    std_stats = {k: (s.mean, s.std) for k, s in stats.items()}
-    fused = fuse_maps({k: torch.cat(chunks) for k, chunks in raw.items()}, std_stats,
-                      model.config.effective_blur_sigma)
-    val_scores = image_scores(fused).numpy()
+    model.set_calibration({k: (s.mean, s.std) for k, s in stats.items()})
+    with torch.inference_mode():  # scores from the maps already computed
+        chunks = range(len(next(iter(raw.values()))))
+        val_scores = (
+            torch.cat([model.anomaly_map_generator({k: raw[k][c] for k in raw}).pred_score for c in chunks])
+            .cpu()
+            .numpy()
+        )
     return Calibration(
         branch_stats=stats,
         threshold=threshold_at_false_reject_rate(val_scores, false_reject_rate),
@@ -191,9 +197,16 @@ def train_category(
     t0 = time.perf_counter()
     train = load_split(data_root, category, "train", config, options.workers)
     validation = load_split(data_root, category, "validation", config, options.workers)
-    log.info("training", category=category, architecture=config.architecture, backbone=config.backbone,
-             n_train=len(train.frames), n_validation=len(validation.frames), device=str(device),
-             trainable_parameters=model.trainable_parameters())
+    log.info(
+        "training",
+        category=category,
+        architecture=config.architecture,
+        backbone=config.backbone,
+        n_train=len(train.frames),
+        n_validation=len(validation.frames),
+        device=str(device),
+        trainable_parameters=model.trainable_parameters(),
+    )
 
     def report(epoch: int, losses: dict[str, float]) -> None:
         tqdm.write(f"epoch {epoch + 1}/{options.epochs} " + " ".join(f"loss_{k}={v:.5f}" for k, v in losses.items()))

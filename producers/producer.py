@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections.abc import Iterable
 
@@ -11,10 +9,10 @@ import redis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from crd_model.observability import Health, serve_http
-from crd_model.settings import Settings
-from crd_model.streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, Backoff, connect, ensure_group, outstanding
-from crd_model.wire import WIRE_VERSION, make_frame, pack_frame
+from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
+from crd_model.stream.daemon import Daemon
+from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, Backoff, connect, ensure_group, outstanding
+from crd_model.stream.settings import Settings
 from producers.sources import SourceFrame
 
 log = structlog.get_logger("crd.producer")
@@ -25,36 +23,28 @@ class ProducerMetrics:
         self.sent = Counter("crd_producer_frames_total", "Frames put on the stream", registry=registry)
         self.bytes = Counter("crd_producer_bytes_total", "Payload bytes put on the stream", registry=registry)
         self.send_seconds = Histogram("crd_producer_send_seconds", "XADD round trip", registry=registry)
-        self.backpressure_seconds = Counter("crd_producer_backpressure_seconds_total",
-                                            "Time held back because the workers lag", registry=registry)
-        self.outstanding = Gauge("crd_producer_outstanding", "Group lag + pending seen at the last check",
-                                 registry=registry)
+        self.backpressure_seconds = Counter(
+            "crd_producer_backpressure_seconds_total", "Time held back because the workers lag", registry=registry
+        )
+        self.outstanding = Gauge(
+            "crd_producer_outstanding", "Group lag + pending seen at the last check", registry=registry
+        )
         self.reconnects = Counter("crd_producer_reconnects_total", "Redis connection failures", registry=registry)
 
 
-class Producer:
+class Producer(Daemon):
     def __init__(self, settings: Settings, camera: str, r: redis.Redis | None = None):
+        super().__init__(settings.observability, log.bind(line=settings.line, camera=camera))
         self.s, self.p = settings, settings.producer
         self.camera = camera
         self.r = r or connect(settings.redis)
         self.frames_key = settings.streams.key(settings.line, "frames")
         self.group = settings.streams.group
-        self.stopping = threading.Event()
-        self.registry = CollectorRegistry()
         self.metrics = ProducerMetrics(self.registry)
-        self.health = Health(settings.observability.liveness_timeout_s)
         # Frame ids stay unique across restarts of the same camera: boot time + sequence number.
         self.boot = int(time.time() * 1000)
         self.seq = 0
         self.sent = 0
-        self.log = log.bind(line=settings.line, camera=camera)
-
-    def stop(self, *_: object) -> None:
-        self.stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def _with_reconnect(self, what: str, fn):
         """Run `fn` until it succeeds or we are stopped; a frame is retried, never dropped."""
@@ -96,9 +86,17 @@ class Producer:
     def send(self, sf: SourceFrame) -> str:
         frame_id = f"{self.camera}:{self.boot}:{self.seq}"
         frame = make_frame(
-            sf.rgb, sf.xyz, frame_id=frame_id, line=self.s.line, camera=self.camera, seq=self.seq,
-            category=sf.category, rgb_encoding=self.p.rgb_encoding, xyz_dtype=self.p.xyz_dtype,
-            xyz_compression=self.p.xyz_compression, meta=sf.meta,
+            sf.rgb,
+            sf.xyz,
+            frame_id=frame_id,
+            line=self.s.line,
+            camera=self.camera,
+            seq=self.seq,
+            category=sf.category,
+            rgb_encoding=self.p.rgb_encoding,
+            xyz_dtype=self.p.xyz_dtype,
+            xyz_compression=self.p.xyz_compression,
+            meta=sf.meta,
         )
         payload = pack_frame(frame)
         fields = {F_FRAME_ID: frame_id.encode(), F_VERSION: str(WIRE_VERSION).encode(), F_PAYLOAD: payload}
@@ -116,35 +114,30 @@ class Producer:
 
     def run(self, source: Iterable[SourceFrame], max_frames: int | None = None) -> int:
         """Send frames at `fps` until the source ends, `max_frames`, or SIGTERM. Returns frames sent."""
-        server = None
-        if self.s.observability.http_port is not None:
-            server = serve_http(self.s.observability.http_host, self.s.observability.http_port, self.health,
-                                self.registry)
-        self._with_reconnect("create group", lambda: ensure_group(self.r, self.frames_key, self.group))
-        period = 1.0 / self.p.fps
-        next_at = time.monotonic()
-        self.log.info("producing", fps=self.p.fps, stream=self.frames_key)
-        try:
-            for sf in source:
-                if self.stopping.is_set():
-                    break
-                self._wait_for_capacity()
-                if self.stopping.is_set():
-                    break
-                now = time.monotonic()
-                if next_at > now:
-                    time.sleep(next_at - now)
-                # Fixed rate without drift; after a stall, do not burst to catch up.
-                next_at = max(next_at + period, time.monotonic() - period)
-                try:
-                    self.send(sf)
-                except (redis.ConnectionError, redis.TimeoutError):
-                    break  # stopped while disconnected: the frame was not sent and is not marked sent
-                self.health.beat()
-                if max_frames is not None and self.sent >= max_frames:
-                    break
-        finally:
-            if server is not None:
-                server.shutdown()
-            self.log.info("stopped", sent=self.sent)
+        with self.running():
+            self._with_reconnect("create group", lambda: ensure_group(self.r, self.frames_key, self.group))
+            period = 1.0 / self.p.fps
+            next_at = time.monotonic()
+            self.log.info("producing", fps=self.p.fps, stream=self.frames_key)
+            try:
+                for sf in source:
+                    if self.stopping.is_set():
+                        break
+                    self._wait_for_capacity()
+                    if self.stopping.is_set():
+                        break
+                    now = time.monotonic()
+                    if next_at > now:
+                        time.sleep(next_at - now)
+                    # Fixed rate without drift; after a stall, do not burst to catch up.
+                    next_at = max(next_at + period, time.monotonic() - period)
+                    try:
+                        self.send(sf)
+                    except (redis.ConnectionError, redis.TimeoutError):
+                        break  # stopped while disconnected: the frame was not sent and is not marked sent
+                    self.health.beat()
+                    if max_frames is not None and self.sent >= max_frames:
+                        break
+            finally:
+                self.log.info("stopped", sent=self.sent)
         return self.sent

@@ -36,8 +36,12 @@ class ReplaySource:
     def __iter__(self) -> Iterator[SourceFrame]:
         samples = itertools.cycle(self.samples) if self.loop else iter(self.samples)
         for s in samples:
-            yield SourceFrame(read_rgb(s.rgb_path), read_xyz(s.xyz_path), self.category,
-                              {"path": s.relpath, "defect_type": s.defect_type})
+            yield SourceFrame(
+                read_rgb(s.rgb_path),
+                read_xyz(s.xyz_path),
+                self.category,
+                {"path": s.relpath, "defect_type": s.defect_type},
+            )
 
 
 class SyntheticSource:
@@ -63,8 +67,15 @@ class WatchFolderSource:
     restart neither loses nor resends them. A pair that cannot be read moves to `<folder>/failed/`.
     """
 
-    def __init__(self, folder: Path, category: str, settle_s: float = 0.5, poll_s: float = 0.2,
-                 stop: Callable[[], bool] = lambda: False, on_idle: Callable[[], None] = lambda: None):
+    def __init__(
+        self,
+        folder: Path,
+        category: str,
+        settle_s: float = 0.5,
+        poll_s: float = 0.2,
+        stop: Callable[[], bool] = lambda: False,
+        on_idle: Callable[[], None] = lambda: None,
+    ):
         self.folder, self.category = Path(folder), category
         self.settle_s, self.poll_s, self.stop = settle_s, poll_s, stop
         # Called on every empty poll: a stopped line is idle, not stuck (liveness probes).
@@ -105,5 +116,10 @@ class WatchFolderSource:
                     (self.folder / "failed" / f"{rgb_path.stem}.error.txt").write_text(f"{exc}\n")
                     continue
                 paths = (rgb_path, xyz_path)
-                yield SourceFrame(rgb, xyz, self.category, {"path": f"rgb/{rgb_path.name}"},
-                                  on_sent=lambda paths=paths: self._move(paths, "sent"))
+                yield SourceFrame(
+                    rgb,
+                    xyz,
+                    self.category,
+                    {"path": f"rgb/{rgb_path.name}"},
+                    on_sent=lambda paths=paths: self._move(paths, "sent"),
+                )

@@ -1,0 +1,1 @@
+"""The test suite: real files, real models, a real Redis/Valkey server."""

@@ -15,8 +15,14 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synth")
     generate_dataset(
-        root, categories=[TINY_CATEGORY], seed=3, n_train=24, n_validation=8, n_test_good=8,
-        n_test_per_defect=3, size_scale=0.6,
+        root,
+        categories=[TINY_CATEGORY],
+        seed=3,
+        n_train=24,
+        n_validation=8,
+        n_test_good=8,
+        n_test_per_defect=3,
+        size_scale=0.6,
     )
     return root
 
@@ -29,7 +35,10 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
     out = tmp_path_factory.mktemp("ckpt") / "crd"
     train_category(
-        tiny_data, TINY_CATEGORY, out, CRDConfig(image_size=96),
+        tiny_data,
+        TINY_CATEGORY,
+        out,
+        CRDConfig(image_size=96),
         TrainOptions(epochs=12, batch_size=8, progress=False, seed=0),
     )
     return out
@@ -43,7 +52,7 @@ def tiny_checkpoint(tiny_data: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    from crd_model.embedded import redis_server_url
+    from crd_model.stream.embedded import redis_server_url
 
     with redis_server_url() as url:
         yield url
@@ -53,13 +62,13 @@ def redis_url() -> str:
 def settings(redis_url: str, request: pytest.FixtureRequest):
     import uuid
 
-    from crd_model.settings import Settings
+    from crd_model.stream.settings import Settings
 
     line = f"t{uuid.uuid4().hex[:10]}"
     s = Settings(line=line)
     s = s.model_copy(update={"redis": s.redis.model_copy(update={"url": redis_url})})
     yield s
-    from crd_model.streams import connect
+    from crd_model.stream.redis_streams import connect
 
     r = connect(s.redis)
     for kind in ("frames", "results", "dead"):
@@ -68,6 +77,6 @@ def settings(redis_url: str, request: pytest.FixtureRequest):
 
 @pytest.fixture
 def r(settings):
-    from crd_model.streams import connect
+    from crd_model.stream.redis_streams import connect
 
     return connect(settings.redis)

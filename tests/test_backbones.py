@@ -30,8 +30,13 @@ def _source_weights() -> dict[str, torch.Tensor]:
 
 def _bn(x: torch.Tensor, sd: dict, name: str, eps: float) -> torch.Tensor:
     return F.batch_norm(
-        x, sd[f"{name}.running_mean"], sd[f"{name}.running_var"], sd[f"{name}.weight"], sd[f"{name}.bias"],
-        training=False, eps=eps,
+        x,
+        sd[f"{name}.running_mean"],
+        sd[f"{name}.running_var"],
+        sd[f"{name}.weight"],
+        sd[f"{name}.bias"],
+        training=False,
+        eps=eps,
     )
 
 

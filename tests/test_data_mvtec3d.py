@@ -195,9 +195,7 @@ def test_list_pairs_flat_and_nested(root: Path, tmp_path: Path) -> None:
     pairs = list_pairs(user)
     assert [p.stem for p in pairs] == ["a1", "b2"]
     assert [p.relpath for p in pairs] == ["rgb/a1.png", "rgb/b2.png"]
-    assert all(
-        isinstance(p, Sample) and p.split == "" and p.defect_type == "" and p.gt_path is None for p in pairs
-    )
+    assert all(isinstance(p, Sample) and p.split == "" and p.defect_type == "" and p.gt_path is None for p in pairs)
     assert not any(p.is_anomalous for p in pairs)
 
     # a nested tree (here a whole category in the MVTec layout): every rgb/xyz pair is found

@@ -163,9 +163,7 @@ def test_synthetic_camera() -> None:
     rgb, _, _, defect = next(iter(again))
     np.testing.assert_array_equal(rgb, frames[0][0])
     assert defect == frames[0][3]
-    assert all(
-        d == "good" for *_, d in (SyntheticCamera("rod", anomaly_rate=0.0).next_frame() for _ in range(3))
-    )
+    assert all(d == "good" for *_, d in (SyntheticCamera("rod", anomaly_rate=0.0).next_frame() for _ in range(3)))
     with pytest.raises(ValueError):
         SyntheticCamera("rod", anomaly_rate=1.5)
 

@@ -26,7 +26,7 @@ import pytest
 from pydantic import BaseModel
 
 from crd_model.cli import build_parser
-from crd_model.settings import Settings, StreamSettings
+from crd_model.stream.settings import Settings, StreamSettings
 
 try:
     import yaml
@@ -193,7 +193,7 @@ def test_every_crd_variable_used_in_deployment_files_is_a_setting():
             used.setdefault(var, set()).add(str(path.relative_to(ROOT)))
     assert "CRD_REDIS__PASSWORD" in used and "CRD_WORKER__MODELS" in used
     bad = {var: sorted(files) for var, files in used.items() if not _setting_exists(var)}
-    assert not bad, f"not fields of crd_model.settings.Settings: {bad}"
+    assert not bad, f"not fields of crd_model.stream.settings.Settings: {bad}"
 
 
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -271,7 +271,9 @@ def test_cli_check_itself():
     with pytest.raises(AssertionError):
         _assert_cli_accepts(["crd", "produce", "--source", "camera"], "self")
     assert _invocations_in_text("run `crd results --count 3` and `crd work`; x") == [
-        ["crd", "results", "--count", "3"], ["crd", "work"]]
+        ["crd", "results", "--count", "3"],
+        ["crd", "work"],
+    ]
 
 
 def test_every_crd_command_line_in_docs_dockerfiles_and_units_is_accepted():
@@ -349,7 +351,7 @@ def test_kustomize_renders():
     rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
     assert {d["kind"] for d in rendered} >= {"Deployment", "ScaledObject", "NetworkPolicy", "ConfigMap"}
     for d in rendered:
-        for c in (d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", [])):
+        for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
             assert c["image"].startswith("registry.example.com/"), c["image"]
 
 
@@ -451,7 +453,7 @@ def test_referenced_configmaps_secrets_and_claims_exist():
 
 @needs_yaml
 def test_workers_mount_models_read_only_drain_and_name_consumers_after_the_pod():
-    (_, template), = [(n, t) for n, t in _pod_templates({"worker-deployment.yaml"})]
+    ((_, template),) = [(n, t) for n, t in _pod_templates({"worker-deployment.yaml"})]
     spec = template["spec"]
     (c,) = spec["containers"]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
@@ -488,7 +490,8 @@ def test_keda_trigger_reads_the_stream_and_group_the_workers_use():
     assert meta.get("databaseIndex", "0") == (url.path.strip("/") or "0")
     assert "lagCount" in meta and "activationLagCount" in meta  # KEDA refuses lagCount alone
     assert {t["metadata"]["name"] for t in _docs("TriggerAuthentication", _applied())} == {
-        trigger["authenticationRef"]["name"]}
+        trigger["authenticationRef"]["name"]
+    }
 
 
 @needs_yaml
@@ -571,14 +574,17 @@ def acl_server(tmp_path: Path) -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    conf = [ln for ln in REDIS_CONF.read_text().splitlines() if not ln.startswith(("tls-", "port ", "dir ",
-                                                                                   "aclfile ", "maxmemory "))]
-    conf += [f"port {port}", "bind 127.0.0.1", f"dir {tmp_path}", f"aclfile {ACL_FILE}", "maxmemory 256mb",
-             "save \"\""]
+    conf = [
+        ln
+        for ln in REDIS_CONF.read_text().splitlines()
+        if not ln.startswith(("tls-", "port ", "dir ", "aclfile ", "maxmemory "))
+    ]
+    conf += [f"port {port}", "bind 127.0.0.1", f"dir {tmp_path}", f"aclfile {ACL_FILE}", "maxmemory 256mb", 'save ""']
     (tmp_path / "redis.conf").write_text("\n".join(conf) + "\n")
     with open(tmp_path / "server.log", "wb") as log:
-        proc = subprocess.Popen([binary, str(tmp_path / "redis.conf")], stdout=log, stderr=subprocess.STDOUT,
-                                cwd=tmp_path)
+        proc = subprocess.Popen(
+            [binary, str(tmp_path / "redis.conf")], stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path
+        )
     try:
         import redis
 
@@ -599,8 +605,7 @@ def acl_server(tmp_path: Path) -> Iterator[int]:
 
 
 def _as(port: int, user: str, line: str, **sections: dict) -> Settings:
-    s = Settings(line=line, redis={"url": f"redis://127.0.0.1:{port}/0", "username": user,
-                                   "password": "EXAMPLE-ONLY"})
+    s = Settings(line=line, redis={"url": f"redis://127.0.0.1:{port}/0", "username": user, "password": "EXAMPLE-ONLY"})
     return s.model_copy(update={k: getattr(s, k).model_copy(update=v) for k, v in sections.items()})
 
 
@@ -608,8 +613,8 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
     pytest.importorskip("torch")  # the worker imports the model modules
     import redis
 
-    from crd_model.results import tail_results
-    from crd_model.streams import connect
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.results import tail_results
     from producers.producer import Producer
     from producers.sources import SyntheticSource
     from workers.models import ModelRegistry, StandInInspector
@@ -656,4 +661,3 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
     assert refused("crd-worker", "XRANGE", "other:key", "-", "+")
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=port).ping()  # the default user is off
-

@@ -62,9 +62,7 @@ def flood_regions(mask: np.ndarray, eight: bool = True) -> list[list[tuple[int, 
     return regions
 
 
-def slow_curve(
-    gts: list[np.ndarray], maps: list[np.ndarray], eight: bool = True
-) -> list[tuple[float, float]]:
+def slow_curve(gts: list[np.ndarray], maps: list[np.ndarray], eight: bool = True) -> list[tuple[float, float]]:
     """(FPR, PRO) at every distinct threshold, descending, by explicit loops; starts at (0, 0)."""
     regions = [(i, r) for i, g in enumerate(gts) for r in flood_regions(g > 0, eight)]
     n_normal = sum(int((g == 0).sum()) for g in gts)
@@ -121,10 +119,7 @@ def test_pixel_auroc_mixed_shapes_matches_sklearn_and_bruteforce() -> None:
     rng = np.random.default_rng(1)
     shapes = [(5, 7), (6, 4), (3, 9)]
     gts = [(rng.random(s) < 0.3).astype(np.uint8) * 255 for s in shapes]  # 255 = anomalous
-    maps = [
-        np.round(rng.random(s) + 0.3 * (g > 0), 2).astype(np.float32)
-        for s, g in zip(shapes, gts, strict=True)
-    ]
+    maps = [np.round(rng.random(s) + 0.3 * (g > 0), 2).astype(np.float32) for s, g in zip(shapes, gts, strict=True)]
     y = np.concatenate([(g > 0).ravel() for g in gts]).astype(int)
     s = np.concatenate([m.ravel() for m in maps])
     got = pixel_auroc(gts, maps)

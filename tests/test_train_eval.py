@@ -83,15 +83,43 @@ def test_bad_frames_get_clear_errors(tiny_checkpoint: Path):
 
 def test_cli_eval_and_predict(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path, capsys):
     report_path = tmp_path / "report.json"
-    assert main(["eval", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data),
-                 "--category", TINY_CATEGORY, "--out", str(report_path)]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(tiny_data),
+                "--category",
+                TINY_CATEGORY,
+                "--out",
+                str(report_path),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "I-AUROC" in printed and "overall" in printed and "dent" in printed
     assert json.loads(report_path.read_text())["overall"]["n"] == 23
 
     out = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(tiny_checkpoint), "--data", str(tiny_data),
-                 "--category", TINY_CATEGORY, "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(tiny_checkpoint),
+                "--data",
+                str(tiny_data),
+                "--category",
+                TINY_CATEGORY,
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(lines) == 23
     hole = next(r for r in lines if r["path"] == "test/hole/rgb/000.png")

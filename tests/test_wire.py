@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from crd_model.regions import find_regions
-from crd_model.wire import (
+from crd_model.stream import (
     DEFAULT_LIMITS,
     WIRE_VERSION,
     AnomalyMap,
@@ -45,6 +44,7 @@ from crd_model.wire import (
     unpack_frame,
     unpack_result,
 )
+from workers.regions import find_regions
 
 H, W = 24, 32
 
@@ -547,7 +547,7 @@ def test_peek_frame_id() -> None:
 
 def test_wire_import_is_light() -> None:
     code = (
-        "import sys, crd_model.wire, crd_model.regions\n"
+        "import sys, crd_model.stream, workers.regions\n"
         "heavy = sorted(m for m in ('torch', 'scipy', 'torchvision', 'timm') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
     )

@@ -15,8 +15,8 @@ import pytest
 
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.inspector import Inspector
-from crd_model.streams import F_FRAME_ID, F_PAYLOAD, ensure_group
-from crd_model.wire import Limits, encode_xyz, make_frame, pack_frame, unpack_result
+from crd_model.stream import Limits, encode_xyz, make_frame, pack_frame, unpack_result
+from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, ensure_group
 from producers.producer import Producer
 from producers.sources import ReplaySource, SourceFrame
 from tests.conftest import TINY_CATEGORY
@@ -83,8 +83,15 @@ def test_bad_frames_become_error_results_and_dead_letters(settings, r):
     # make_frame refuses a mismatched pair, so build it by hand, as a buggy producer might.
     good = make_frame(rgb, xyz, frame_id="mismatch", line=s.line, camera="c", seq=0, category="disc")
     add("mismatch", pack_frame(good.model_copy(update={"xyz": encode_xyz(np.zeros((40, 51, 3), np.float32))})))
-    add("huge", frame("huge", rgb=np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8),
-                      xyz=np.zeros((300, 300, 3), np.float32), rgb_encoding="raw"))
+    add(
+        "huge",
+        frame(
+            "huge",
+            rgb=np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8),
+            xyz=np.zeros((300, 300, 3), np.float32),
+            rgb_encoding="raw",
+        ),
+    )
     import msgpack
 
     add("v2", msgpack.packb({"v": 2, "type": "frame", "frame_id": "v2"}))
@@ -94,8 +101,15 @@ def test_bad_frames_become_error_results_and_dead_letters(settings, r):
     by_id = {x.frame_id: x for x in _results(r, s)}
     assert set(by_id) == {"garbage", "empty", "unknown-cat", "mismatch", "huge", "v2", "good"}
     codes = {fid: (x.error.code if x.error else x.verdict) for fid, x in by_id.items()}
-    assert codes == {"garbage": "bad_msgpack", "empty": "invalid", "unknown-cat": "unknown_category",
-                     "mismatch": "shape_mismatch", "huge": "too_large", "v2": "unsupported_version", "good": "ok"}
+    assert codes == {
+        "garbage": "bad_msgpack",
+        "empty": "invalid",
+        "unknown-cat": "unknown_category",
+        "mismatch": "shape_mismatch",
+        "huge": "too_large",
+        "v2": "unsupported_version",
+        "good": "ok",
+    }
     dead = {f[b"frame_id"].decode(): f for _, f in r.xrange(s.streams.key(s.line, "dead"))}
     assert set(dead) == set(by_id) - {"good"}
     assert dead["garbage"][b"payload"] == b"\x00\xffnot msgpack at all"  # the original, for inspection
@@ -137,8 +151,14 @@ def test_a_killed_worker_loses_nothing_and_nothing_is_published_twice(settings, 
     w1 = _spawn_worker(settings, *slow, consumer="w1")
     try:
         _wait(lambda: r.xlen(results_key) >= 4, 60, "first results from w1")
-        _wait(lambda: any(c["name"] in (b"w1", "w1") and c["pending"] > 0
-                          for c in r.xinfo_consumers(frames_key, settings.streams.group)), 10, "w1 mid-batch")
+        _wait(
+            lambda: any(
+                c["name"] in (b"w1", "w1") and c["pending"] > 0
+                for c in r.xinfo_consumers(frames_key, settings.streams.group)
+            ),
+            10,
+            "w1 mid-batch",
+        )
         w1.send_signal(signal.SIGKILL)
         w1.wait(timeout=10)
     finally:

@@ -10,9 +10,7 @@ import numpy as np
 
 from crd_model.inputs import FrameError, PreparedFrame
 from crd_model.inspector import Inspection
-from crd_model.regions import find_regions
-from crd_model.streams import F_FRAME_ID, F_PAYLOAD, Outcome, entry_time
-from crd_model.wire import (
+from crd_model.stream import (
     ErrorInfo,
     Frame,
     Limits,
@@ -25,7 +23,10 @@ from crd_model.wire import (
     peek_frame_id,
     unpack_frame,
 )
+from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
 from workers.models import ModelRegistry
+from workers.publish import Outcome
+from workers.regions import find_regions
 
 MAX_ID = 128
 
@@ -92,8 +93,15 @@ def decode_item(
     return item
 
 
-def build_outcome(item: Item, registry: ModelRegistry, worker: str, line: str, map_max_side: int,
-                  map_encoding: str, region_min_area: int) -> Outcome:
+def build_outcome(
+    item: Item,
+    registry: ModelRegistry,
+    worker: str,
+    line: str,
+    map_max_side: int,
+    map_encoding: str,
+    region_min_area: int,
+) -> Outcome:
     """The result (and dead letter, for errors) of one item; never raises."""
     try:
         return _build_outcome(item, registry, worker, line, map_max_side, map_encoding, region_min_area)
@@ -103,8 +111,15 @@ def build_outcome(item: Item, registry: ModelRegistry, worker: str, line: str, m
         return _build_outcome(item, registry, worker, line, map_max_side, map_encoding, region_min_area)
 
 
-def _build_outcome(item: Item, registry: ModelRegistry, worker: str, line: str, map_max_side: int,
-                   map_encoding: str, region_min_area: int) -> Outcome:
+def _build_outcome(
+    item: Item,
+    registry: ModelRegistry,
+    worker: str,
+    line: str,
+    map_max_side: int,
+    map_encoding: str,
+    region_min_area: int,
+) -> Outcome:
     f = item.frame
     timings = Timings(
         captured_at=f.captured_at if f else None,
@@ -125,16 +140,31 @@ def _build_outcome(item: Item, registry: ModelRegistry, worker: str, line: str, 
     )
     if item.error is not None or item.inspection is None:
         error = item.error or ErrorInfo.make("internal", "no inspection result")
-        result = Result(verdict="error", score=None, threshold=None, anomaly_map=None, regions=[],
-                        model_id=None, model_version=None, error=error, **common)
-        return Outcome(item.entry_id, item.frame_id, "error", pack_result(result), dead_reason=error.code,
-                       dead_message=error.message, deliveries=item.deliveries, original_payload=item.payload)
+        result = Result(
+            verdict="error",
+            score=None,
+            threshold=None,
+            anomaly_map=None,
+            regions=[],
+            model_id=None,
+            model_version=None,
+            error=error,
+            **common,
+        )
+        return Outcome(
+            item.entry_id,
+            item.frame_id,
+            "error",
+            pack_result(result),
+            dead_reason=error.code,
+            dead_message=error.message,
+            deliveries=item.deliveries,
+            original_payload=item.payload,
+        )
     ins = item.inspection
     assert f is not None
     inspector = registry.get(f.category)
-    regions = (
-        find_regions(ins.anomaly_map, ins.threshold, min_area=region_min_area) if ins.anomalous else []
-    )
+    regions = find_regions(ins.anomaly_map, ins.threshold, min_area=region_min_area) if ins.anomalous else []
     result = Result(
         verdict=ins.verdict,
         score=float(ins.score),

@@ -8,8 +8,6 @@ pending (XAUTOCLAIM). SIGTERM: stop reading, finish what is in hand, ack, exit.
 
 from __future__ import annotations
 
-import signal
-import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,12 +16,13 @@ import redis
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from crd_model.observability import Health, serve_http
-from crd_model.settings import Settings
-from crd_model.streams import Backoff, Publisher, connect, ensure_group, outstanding, trim_processed
-from crd_model.wire import Limits
+from crd_model.stream import Limits
+from crd_model.stream.daemon import Daemon
+from crd_model.stream.redis_streams import Backoff, connect, ensure_group, outstanding, trim_processed
+from crd_model.stream.settings import Settings
 from workers.models import ModelRegistry
 from workers.processing import Item, build_outcome, decode_item
+from workers.publish import Publisher
 
 log = structlog.get_logger("crd.worker")
 
@@ -34,23 +33,35 @@ class WorkerMetrics:
     def __init__(self, registry: CollectorRegistry):
         self.frames = Counter("crd_worker_frames_total", "Frames finished, by verdict", ["verdict"], registry=registry)
         self.errors = Counter("crd_worker_errors_total", "Error results, by code", ["code"], registry=registry)
-        self.batch_size = Histogram("crd_worker_batch_size", "Frames per inference batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=registry)
+        self.batch_size = Histogram(
+            "crd_worker_batch_size",
+            "Frames per inference batch",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=registry,
+        )
         self.infer_seconds = Histogram("crd_worker_inference_seconds", "Model time per batch", registry=registry)
-        self.latency = Histogram("crd_worker_latency_seconds", "Capture to result", registry=registry,
-                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.lag = Gauge("crd_worker_group_outstanding", "Frames in the stream not yet finished by the group",
-                         registry=registry)
-        self.reclaimed = Counter("crd_worker_reclaimed_total", "Entries reclaimed from dead workers",
-                                 registry=registry)
-        self.lost_to_other = Counter("crd_worker_superseded_total",
-                                     "Results not published: another worker had reclaimed the frame",
-                                     registry=registry)
+        self.latency = Histogram(
+            "crd_worker_latency_seconds",
+            "Capture to result",
+            registry=registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.lag = Gauge(
+            "crd_worker_group_outstanding", "Frames in the stream not yet finished by the group", registry=registry
+        )
+        self.reclaimed = Counter("crd_worker_reclaimed_total", "Entries reclaimed from dead workers", registry=registry)
+        self.lost_to_other = Counter(
+            "crd_worker_superseded_total",
+            "Results not published: another worker had reclaimed the frame",
+            registry=registry,
+        )
 
 
-class Worker:
-    def __init__(self, settings: Settings, models: ModelRegistry, r: redis.Redis | None = None,
-                 limits: Limits | None = None):
+class Worker(Daemon):
+    def __init__(
+        self, settings: Settings, models: ModelRegistry, r: redis.Redis | None = None, limits: Limits | None = None
+    ):
+        super().__init__(settings.observability, log.bind(line=settings.line, consumer=settings.worker.consumer))
         self.s = settings
         self.w = settings.worker
         self.models = models
@@ -61,79 +72,58 @@ class Worker:
         self.limits = limits or Limits()
         self.publisher = Publisher(self.r, settings.streams, settings.line, self.group, self.consumer)
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="decode")
-        self.stopping = threading.Event()
-        self.registry = CollectorRegistry()
         self.metrics = WorkerMetrics(self.registry)
-        self.health = Health(settings.observability.liveness_timeout_s)
         self._last_claim = 0.0
         self._last_trim = 0.0
         self._claim_cursor = "0-0"
         self.published = 0
-        self.http_server = None
-        self.log = log.bind(line=settings.line, consumer=self.consumer)
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def stop(self, *_: object) -> None:
-        if not self.stopping.is_set():
-            self.log.info("stopping", reason="signal")
-        self.stopping.set()
-
-    def install_signal_handlers(self) -> None:
-        signal.signal(signal.SIGTERM, self.stop)
-        signal.signal(signal.SIGINT, self.stop)
 
     def run(self, max_frames: int | None = None, idle_exit_s: float | None = None) -> int:
         """Serve until stopped (or `max_frames` published, or idle for `idle_exit_s`). Returns frames published."""
-        server = None
-        if self.s.observability.http_port is not None:
-            server = serve_http(self.s.observability.http_host, self.s.observability.http_port, self.health,
-                                self.registry)
-        self.http_server = server
         backoff = Backoff(cap=10.0)
         in_hand: Batch = []
         last_activity = time.monotonic()
         try:
-            while not self.stopping.is_set():
-                try:
-                    if not self.health.ready:
-                        ensure_group(self.r, self.frames_key, self.group)
-                        self.health.set_ready(True)
-                        self.log.info("ready", categories=self.models.categories, group=self.group)
-                    # Block only when nothing is in hand; otherwise just top up, so the batch in
-                    # hand is not held back by an idle stream.
-                    fresh = self._reclaim() or self._read(block=not in_hand)
-                    if in_hand:
-                        self._finish(in_hand)
-                    in_hand = fresh
-                    self.health.beat()
-                    backoff.reset()
-                    self._maintain()
-                    if fresh:
-                        last_activity = time.monotonic()
-                    elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
-                        break
-                    if max_frames is not None and self.published >= max_frames and not in_hand:
-                        break
-                except redis.ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    # The server lost the group (restart without persistence, FLUSHALL): recreate it.
-                    self.health.set_ready(False, "consumer group missing")
-                    self.log.warning("group_missing", error=str(exc))
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    # What is in hand stays pending on the server; it is finished after reconnecting
-                    # (or reclaimed by another worker if this one never comes back).
-                    self.health.set_ready(False, "redis unreachable")
-                    self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
-                    delay = backoff.sleep()
-                    self.log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 2))
-            if in_hand:
-                self._finish(in_hand)  # drain: finish the batch in hand before exiting
-            self._leave_group()
+            with self.running():
+                while not self.stopping.is_set():
+                    try:
+                        if not self.health.ready:
+                            ensure_group(self.r, self.frames_key, self.group)
+                            self.health.set_ready(True)
+                            self.log.info("ready", categories=self.models.categories, group=self.group)
+                        # Block only when nothing is in hand; otherwise just top up, so the batch in
+                        # hand is not held back by an idle stream.
+                        fresh = self._reclaim() or self._read(block=not in_hand)
+                        if in_hand:
+                            self._finish(in_hand)
+                        in_hand = fresh
+                        self.health.beat()
+                        backoff.reset()
+                        self._maintain()
+                        if fresh:
+                            last_activity = time.monotonic()
+                        elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
+                            break
+                        if max_frames is not None and self.published >= max_frames and not in_hand:
+                            break
+                    except redis.ResponseError as exc:
+                        if "NOGROUP" not in str(exc):
+                            raise
+                        # The server lost the group (restart without persistence, FLUSHALL): recreate it.
+                        self.health.set_ready(False, "consumer group missing")
+                        self.log.warning("group_missing", error=str(exc))
+                    except (redis.ConnectionError, redis.TimeoutError) as exc:
+                        # What is in hand stays pending on the server; it is finished after reconnecting
+                        # (or reclaimed by another worker if this one never comes back).
+                        self.health.set_ready(False, "redis unreachable")
+                        self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
+                        delay = backoff.sleep()
+                        self.log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 2))
+                if in_hand:
+                    self._finish(in_hand)  # drain: finish the batch in hand before exiting
+                self._leave_group()
         finally:
             self.pool.shutdown(wait=True)
-            if server is not None:
-                server.shutdown()
             self.log.info("stopped", published=self.published)
         return self.published
 
@@ -151,8 +141,15 @@ class Worker:
     # -- reading ---------------------------------------------------------------------------
     def _submit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], deliveries: dict[str, int]) -> Batch:
         return [
-            self.pool.submit(decode_item, eid.decode(), fields, deliveries.get(eid.decode(), 1), self.models,
-                             self.limits, self.w.max_deliveries)
+            self.pool.submit(
+                decode_item,
+                eid.decode(),
+                fields,
+                deliveries.get(eid.decode(), 1),
+                self.models,
+                self.limits,
+                self.w.max_deliveries,
+            )
             for eid, fields in entries
         ]
 
@@ -189,8 +186,14 @@ class Worker:
         if now - self._last_claim < self.w.claim_every_s:
             return []
         self._last_claim = now
-        resp = self.r.xautoclaim(self.frames_key, self.group, self.consumer, self.w.claim_idle_ms,
-                                 start_id=self._claim_cursor, count=self.w.max_batch)
+        resp = self.r.xautoclaim(
+            self.frames_key,
+            self.group,
+            self.consumer,
+            self.w.claim_idle_ms,
+            start_id=self._claim_cursor,
+            count=self.w.max_batch,
+        )
         self._claim_cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
         entries = [(eid, fields) for eid, fields in resp[1] if fields is not None]
         deleted = resp[2] if len(resp) > 2 else []
@@ -229,8 +232,15 @@ class Worker:
             for it, res in zip(group, results, strict=True):
                 it.inspection = res
         outcomes = [
-            build_outcome(it, self.models, self.consumer, self.s.line, self.w.result_map_max_side,
-                          self.w.result_map_encoding, self.w.region_min_area)
+            build_outcome(
+                it,
+                self.models,
+                self.consumer,
+                self.s.line,
+                self.w.result_map_max_side,
+                self.w.result_map_encoding,
+                self.w.region_min_area,
+            )
             for it in items
             if it.entry_id not in failed
         ]
@@ -244,12 +254,16 @@ class Worker:
             self.metrics.frames.labels(o.verdict).inc()
             if o.verdict == "error":
                 self.metrics.errors.labels(o.dead_reason).inc()
-                self.log.warning("frame_error", frame_id=o.frame_id, entry_id=o.entry_id, code=o.dead_reason,
-                                 message=o.dead_message[:200])
+                self.log.warning(
+                    "frame_error",
+                    frame_id=o.frame_id,
+                    entry_id=o.entry_id,
+                    code=o.dead_reason,
+                    message=o.dead_message[:200],
+                )
             if it.frame is not None:
                 self.metrics.latency.observe(max(0.0, now - it.frame.captured_at))
-        self.log.debug("batch_done", n=len(items), published=published,
-                       frame_ids=[o.frame_id for o in outcomes][:64])
+        self.log.debug("batch_done", n=len(items), published=published, frame_ids=[o.frame_id for o in outcomes][:64])
 
     def _maintain(self) -> None:
         now = time.monotonic()

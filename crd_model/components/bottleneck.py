@@ -37,7 +37,6 @@ class OneClassBottleneck(nn.Module):
         aligned = [layer(f) for layer, f in zip(self.align, features, strict=True)]
         size = aligned[-1].shape[-2:]
         aligned = [
-            a if a.shape[-2:] == size else nn.functional.interpolate(a, size=size, mode="bilinear")
-            for a in aligned
+            a if a.shape[-2:] == size else nn.functional.interpolate(a, size=size, mode="bilinear") for a in aligned
         ]
         return self.blocks(torch.cat(aligned, dim=1))

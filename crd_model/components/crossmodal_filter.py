@@ -21,9 +21,7 @@ class FilterProjection(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, steps: int, width: int):
         super().__init__()
-        self.down = nn.ModuleList(
-            [conv_bn_relu(c_in if i == 0 else width, width, 3, stride=2) for i in range(steps)]
-        )
+        self.down = nn.ModuleList([conv_bn_relu(c_in if i == 0 else width, width, 3, stride=2) for i in range(steps)])
         self.up = nn.ModuleList([UpsampleBlock(width, width) for _ in range(steps)])
         # Linear head: teacher features can be negative (EfficientNet blocks have no final ReLU).
         self.head = nn.Conv2d(width, c_out, 1)

@@ -69,9 +69,7 @@ def _find_xyz(xyz_dir: Path, stem: str) -> Path | None:
 
 def _rgb_files(rgb_dir: Path) -> list[Path]:
     return sorted(
-        p
-        for p in rgb_dir.iterdir()
-        if p.is_file() and p.suffix.lower() == _RGB_SUFFIX and not p.name.startswith(".")
+        p for p in rgb_dir.iterdir() if p.is_file() and p.suffix.lower() == _RGB_SUFFIX and not p.name.startswith(".")
     )
 
 
@@ -118,9 +116,7 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
                     gt_path = candidate
                 elif defect_type not in _NORMAL:
                     # An anomalous image without a mask would silently count as all-normal pixels.
-                    raise FileNotFoundError(
-                        f"no gt mask for anomalous sample {rgb_path}: expected {candidate}"
-                    )
+                    raise FileNotFoundError(f"no gt mask for anomalous sample {rgb_path}: expected {candidate}")
             samples.append(
                 Sample(
                     category=category,
@@ -158,9 +154,7 @@ def list_pairs(folder: str | Path) -> list[Sample]:
         for rgb_path in _rgb_files(rgb_dir):
             xyz_path = _find_xyz(xyz_dir, rgb_path.stem)
             if xyz_path is None:
-                raise FileNotFoundError(
-                    f"no xyz file for {rgb_path}: expected {xyz_dir / (rgb_path.stem + '.tiff')}"
-                )
+                raise FileNotFoundError(f"no xyz file for {rgb_path}: expected {xyz_dir / (rgb_path.stem + '.tiff')}")
             samples.append(
                 Sample(
                     category=folder.name,

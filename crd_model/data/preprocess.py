@@ -148,9 +148,7 @@ def fit_background_plane(
             cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points))
             with _OPEN3D_LOCK:
                 o3d.utility.random.seed(seed)
-                _, idx = cloud.segment_plane(
-                    distance_threshold=distance, ransac_n=3, num_iterations=RANSAC_ITERATIONS
-                )
+                _, idx = cloud.segment_plane(distance_threshold=distance, ransac_n=3, num_iterations=RANSAC_ITERATIONS)
             inliers = np.asarray(idx, dtype=np.intp)
         if len(inliers) >= 3:
             points = _refine(points, _lsq_plane(points[inliers]), distance)

@@ -141,6 +141,7 @@ def _seg_dist(uu: np.ndarray, vv: np.ndarray, pts: np.ndarray) -> np.ndarray:
 @dataclass
 class _Scene:
     """Everything drawn for the defect-free frame."""
+
     scale: float  # image scale (size_scale after rounding)
     uu: np.ndarray  # pixel column / row coordinates, float32 (H, W)
     vv: np.ndarray

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import redis
 
-from crd_model.streams import F_PAYLOAD
-from crd_model.wire import Limits, Result, WireError, unpack_result
+from crd_model.stream import Limits, Result, WireError, unpack_result
+from crd_model.stream.redis_streams import F_PAYLOAD
 
 
 def tail_results(
@@ -70,5 +70,7 @@ def format_result(result: Result | WireError) -> str:
         return f"{result.frame_id:<36} {'ERROR':<10} {'':>17} {lat_s}  {result.error.code}: {result.error.message[:80]}"
     mark = "ANOMALOUS" if result.verdict == "anomalous" else "ok"
     regions = f"  regions={len(result.regions)}" if result.regions else ""
-    return (f"{result.frame_id:<36} {mark:<10} {result.score:8.3f}/{result.threshold:<8.3f} {lat_s}"
-            f"  {result.category}{regions}")
+    return (
+        f"{result.frame_id:<36} {mark:<10} {result.score:8.3f}/{result.threshold:<8.3f} {lat_s}"
+        f"  {result.category}{regions}"
+    )

@@ -1,4 +1,4 @@
-"""Redis Streams plumbing shared by producers, workers and consumers (torch-free).
+"""Redis Streams plumbing shared by every daemon: connections, consumer groups, backlog, trimming.
 
 Works with Redis >= 6.2 and Valkey: XAUTOCLAIM and exclusive ranges need 6.2; the `lag` field of
 XINFO GROUPS (7.0+) is used when present and computed with a bounded XRANGE otherwise.
@@ -14,7 +14,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from crd_model.settings import RedisSettings, StreamSettings
+from crd_model.stream.settings import RedisSettings
 
 # Entry field names (see docs/wire-format.md).
 F_FRAME_ID = b"frame_id"
@@ -83,8 +83,9 @@ def group_states(r: redis.Redis, stream: str) -> list[GroupState]:
     for g in infos:
         g = {_s(k): v for k, v in g.items()}
         lag = g.get("lag")
-        out.append(GroupState(_s(g["name"]), int(g["pending"]), _s(g["last-delivered-id"]),
-                              None if lag is None else int(lag)))
+        out.append(
+            GroupState(_s(g["name"]), int(g["pending"]), _s(g["last-delivered-id"]), None if lag is None else int(lag))
+        )
     return out
 
 
@@ -136,73 +137,6 @@ def trim_processed(r: redis.Redis, stream: str) -> int:
 def entry_time(entry_id: str | bytes) -> float:
     """Unix seconds at which the server added the entry (the ms part of its id)."""
     return _id_tuple(_s(entry_id))[0] / 1000.0
-
-
-# Publish the results of a batch and acknowledge its frames in one atomic step. An entry is only
-# published if it is still pending for *this* consumer: if another worker reclaimed it meanwhile
-# (XAUTOCLAIM after we stalled), our copy is dropped and theirs wins, so no frame is published
-# twice; and since publish and ack happen together, a crash before this point leaves the frame
-# pending for a reclaim, a crash after it has done both. Nothing is lost, nothing doubled.
-#
-# KEYS: frames, results, dead.  ARGV: group, consumer, results_maxlen, dead_maxlen, n, then per
-# entry: id, frame_id, verdict, result_payload, dead_reason ('' = none), dead_message,
-# dead_deliveries, original_payload.
-PUBLISH_AND_ACK = """
-local group, consumer = ARGV[1], ARGV[2]
-local rmax, dmax, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local published = 0
-for i = 0, n - 1 do
-  local b = 6 + i * 8
-  local id = ARGV[b]
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
-  if #p == 1 and p[1][2] == consumer then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', rmax, '*',
-               'frame_id', ARGV[b + 1], 'verdict', ARGV[b + 2], 'payload', ARGV[b + 3])
-    if ARGV[b + 4] ~= '' then
-      redis.call('XADD', KEYS[3], 'MAXLEN', '~', dmax, '*',
-                 'frame_id', ARGV[b + 1], 'reason', ARGV[b + 4], 'message', ARGV[b + 5],
-                 'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer,
-                 'payload', ARGV[b + 7])
-    end
-    redis.call('XACK', KEYS[1], group, id)
-    published = published + 1
-  end
-end
-return published
-"""
-
-
-@dataclass
-class Outcome:
-    """What to publish for one frames-stream entry."""
-
-    entry_id: str
-    frame_id: str
-    verdict: str
-    result_payload: bytes
-    dead_reason: str = ""  # non-empty: also write a dead-letter entry
-    dead_message: str = ""
-    deliveries: int = 1
-    original_payload: bytes = b""
-
-
-class Publisher:
-    def __init__(self, r: redis.Redis, streams: StreamSettings, line: str, group: str, consumer: str):
-        self.r = r
-        self.keys = [streams.key(line, "frames"), streams.key(line, "results"), streams.key(line, "dead")]
-        self.group, self.consumer = group, consumer
-        self.results_maxlen, self.dead_maxlen = streams.results_maxlen, streams.dead_maxlen
-        self._script = r.register_script(PUBLISH_AND_ACK)
-
-    def publish(self, outcomes: list[Outcome]) -> int:
-        """Publish + ack atomically; returns how many were still ours (the rest went to another worker)."""
-        if not outcomes:
-            return 0
-        args: list = [self.group, self.consumer, self.results_maxlen, self.dead_maxlen, len(outcomes)]
-        for o in outcomes:
-            args += [o.entry_id, o.frame_id, o.verdict, o.result_payload, o.dead_reason, o.dead_message,
-                     o.deliveries, o.original_payload]
-        return int(self._script(keys=self.keys, args=args))
 
 
 class Backoff:

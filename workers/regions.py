@@ -1,14 +1,14 @@
 """Anomalous regions of an anomaly map: 8-connected components above a threshold, as wire `Region`s.
 
 scipy is imported lazily (it is in the `model` extra, not the camera-PC install) so importing this module
-stays as light as crd_model.wire.
+stays as light as crd_model.stream.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from crd_model.wire import Region
+from crd_model.stream import Region
 
 __all__ = ["find_regions"]
 

@@ -1,0 +1,218 @@
+"""Payload codecs: RGB images (PNG, JPEG, raw), point maps (float32/float16, zlib) and anomaly maps.
+
+Every decoder checks the declared shape against `Limits` and the payload's own header before it inflates
+anything (PNG bombs and zlib bombs are refused unread), and raises `WireError` with a machine-readable code.
+Only numpy, Pillow and zlib: importable without torch or scipy.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from typing import Literal
+
+import numpy as np
+from PIL import Image
+
+from crd_model.stream.messages import DEFAULT_LIMITS, AnomalyMap, Limits, PointMap, RGBImage, WireError, check_dims
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# Pillow modes accepted before conversion to RGB; anything else (16-bit, CMYK, 1-bit...) is refused unread.
+_RGB_MODES = {"png": frozenset({"RGB", "RGBA", "L", "LA", "P"}), "jpeg": frozenset({"RGB", "L"})}
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
+_XYZ_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
+_FLOAT16_MAX = 65504.0
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, read by hand so nothing (not even Pillow's parser) runs first."""
+    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+        return None
+    w, h = struct.unpack(">II", data[16:24])
+    return w, h
+
+
+def _open_image(data: bytes, fmt: Literal["png", "jpeg"], h: int, w: int, modes: frozenset[str],
+                target: Literal["RGB", "L"], code: str) -> np.ndarray:  # fmt: skip
+    """Decode a PNG/JPEG after checking its header size and mode against the declared ones (no global state)."""
+    if fmt == "png":
+        size = _png_size(data)
+        if size is None:
+            raise WireError(code, "not a PNG (bad signature or no IHDR)")
+        if size != (w, h):
+            raise WireError(code, f"PNG header says {size[1]}x{size[0]} but the shape declares {h}x{w}")
+    try:
+        # formats=[...]: only that one plugin may parse these untrusted bytes.
+        with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
+            if im.size != (w, h):  # checked BEFORE load(): a bomb is refused without being inflated
+                raise WireError(code, f"{fmt} header says {im.size[1]}x{im.size[0]} but the shape declares {h}x{w}")
+            if im.mode not in modes:
+                raise WireError(code, f"{fmt} mode {im.mode!r} not accepted (want one of {sorted(modes)})")
+            im.load()
+            arr = np.asarray(im if im.mode == target else im.convert(target))
+    except WireError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise WireError("too_large", f"{fmt}: {e}") from None
+    except Exception as e:  # any parser failure on untrusted bytes is a bad payload, never a crash
+        raise WireError(code, f"cannot decode {fmt}: {type(e).__name__}: {str(e)[:200]}") from None
+    return arr
+
+
+def encode_rgb(rgb: np.ndarray, encoding: Literal["png", "jpeg", "raw"] = "png", jpeg_quality: int = 95
+               ) -> RGBImage:  # fmt: skip
+    """Encode a uint8 (H, W, 3) image; PNG at compress_level 1 (camera PCs are small: speed over size)."""
+    if not isinstance(rgb, np.ndarray) or rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise WireError("bad_rgb", f"rgb must be a uint8 (H, W, 3) array, got {getattr(rgb, 'dtype', type(rgb))} "
+                                   f"{getattr(rgb, 'shape', '')}")  # fmt: skip
+    h, w, _ = rgb.shape
+    arr = np.ascontiguousarray(rgb)
+    if encoding == "raw":
+        data = arr.tobytes()
+    elif encoding in ("png", "jpeg"):
+        buf = io.BytesIO()
+        img = Image.fromarray(arr)
+        if encoding == "png":
+            img.save(buf, format="PNG", compress_level=1)
+        else:
+            # 4:4:4: chroma subsampling would smear small colour defects, the very thing being inspected.
+            img.save(buf, format="JPEG", quality=int(jpeg_quality), subsampling=0)
+        data = buf.getvalue()
+    else:
+        raise WireError("bad_rgb", f"unknown rgb encoding {encoding!r}")
+    return RGBImage(encoding=encoding, shape=(h, w, 3), data=data)
+
+
+def decode_rgb(img: RGBImage, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode to a writable uint8 (H, W, 3) array; the payload must match the declared shape exactly."""
+    h, w, c = img.shape
+    check_dims(h, w, limits)
+    if c != 3:
+        raise WireError("bad_rgb", f"rgb shape must be (H, W, 3), got {img.shape}")
+    if img.encoding == "raw":
+        if len(img.data) != h * w * 3:
+            raise WireError("bad_rgb", f"raw rgb has {len(img.data)} bytes, shape {h}x{w}x3 needs {h * w * 3}")
+        return np.frombuffer(img.data, dtype=np.uint8).reshape(h, w, 3).copy()
+    if img.encoding not in _RGB_MODES:
+        raise WireError("bad_rgb", f"unknown rgb encoding {img.encoding!r}")
+    arr = _open_image(img.data, img.encoding, h, w, _RGB_MODES[img.encoding], "RGB", "bad_rgb")
+    if arr.shape != (h, w, 3) or arr.dtype != np.uint8:
+        raise WireError("bad_rgb", f"decoded {arr.dtype} {arr.shape}, expected uint8 {(h, w, 3)}")
+    return np.array(arr, copy=True)
+
+
+def encode_xyz(xyz: np.ndarray, dtype: Literal["float32", "float16"] = "float32",
+               compression: Literal["none", "zlib"] = "zlib", level: int = 1) -> PointMap:  # fmt: skip
+    """Encode a float (H, W, 3) point map (metres; missing = 0,0,0) as little-endian floats, optionally zlib'd.
+
+    float16 steps are ~0.5 mm at 0.5-1 m: fine for many stations, check against your defect depths.
+    """
+    if not isinstance(xyz, np.ndarray) or xyz.ndim != 3 or xyz.shape[2] != 3 or xyz.dtype.kind != "f":
+        raise WireError("bad_xyz", f"xyz must be a float (H, W, 3) array, got {getattr(xyz, 'dtype', type(xyz))} "
+                                   f"{getattr(xyz, 'shape', '')}")  # fmt: skip
+    if dtype not in _XYZ_DTYPES:
+        raise WireError("bad_xyz", f"unknown xyz dtype {dtype!r}")
+    h, w, _ = xyz.shape
+    raw = np.ascontiguousarray(xyz, dtype=_XYZ_DTYPES[dtype]).tobytes()
+    if compression == "zlib":
+        data = zlib.compress(raw, level)
+    elif compression == "none":
+        data = raw
+    else:
+        raise WireError("bad_xyz", f"unknown xyz compression {compression!r}")
+    return PointMap(dtype=dtype, compression=compression, shape=(h, w, 3), data=data)
+
+
+def _inflate_exact(data: bytes, expected: int, code: str) -> bytes:
+    """zlib-inflate to exactly `expected` bytes, never producing more than expected + 1 (bomb-proof)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(data, expected + 1)
+    except zlib.error as e:
+        raise WireError(code, f"bad zlib stream: {e}") from None
+    if len(out) > expected:
+        raise WireError(code, f"zlib stream inflates beyond the declared {expected} bytes")
+    if len(out) < expected:
+        raise WireError(code, f"zlib stream inflates to {len(out)} bytes, the shape needs {expected}")
+    if not d.eof:
+        raise WireError(code, "zlib stream is truncated (no end of stream)")
+    if d.unused_data or d.unconsumed_tail:
+        raise WireError(code, "trailing bytes after the zlib stream")
+    return out
+
+
+def decode_xyz(pm: PointMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode to a writable float32 (H, W, 3) array. Non-finite values are passed through (the model cleans)."""
+    h, w, c = pm.shape
+    check_dims(h, w, limits)
+    if c != 3:
+        raise WireError("bad_xyz", f"xyz shape must be (H, W, 3), got {pm.shape}")
+    if pm.dtype not in _XYZ_DTYPES:
+        raise WireError("bad_xyz", f"unknown xyz dtype {pm.dtype!r}")
+    dt = _XYZ_DTYPES[pm.dtype]
+    expected = h * w * 3 * dt.itemsize
+    if pm.compression == "none":
+        if len(pm.data) != expected:
+            raise WireError("bad_xyz", f"xyz has {len(pm.data)} bytes, shape {h}x{w}x3 {pm.dtype} needs {expected}")
+        raw = pm.data
+    elif pm.compression == "zlib":
+        raw = _inflate_exact(pm.data, expected, "bad_xyz")
+    else:
+        raise WireError("bad_xyz", f"unknown xyz compression {pm.compression!r}")
+    return np.frombuffer(raw, dtype=dt).reshape(h, w, 3).astype(np.float32)  # astype copies: writable
+
+
+def encode_map(amap: np.ndarray, max_side: int = 256, encoding: Literal["png8", "float16"] = "png8", *,
+               image_shape: tuple[int, int] | None = None) -> AnomalyMap:  # fmt: skip
+    """Encode a float (H, W) anomaly map, bilinearly downscaled so its longer side is <= max_side.
+
+    `image_shape` defaults to amap's (H, W): pass the original image's when the map is at model resolution.
+    png8 stores uint8 pixels with scale (lo, hi) = (min, max); float16 stores little-endian halfs (clipped).
+    """
+    a = np.asarray(amap, dtype=np.float32)
+    if a.ndim != 2 or a.size == 0:
+        raise WireError("bad_map", f"anomaly map must be a non-empty (H, W) array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise WireError("bad_map", "anomaly map has non-finite values")
+    if max_side < 1:
+        raise WireError("bad_map", f"max_side must be >= 1, got {max_side}")
+    h0, w0 = a.shape
+    if max(h0, w0) > max_side:
+        s = max_side / max(h0, w0)
+        size = (max(1, min(max_side, round(w0 * s))), max(1, min(max_side, round(h0 * s))))
+        a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize(size, Image.Resampling.BILINEAR),
+                       dtype=np.float32)  # fmt: skip
+    h, w = a.shape
+    if encoding == "png8":
+        lo, hi = float(a.min()), float(a.max())
+        if not hi > lo:  # flat map: any hi > lo decodes every pixel 0 back to lo
+            hi = lo + max(1.0, abs(lo))
+        px = np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(px).save(buf, format="PNG", compress_level=3)
+        data, scale = buf.getvalue(), (lo, hi)
+    elif encoding == "float16":
+        data = a.clip(-_FLOAT16_MAX, _FLOAT16_MAX).astype("<f2").tobytes()
+        scale = (0.0, 1.0)
+    else:
+        raise WireError("bad_map", f"unknown map encoding {encoding!r}")
+    return AnomalyMap(encoding=encoding, shape=(h, w), image_shape=image_shape or (h0, w0), scale=scale, data=data)
+
+
+def decode_map(am: AnomalyMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
+    """Decode to a float32 (h, w) array of scores (the encoded resolution; image_shape tells the original)."""
+    h, w = am.shape
+    check_dims(h, w, limits)
+    check_dims(*am.image_shape, limits)
+    if am.encoding == "float16":
+        if len(am.data) != h * w * 2:
+            raise WireError("bad_map", f"float16 map has {len(am.data)} bytes, shape {h}x{w} needs {h * w * 2}")
+        return np.frombuffer(am.data, dtype="<f2").reshape(h, w).astype(np.float32)
+    if am.encoding != "png8":
+        raise WireError("bad_map", f"unknown map encoding {am.encoding!r}")
+    px = _open_image(am.data, "png", h, w, frozenset({"L"}), "L", "bad_map")
+    if px.shape != (h, w) or px.dtype != np.uint8:
+        raise WireError("bad_map", f"decoded {px.dtype} {px.shape}, expected uint8 {(h, w)}")
+    lo, hi = am.scale
+    return (lo + px.astype(np.float32) * np.float32((hi - lo) / 255.0)).astype(np.float32)

@@ -1,0 +1,197 @@
+"""Packing: `Frame` and `Result` to and from msgpack bytes, bounded and strict, plus frame helpers.
+
+The message size is checked before parsing, msgpack runs with per-type length limits and no extension
+types, the version is checked first, then the pydantic model validates. No pickle anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Literal, TypeVar
+
+import msgpack
+import numpy as np
+from pydantic import BaseModel, ValidationError
+
+from crd_model.stream.codecs import decode_rgb, decode_xyz, encode_rgb, encode_xyz
+from crd_model.stream.messages import (
+    DEFAULT_LIMITS,
+    MAX_ERROR_MESSAGE_CHARS,
+    WIRE_VERSION,
+    Frame,
+    Limits,
+    Result,
+    WireError,
+    is_ident,
+)
+
+M = TypeVar("M", Frame, Result)
+
+
+def _pack(model: BaseModel, limits: Limits) -> bytes:
+    # Plain dict: bytes -> msgpack bin, tuples -> arrays, None -> nil; field order puts v and type first.
+    data: bytes = msgpack.packb(model.model_dump(mode="python"), use_bin_type=True)
+    if len(data) > limits.max_message_bytes:
+        raise WireError("too_large", f"message is {len(data)} bytes; limit {limits.max_message_bytes}")
+    return data
+
+
+def pack_frame(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """msgpack bytes of a Frame (refused here already if a consumer with `limits` would refuse its size)."""
+    return _pack(frame, limits)
+
+
+def pack_result(result: Result, limits: Limits = DEFAULT_LIMITS) -> bytes:
+    """msgpack bytes of a Result."""
+    return _pack(result, limits)
+
+
+def _no_ext(code: int, data: bytes) -> Any:
+    raise WireError("bad_msgpack", f"msgpack extension type {code} is not allowed")
+
+
+def _unpack_limits(limits: Limits) -> dict[str, int]:
+    # Strings are ids, meta values and error messages; arrays are shapes, scales and regions.
+    return {
+        "max_bin_len": limits.max_message_bytes,
+        "max_str_len": max(limits.max_meta_value_bytes, 4 * MAX_ERROR_MESSAGE_CHARS, 4 * limits.max_id_len),
+        "max_array_len": max(2 * limits.max_regions, 16),  # headroom: pydantic then names the field
+        "max_map_len": max(2 * limits.max_meta_entries, 64),
+        "max_ext_len": 0,  # no extension types at all, the timestamp one (-1) included
+    }
+
+
+def _short(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _unpack(data: bytes, kind: Literal["frame", "result"], model: type[M], limits: Limits) -> M:
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise WireError("bad_msgpack", f"expected bytes, got {type(data).__name__}")
+    n = memoryview(data).nbytes
+    if n > limits.max_message_bytes:  # before parsing: nothing is allocated for an oversized message
+        raise WireError("too_large", f"message is {n} bytes; limit {limits.max_message_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
+                              **_unpack_limits(limits))  # fmt: skip
+    except WireError:
+        raise
+    except Exception as e:  # msgpack raises ValueError subclasses, TypeError, ...: all mean "not our msgpack"
+        msg = str(e)[:200]
+        if "exceeds max_ext_len" in msg:
+            raise WireError("bad_msgpack", "msgpack extension types are not allowed") from None
+        if "exceeds max_" in msg:
+            raise WireError("too_large", f"msgpack: {msg}") from None
+        raise WireError("bad_msgpack", f"not valid msgpack: {type(e).__name__}: {msg}") from None
+    if not isinstance(obj, dict):
+        raise WireError("invalid", f"top level must be a msgpack map, got {type(obj).__name__}")
+    v = obj.get("v")  # version first: nothing else about a message of another version can be trusted
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise WireError("invalid", f"missing or non-integer version field 'v' (got {_short(v)})")
+    if v != WIRE_VERSION:
+        raise WireError("unsupported_version", f"wire version {v} is not supported; this decoder supports "
+                                               f"version {WIRE_VERSION}")  # fmt: skip
+    t = obj.get("type")
+    if t != kind:
+        raise WireError("bad_type", f"expected a {kind!r} message, got type {_short(t)}")
+    try:
+        return model.model_validate(obj, context={"limits": limits})
+    except ValidationError as e:
+        errs = e.errors(include_url=False, include_input=False)
+        chosen = next((x for x in errs if x["type"] == "too_large"), errs[0])
+        loc = ".".join(str(p) for p in chosen["loc"]) or "<message>"
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
+        code = "too_large" if chosen["type"] == "too_large" else "invalid"
+        raise WireError(code, f"invalid {kind}: {loc}: {chosen['msg'][:200]}{more}") from None
+
+
+def unpack_frame(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Frame:
+    """Parse and validate a Frame; payload bytes are checked when decoded (frame_arrays/decode_*)."""
+    return _unpack(data, "frame", Frame, limits)
+
+
+def unpack_result(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Result:
+    """Parse and validate a Result."""
+    return _unpack(data, "result", Result, limits)
+
+
+def _valid_id(v: Any) -> str | None:
+    return v if isinstance(v, str) and is_ident(v, DEFAULT_LIMITS.max_id_len) else None
+
+
+_FRAME_ID_KEY = msgpack.packb("frame_id")
+
+
+def peek_frame_id(data: bytes) -> str | None:
+    """Best-effort frame id of a (possibly broken) frame payload, to address an error result; never raises.
+
+    Walks the top-level map key by key, so a payload truncated or corrupted after its frame_id (which
+    pack_frame writes third) still yields it; falls back to scanning the bytes for a "frame_id" key.
+    Only ids that would pass validation are returned.
+    """
+    try:
+        buf = bytes(data[: DEFAULT_LIMITS.max_message_bytes])
+    except Exception:
+        return None
+    try:
+        unpacker = msgpack.Unpacker(
+            raw=False,
+            strict_map_key=False,
+            ext_hook=_no_ext,
+            max_buffer_size=len(buf) + 1,
+            **{k: v for k, v in _unpack_limits(DEFAULT_LIMITS).items() if k != "max_ext_len"},
+        )
+        unpacker.feed(buf)
+        for _ in range(min(unpacker.read_map_header(), 1024)):
+            key = unpacker.unpack()
+            if key == "frame_id":
+                return _valid_id(unpacker.unpack())
+            unpacker.skip()
+    except Exception:
+        pass
+    try:
+        pos = buf.find(_FRAME_ID_KEY)
+        while pos >= 0:
+            try:
+                one = msgpack.Unpacker(raw=False, max_buffer_size=1024)
+                one.feed(buf[pos + len(_FRAME_ID_KEY) : pos + len(_FRAME_ID_KEY) + 512])
+                value = one.unpack()
+            except Exception:
+                value = None
+            if (found := _valid_id(value)) is not None:
+                return found
+            pos = buf.find(_FRAME_ID_KEY, pos + 1)
+    except Exception:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ convenience
+
+
+def make_frame(rgb: np.ndarray, xyz: np.ndarray, *, frame_id: str, line: str, camera: str, seq: int,
+               category: str, captured_at: float | None = None, rgb_encoding: Literal["png", "jpeg", "raw"] = "png",
+               xyz_dtype: Literal["float32", "float16"] = "float32",
+               xyz_compression: Literal["none", "zlib"] = "zlib",
+               meta: Mapping[str, str | int | float | bool] | None = None) -> Frame:  # fmt: skip
+    """Encode arrays into a validated Frame (captured_at defaults to now)."""
+    if getattr(rgb, "shape", (0, 0))[:2] != getattr(xyz, "shape", (-1, -1))[:2]:
+        raise WireError("shape_mismatch", f"rgb {getattr(rgb, 'shape', None)} and xyz {getattr(xyz, 'shape', None)} "
+                                          "differ in H, W")  # fmt: skip
+    ts = time.time() if captured_at is None else captured_at
+    if not math.isfinite(ts):
+        raise WireError("invalid", "captured_at must be finite")
+    return Frame(frame_id=frame_id, line=line, camera=camera, seq=seq, captured_at=ts, category=category,
+                 rgb=encode_rgb(rgb, rgb_encoding), xyz=encode_xyz(xyz, xyz_dtype, xyz_compression),
+                 meta=dict(meta or {}))  # fmt: skip
+
+
+def frame_arrays(frame: Frame, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, np.ndarray]:
+    """Decode a frame's (rgb uint8 (H,W,3), xyz float32 (H,W,3)); H, W must agree ("shape_mismatch")."""
+    if frame.rgb.shape[:2] != frame.xyz.shape[:2]:  # before decoding anything
+        raise WireError("shape_mismatch", f"rgb is {frame.rgb.shape[0]}x{frame.rgb.shape[1]}, "
+                                          f"xyz is {frame.xyz.shape[0]}x{frame.xyz.shape[1]}")  # fmt: skip
+    return decode_rgb(frame.rgb, limits), decode_xyz(frame.xyz, limits)
