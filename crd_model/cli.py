@@ -204,7 +204,9 @@ def cmd_work(a: argparse.Namespace) -> int:
     else:
         if not s.worker.models:
             raise ValueError("no models: pass --model CATEGORY=CHECKPOINT_DIR (or set CRD_WORKER__MODELS)")
-        registry = ModelRegistry.load(s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile)
+        registry = ModelRegistry.load(
+            s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile, max_batch=s.worker.max_batch
+        )
     worker = Worker(s, registry)
     worker.install_signal_handlers()
     worker.run(max_frames=a.max_frames, idle_exit_s=a.idle_exit_s)

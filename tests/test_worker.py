@@ -212,9 +212,9 @@ def test_one_worker_serves_several_categories_and_batches_dynamically(settings, 
             super().__init__(1)
             self.name = name
 
-        def infer(self, frames):
-            seen[self.name].append(len(frames))
-            return super().infer(frames)
+        def forward(self, inputs):
+            seen[self.name].append(len(inputs))
+            return super().forward(inputs)
 
     registry = ModelRegistry({"disc": Recording("disc"), "rod": Recording("rod")})
     worker = Worker(s, registry, r=r)

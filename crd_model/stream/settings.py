@@ -62,16 +62,24 @@ class ProducerSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     consumer: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Lines this worker serves (one consumer group per line's frames stream, read together, batched
+    # across lines; results go to each line's own results stream). Empty: the top-level `line`.
+    lines: list[str] = []
     max_batch: int = Field(16, ge=1, le=1024)
-    max_wait_ms: int = Field(20, ge=0, description="time to wait for a batch to fill")
+    max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill")
     block_ms: int = Field(1000, ge=1)
-    decode_threads: int = Field(2, ge=1)
+    decode_threads: int = Field(2, ge=1, description="pool that decodes payloads and encodes results")
+    prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
+    max_batch_decoded_mb: float = Field(
+        512.0, gt=0, description="decoded bytes one batch may hold; a larger frame is inspected alone"
+    )
     claim_idle_ms: int = Field(30_000, ge=100, description="pending this long = its worker is presumed dead")
     claim_every_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
     device: str | None = None
-    bf16: bool = False
-    compile: bool = False
+    bf16: bool | None = Field(None, description="bf16 autocast; None = on CUDA")
+    compile: bool | None = Field(None, description="torch.compile with static batch shapes; None = on CUDA")
+    time_stages: bool = Field(False, description="synchronise the device between stages to time each (benchmarks)")
     result_map_max_side: int = Field(256, ge=16)
     result_map_encoding: Literal["png8", "float16"] = "png8"
     region_min_area: int = Field(16, ge=1)
