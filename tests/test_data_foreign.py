@@ -161,6 +161,12 @@ def test_anomalib_fixture_counts_masks_and_points(tmp_path: Path) -> None:
         assert xyz.dtype == np.float32 and xyz.shape == (SIZE, SIZE, 3)
         np.testing.assert_array_equal(xyz, read_rgb(s.rgb_path).astype(np.float32))
 
+    # a new user's first guesses at --data: the folder above, or the category folder itself
+    with pytest.raises(FileNotFoundError, match="one level down: mvtec_3d/dummy"):
+        list_samples(tmp_path, "dummy", "test")
+    with pytest.raises(FileNotFoundError, match="itself a category folder"):
+        list_samples(data / "dummy", "dummy", "test")
+
     loaded = load_split(data, "dummy", "test", CRDConfig(image_size=SIZE), workers=1)
     assert len(loaded.frames) == 10 and loaded.labels.tolist() == [True] * 5 + [False] * 5
     assert loaded.gt is not None

@@ -373,7 +373,8 @@ def test_stray_folders_and_files_are_skipped_with_a_warning(root: Path, tmp_path
     warnings = [e for e in logs if e["log_level"] == "warning"]
     named = {e.get("path") or e.get("folder") for e in warnings}
     assert named == {str(stray_dir), str(stray_file), str(test / "cut" / "rgb")}
-    assert next(e for e in warnings if e.get("folder"))["entries"] == ["Thumbs.db"]
+    in_rgb = next(e for e in warnings if e.get("folder"))
+    assert in_rgb["entries"] == ["Thumbs.db"] and in_rgb["count"] == 1
 
 
 def test_data_errors_name_their_file(root: Path, tmp_path: Path) -> None:

@@ -39,6 +39,7 @@ _TIFF_SUFFIXES: tuple[str, ...] = (".tiff", ".tif")
 # gt/<stem>.png as MVTec names it; gt/<stem>_mask.png as MVTec AD and anomalib's folder formats name it.
 _GT_STEM_ENDINGS: tuple[str, ...] = ("", "_mask")
 _NORMAL = ("good", "")
+_MAX_NAMES_LOGGED = 10
 
 
 class DataError(ValueError):
@@ -135,8 +136,10 @@ def _rgb_files(rgb_dir: Path) -> list[Path]:
     for p in _visible_entries(rgb_dir):
         (images if p.is_file() and p.suffix.lower() in _RGB_SUFFIXES else stray).append(p)
     if stray:
+        names = [p.name for p in stray]
+        shown = names if len(names) <= _MAX_NAMES_LOGGED else [*names[:_MAX_NAMES_LOGGED], "..."]
         log.warning(
-            "skipping entries that are not rgb PNG images", folder=str(rgb_dir), entries=[p.name for p in stray]
+            "skipping entries that are not rgb PNG images", folder=str(rgb_dir), count=len(names), entries=shown
         )
     stems: dict[str, Path] = {}
     for p in images:
@@ -174,6 +177,21 @@ def list_categories(root: str | Path) -> list[str]:
     )
 
 
+def _categories_hint(root: Path) -> str:
+    """What a user pointing --data one level too deep or too high most likely meant."""
+    if not root.is_dir():
+        return ""
+    if any((root / split).is_dir() for split in SPLITS):
+        return f" ({root} is itself a category folder: give its parent folder as the data root)"
+    categories = list_categories(root)
+    if categories:
+        return f" (categories under {root}: {', '.join(categories)})"
+    nested = sorted(f"{p.name}/{c}" for p in _visible_entries(root) if p.is_dir() for c in list_categories(p))
+    if nested:
+        return f" (no categories directly under {root}; one level down: {', '.join(nested[:_MAX_NAMES_LOGGED])})"
+    return ""
+
+
 def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
     """All samples of one category and split, sorted by (defect_type, stem).
 
@@ -184,7 +202,7 @@ def list_samples(root: str | Path, category: str, split: str) -> list[Sample]:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     category_dir = Path(root) / category
     if not category_dir.is_dir():
-        raise FileNotFoundError(f"category folder not found: {category_dir}")
+        raise FileNotFoundError(f"category folder not found: {category_dir}{_categories_hint(Path(root))}")
     split_dir = category_dir / split
     if not split_dir.is_dir():
         present = sorted(p.name for p in category_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
