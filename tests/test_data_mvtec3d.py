@@ -347,6 +347,12 @@ def test_names_match_whatever_the_case(tmp_path: Path) -> None:
     assert [p.stem for p in list_pairs(test / "hole")] == ["000"]  # list_pairs takes RGB/ + XYZ/ too
 
     # two files that differ only in case cannot both be meant: an error naming them, not a guess
+    for name in ("Scan.png", "scan.PNG"):  # both would pair with xyz/scan.tiff
+        write_rgb(test / "crack" / "rgb" / name, np.zeros((12, 16, 3), np.uint8))
+    with pytest.raises(DataError, match=r"Scan\.png, scan\.PNG"):
+        list_samples(tmp_path, "part", "test")
+    for name in ("Scan.png", "scan.PNG"):
+        (test / "crack" / "rgb" / name).unlink()
     _write_sample(test / "good", "001", xyz_name="001.TIFF")
     write_xyz(test / "good" / "xyz" / "001.tiff", np.zeros((12, 16, 3), np.float32))
     with pytest.raises(DataError, match=r"001\.TIFF") as exc:

@@ -141,11 +141,13 @@ def _rgb_files(rgb_dir: Path) -> list[Path]:
         log.warning(
             "skipping entries that are not rgb PNG images", folder=str(rgb_dir), count=len(names), entries=shown
         )
+    # xyz and gt are found by stem in any case, so 000.png and 000.PNG (or A.png and a.png) would share them.
     stems: dict[str, Path] = {}
     for p in images:
-        if p.stem in stems:
-            raise DataError(rgb_dir, f"two rgb images share the stem {p.stem!r}: {stems[p.stem].name}, {p.name}")
-        stems[p.stem] = p
+        key = p.stem.lower()
+        if key in stems:
+            raise DataError(rgb_dir, f"two rgb images have the same stem: {stems[key].name}, {p.name}")
+        stems[key] = p
     return images
 
 
