@@ -436,7 +436,8 @@ def test_data_errors_name_their_file(root: Path, tmp_path: Path) -> None:
 )
 def test_read_xyz_layouts_and_dtypes(tmp_path: Path, layout: str) -> None:
     xyz = np.random.default_rng(0).uniform(0.1, 0.9, (5, 7, 3)).astype(np.float32)
-    path = tmp_path / "000.tif"
+    path = tmp_path / "xyz" / "000.tif"
+    path.parent.mkdir()
     if layout == "float64":
         tifffile.imwrite(path, xyz.astype(np.float64), photometric="rgb")
     elif layout == "float16":
@@ -454,6 +455,8 @@ def test_read_xyz_layouts_and_dtypes(tmp_path: Path, layout: str) -> None:
         tifffile.imwrite(path, xyz.astype(np.uint16), photometric="rgb")
     back = read_xyz(path)
     assert back.dtype == np.float32 and back.shape == (5, 7, 3)
+    write_rgb(tmp_path / "rgb" / "000.png", np.zeros((5, 7, 3), np.uint8))
+    assert [p.xyz_path for p in list_pairs(tmp_path)] == [path]  # the header-only size check agrees
     np.testing.assert_allclose(back, xyz, rtol=1e-3 if layout == "float16" else 1e-6)
 
 

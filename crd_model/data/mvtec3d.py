@@ -448,8 +448,8 @@ def _full_scale(values: np.ndarray) -> float:
         return 1.0 if top <= 1.0 else 255.0 if top <= 255.0 else 65535.0
     if values.dtype.itemsize == 1:
         return 255.0
-    if values.dtype in (np.uint16, np.int16) or values.dtype == np.int32:
-        return 65535.0  # 16-bit PNGs open as Pillow mode I;16 (uint16) or I (int32)
+    if values.dtype.itemsize == 2 or values.dtype == np.int32:
+        return 65535.0  # 16-bit PNGs open as Pillow mode I;16 (uint16) or, in some versions, I (int32)
     return float(np.iinfo(values.dtype).max)
 
 
