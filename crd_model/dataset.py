@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from crd_model.config import CRDConfig
-from crd_model.data.mvtec3d import Sample, list_samples, read_gt, read_rgb, read_xyz
-from crd_model.inputs import PreparedFrame, check_pair
+from crd_model.data.mvtec3d import DataError, Sample, list_samples, read_gt, read_rgb, read_xyz
+from crd_model.inputs import FrameError, PreparedFrame, check_pair
 from crd_model.preprocessing import Preprocessor, resize_nearest
 
 PREPROCESS_BATCH = 32
@@ -78,6 +78,10 @@ def load_samples(
     def read(s: Sample) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
         rgb = read_rgb(s.rgb_path) if config.uses_rgb else None
         xyz = read_xyz(s.xyz_path) if config.uses_3d else None
+        try:
+            check_pair(rgb, xyz, config)
+        except FrameError as exc:  # name the files, not just the problem
+            raise DataError(s.rgb_path, f"{exc} (xyz: {s.xyz_path})") from exc
         gt = None
         if with_gt:
             hw = (rgb if rgb is not None else xyz).shape[:2]

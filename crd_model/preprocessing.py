@@ -88,10 +88,12 @@ def resize_rgb(rgbs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     device = rgbs[0].device
     out = torch.empty((len(rgbs), 3, size, size), dtype=torch.float32, device=device)
     for (h, w, _), idx in _group_by_shape(rgbs).items():
-        x = torch.stack([rgbs[i] for i in idx]).permute(0, 3, 1, 2).float().div_(255.0)
-        if (h, w) != (size, size):
+        x = torch.stack([rgbs[i] for i in idx]).permute(0, 3, 1, 2).float()
+        if (h, w) == (size, size):
+            x = x.div_(255.0)
+        else:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.clamp_(0.0, 1.0)
+            x = x.round_().clamp_(0.0, 255.0).div_(255.0)  # 8-bit steps, as an image resized by Pillow
         out[torch.tensor(idx, device=device)] = x
     return out
 
