@@ -289,7 +289,9 @@ def test_a_trained_checkpoint_scores_the_same_through_both_paths(tiny_data, tiny
     rgbs = [read_rgb(s.rgb_path) for s in samples]
     xyzs = [read_xyz(s.xyz_path) for s in samples]
     ref_rgb, ref_x3d = _reference_inputs(rgbs, xyzs, size)
-    reference = inspector.infer([PreparedFrame(r, x, rgb.shape[:2]) for r, x, rgb in zip(ref_rgb, ref_x3d, rgbs)])
+    reference = inspector.infer(
+        [PreparedFrame(r, x, rgb.shape[:2]) for r, x, rgb in zip(ref_rgb, ref_x3d, rgbs, strict=True)]
+    )
     device = inspector.inspect(rgbs, xyzs)
     ours = np.array([d.score for d in device])
     theirs = np.array([r.score for r in reference])
@@ -298,4 +300,6 @@ def test_a_trained_checkpoint_scores_the_same_through_both_paths(tiny_data, tiny
     # not that close to the threshold.
     np.testing.assert_allclose(ours, theirs, rtol=0.03, atol=0.03 * abs(inspector.threshold))
     clear = np.abs(theirs - inspector.threshold) > 0.03 * abs(inspector.threshold)
-    assert [d.verdict for d, c in zip(device, clear) if c] == [r.verdict for r, c in zip(reference, clear) if c]
+    assert [d.verdict for d, c in zip(device, clear, strict=True) if c] == [
+        r.verdict for r, c in zip(reference, clear, strict=True) if c
+    ]
