@@ -151,6 +151,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
             backpressure=a.backpressure,
             rgb_encoding=a.rgb_encoding,
             xyz_dtype=a.xyz_dtype,
+            downscale_max_side=a.downscale,
         ),
     )
     producer = Producer(s, camera=a.camera)
@@ -183,7 +184,7 @@ def _parse_models(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_work(a: argparse.Namespace) -> int:
-    from workers.models import ModelRegistry, StandInInspector
+    from workers.models import ModelRegistry, NullModelInspector, StandInInspector
     from workers.worker import Worker
 
     models = _parse_models(a.model)
@@ -196,6 +197,9 @@ def cmd_work(a: argparse.Namespace) -> int:
             claim_idle_ms=a.claim_idle_ms,
             consumer=a.consumer,
             models=models or None,
+            lines=[x for x in a.lines.split(",") if x] if a.lines else None,
+            decode_threads=a.decode_threads,
+            time_stages=True if a.time_stages else None,
         ),
     )
     if a.stand_in_latency_ms is not None:
@@ -207,6 +211,8 @@ def cmd_work(a: argparse.Namespace) -> int:
         registry = ModelRegistry.load(
             s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile, max_batch=s.worker.max_batch
         )
+        if a.null_model:
+            registry = ModelRegistry({c: NullModelInspector(registry.get(c)) for c in registry.categories})
     worker = Worker(s, registry)
     worker.install_signal_handlers()
     worker.run(max_frames=a.max_frames, idle_exit_s=a.idle_exit_s)
@@ -310,6 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backpressure", default=None, choices=["block", "slow"])
     p.add_argument("--rgb-encoding", default=None, choices=["png", "jpeg", "raw"])
     p.add_argument("--xyz-dtype", default=None, choices=["float32", "float16"])
+    p.add_argument(
+        "--downscale", type=int, default=None, metavar="PIXELS",
+        help="shrink frames to this longer side before sending (fewer bytes; maps then cover the smaller image)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("work", help="batched inference worker for a line")
@@ -329,6 +339,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks only: a labelled fixed-latency stand-in instead of a model",
     )
     p.add_argument("--stand-in-category", default="disc")
+    p.add_argument(
+        "--null-model", action="store_true",
+        help="benchmarks only: the checkpoints' data path with a model that costs nothing (labelled null-model)",
+    )  # fmt: skip
+    p.add_argument("--lines", default=None, help="comma-separated lines to serve together (default: --line)")
+    p.add_argument("--decode-threads", type=int, default=None, help="pool for decoding and result encoding")
+    p.add_argument("--time-stages", action="store_true", help="synchronise the device to time each stage")
     p.set_defaults(func=cmd_work)
 
     p = sub.add_parser("results", help="tail a line's results live")

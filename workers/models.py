@@ -100,3 +100,26 @@ class StandInInspector:
         n = len(inputs)
         time.sleep(self.latency_s + self.per_frame_s * n)
         return InferenceBatch(torch.zeros((n, self.MAP_SIZE, self.MAP_SIZE)), torch.zeros(n))
+
+
+class NullModelInspector:
+    """A real checkpoint's data path (checks, preprocessing) with a model that costs nothing: what the
+    worker spends besides the model, for benchmarks. Labelled `null-model` in every result."""
+
+    def __init__(self, inspector: InspectorLike):
+        self.inner = inspector
+        self.device = inspector.device
+        self.threshold = inspector.threshold
+        self.model_id = "null-model"
+
+    def check(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> tuple[int, int]:
+        return self.inner.check(rgb, xyz)
+
+    def preprocess(self, rgbs: Sequence[torch.Tensor], xyzs: Sequence[torch.Tensor]) -> ModelInput:
+        return self.inner.preprocess(rgbs, xyzs)
+
+    def forward(self, inputs: ModelInput) -> InferenceBatch:
+        x = inputs.rgb if inputs.rgb is not None else inputs.x3d
+        assert x is not None
+        n, size = x.shape[0], x.shape[-1]
+        return InferenceBatch(torch.zeros((n, size, size), device=x.device), torch.zeros(n, device=x.device))

@@ -53,6 +53,8 @@ class ProducerSettings(BaseModel):
     fps: float = Field(10.0, gt=0)
     rgb_encoding: Literal["png", "jpeg", "raw"] = "png"
     xyz_dtype: Literal["float32", "float16"] = "float32"
+    # Opt-in: shrink frames so their longer side is at most this before sending (docs/deploy.md).
+    downscale_max_side: int | None = Field(None, ge=32)
     xyz_compression: Literal["zlib", "none"] = "zlib"
     max_outstanding: int = Field(200, ge=1, description="group lag + pending above which backpressure acts")
     backpressure: Literal["block", "slow"] = "block"
