@@ -21,7 +21,8 @@ test: $(STAMP)
 
 # The tests that talk to the server, e.g. against your own: REDIS_URL=redis://host:6379/0 make test-streams
 test-streams: $(STAMP)
-	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py
+	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py \
+		tests/test_plc.py tests/test_dashboard.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
