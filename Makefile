@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-streams lint bench-quality bench-throughput clean
+.PHONY: demo test test-streams lint bench-quality bench-throughput bench-plc clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -33,6 +33,9 @@ bench-quality: $(STAMP)
 
 bench-throughput: $(STAMP)
 	$(PY) bench/throughput.py
+
+bench-plc: $(STAMP)
+	$(PY) bench/plc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -70,6 +70,7 @@ class Seen:
     threshold: int
     capture_seq: int
     part_id: str
+    t: float = field(default_factory=time.time)  # when the PLC program read it
 
 
 @dataclass
@@ -300,7 +301,7 @@ class OpcUaPlc:
                     continue
                 row = {name: await n[name].read_value() for name in ("Sequence", "VerdictCode", "Reject", "Score",
                                                                      "PartId")}  # fmt: skip
-                self.seen.append(row | {"line": line})
+                self.seen.append(row | {"line": line, "t": time.time()})
                 handled[line] = row["Sequence"]
                 if self.ack_delay_s:
                     await asyncio.sleep(self.ack_delay_s)
@@ -317,6 +318,7 @@ class OpcUaSubscriber:
     def __init__(self, endpoint: str, ns: str, line: str):
         self.endpoint, self.ns, self.line = endpoint, ns, line
         self.events: list[Any] = []
+        self.times: list[float] = []  # arrival time of each event
         self.lt = LoopThread()
 
     async def _connect(self) -> None:
@@ -328,6 +330,7 @@ class OpcUaSubscriber:
 
         class Handler:
             def event_notification(self, event: Any) -> None:
+                subscriber.times.append(time.time())
                 subscriber.events.append(event)
 
         self.sub = await self.client.create_subscription(20, Handler())
