@@ -349,22 +349,35 @@ def test_opcua_server_events_last_result_counters_and_restart(settings, cleanup,
         bridge.stop()
 
 
-def test_opcua_server_require_ack_holds_the_xack_until_the_client_acknowledges(settings, cleanup, r):
+def test_opcua_server_require_ack_holds_the_xack_and_a_restart_does_not_announce_twice(settings, cleanup, r):
     port = free_port()
-    s = _with_plc(settings, protocol="opcua-server", opcua_server={
+    s = _with_plc(settings, protocol="opcua-server", drain_timeout_s=0.3, opcua_server={
         "endpoint": f"opc.tcp://127.0.0.1:{port}/crd-inspect/", "require_ack": True})  # fmt: skip
+    ns, endpoint = s.plc.opcua_server.namespace_uri, s.plc.opcua_server.endpoint
     bridge = BridgeThread(s)
-    client = OpcUaSubscriber(s.plc.opcua_server.endpoint, s.plc.opcua_server.namespace_uri, s.line).connect()
+    client = OpcUaSubscriber(endpoint, ns, s.line).connect()
     try:
         publish(r, s, "anomalous", 0)
         publish(r, s, "ok", 1)
         wait_for(lambda: len(client.events) == 1, 10, "first event")
         wait_for(lambda: bridge.bridge.status[s.line].alarm, 5, "alarm while unacknowledged")
         assert _pending(r, s) == 2 and client.read("State") == "Error"
+        # Stopped while the client has not acknowledged: the result stays pending...
+        client.close()
+        bridge.stop()
+        assert _pending(r, s) == 2
+        # ...and the restarted bridge resumes it without announcing it a second time.
+        bridge = BridgeThread(s)
+        client = OpcUaSubscriber(endpoint, ns, s.line).connect()
+        assert client.read("LastResult.Sequence") == 1 and client.read("LastResult.Reject") is True
+        time.sleep(0.3)
+        assert bridge.bridge.adapter.announced[s.line] == 0  # resumed, not announced again
         client.write_ack(1)
-        wait_for(lambda: len(client.events) == 2, 10, "second event after the ack")
+        wait_for(lambda: len(client.events) == 1, 10, "the next result's event after the ack")
         client.write_ack(2)
         wait_for(lambda: _pending(r, s) == 0 and not bridge.bridge.status[s.line].alarm, 10, "acknowledged")
+        time.sleep(0.2)
+        assert [e.Sequence for e in client.events] == [2] and bridge.bridge.adapter.announced[s.line] == 1
     finally:
         client.close()
         bridge.stop()

@@ -80,6 +80,7 @@ class OpcUaServerAdapter(PlcAdapter):
         self.vars: dict[str, dict[str, Node]] = {}
         self.events: dict[str, object] = {}
         self.published: dict[str, int] = dict.fromkeys(lines, 0)
+        self.announced: dict[str, int] = dict.fromkeys(lines, 0)  # ResultReady events fired since start
         self.counters: dict[str, dict[str, int]] = {line: {} for line in lines}
         self.system_heartbeat: Node | None = None
 
@@ -192,6 +193,7 @@ class OpcUaServerAdapter(PlcAdapter):
             ev.Severity = 500 if rec.reject else 100
             await gen.trigger(message=f"{rec.line} result {rec.sequence}: {rec.verdict}")  # type: ignore[attr-defined]
             self.published[rec.line] = rec.sequence
+            self.announced[rec.line] += 1
         if not self.cfg.require_ack:
             return True
         ack = self.vars[rec.line]["Acknowledge"]
