@@ -189,6 +189,39 @@ def test_plc_restart_loses_nothing_and_catches_up_in_order(modbus, r):
         bridge.stop()
 
 
+def test_two_lines_through_one_bridge_use_their_own_register_blocks(settings, cleanup, r):
+    other = f"{settings.line}b"
+    cleanup.append(other)
+    s = _with_plc(settings, protocol="modbus", lines=[settings.line, other], modbus={"port": free_port(),
+                                                                                    "poll_ms": 5})  # fmt: skip
+    plc = ModbusPlc([settings.line, other], s.plc.modbus).start()
+    bridge = BridgeThread(s)
+    try:
+        for i in range(3):
+            publish(r, s, "anomalous" if i == 1 else "ok", i, line=settings.line)
+            publish(r, s, "error" if i == 2 else "ok", i, camera="cam2", line=other)
+        wait_for(lambda: len(plc.seen) == 6, 10, "both lines delivered")
+        by_line = {line: [(x.sequence, x.verdict_code) for x in plc.seen if x.line == line] for line in s.plc.lines}
+        assert by_line == {settings.line: [(1, 1), (2, 2), (3, 1)], other: [(1, 1), (2, 1), (3, 3)]}
+        assert plc.registers(other, 0, 2) == [0, 3] and plc.reg(other, 0) == 100  # line 2: registers 100..
+        wait_for(lambda: _pending(r, s) == 0 and _pending(r, s, other) == 0, 5, "both acknowledged")
+    finally:
+        bridge.stop()
+        plc.close()
+
+
+def test_unreachable_plc_at_start_is_not_ready_and_sigterm_still_stops_it(settings, cleanup):
+    s = _with_plc(settings, protocol="modbus", modbus={"port": free_port()})  # nothing listens there
+    bridge = PlcBridge(s)
+    thread = threading.Thread(target=bridge.run, daemon=True)
+    thread.start()
+    wait_for(lambda: bridge.metrics.reconnects._value.get() >= 2, 10, "retrying")
+    assert not bridge.health.ready and bridge.health.alive and "plc" in bridge.health.reason
+    bridge.stop()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
 def test_heartbeat_counts_and_toggles(modbus, r):
     s, plc = modbus
     bridge = BridgeThread(s)

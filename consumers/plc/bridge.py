@@ -118,7 +118,17 @@ class PlcBridge(Daemon):
         watcher = asyncio.create_task(self._watch_signal())
         tasks: list[asyncio.Task] = []
         try:
-            await self._setup()
+            # A stop while the PLC or Redis is still unreachable at start ends the wait at once.
+            setup = asyncio.create_task(self._setup())
+            stop_wait = asyncio.create_task(self._stop.wait())
+            await asyncio.wait([setup, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if not setup.done():
+                self._abandon.set()  # nothing in hand to drain yet (and pymodbus may swallow a cancel)
+                setup.cancel()
+                await asyncio.gather(setup, return_exceptions=True)
+                raise Stopped
+            setup.result()
             self.health.set_ready(True)
             self.log.info("bridging", group=self.p.group, consumer=self.p.consumer, buffer_depth=self.p.buffer_depth)
             deliverers = []
@@ -235,6 +245,7 @@ class PlcBridge(Daemon):
                     await self.adapter.reconnect()
                 except PlcUnavailable as exc:
                     self.metrics.reconnects.inc()
+                    self.health.set_ready(False, "plc unreachable")
                     self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
                     self.log.warning("plc_unreachable", error=str(exc), retry_in_s=round(delay, 2))
                     await self._sleep_or_stop(delay)

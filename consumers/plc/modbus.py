@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from pymodbus.client import AsyncModbusTcpClient
@@ -54,7 +55,7 @@ class ModbusAdapter(HandshakeAdapter):
         self.cfg, self.m, self.score_scale = cfg, cfg.map, score_scale
         self.poll_s = cfg.poll_ms / 1000.0
         self.client: AsyncModbusTcpClient | None = None
-        self._toggle = False
+        self._lock = asyncio.Lock()  # one request at a time on the connection, whichever line asks
 
     @property
     def handshake(self) -> bool:
@@ -87,7 +88,8 @@ class ModbusAdapter(HandshakeAdapter):
         if self.client is None or not self.client.connected:
             raise PlcUnavailable(f"modbus: not connected ({what})")
         try:
-            resp = await coro_fn(*args, device_id=self.cfg.device_id, **kwargs)
+            async with self._lock:
+                resp = await coro_fn(*args, device_id=self.cfg.device_id, **kwargs)
         except (OSError, ModbusException, TimeoutError) as exc:
             raise PlcUnavailable(f"modbus {what}: {exc}") from exc
         if resp.isError():
