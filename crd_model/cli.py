@@ -115,24 +115,49 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
+def _drop_none(values: dict) -> dict:
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            v = _drop_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _merged(base: dict, values: dict) -> dict:
+    out = dict(base)
+    for k, v in values.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _validated(section, values: dict):
+    """`section` with command-line `values` on top, validated exactly like the environment is."""
+    return type(section).model_validate(_merged(section.model_dump(), values))
+
+
 def _settings(a: argparse.Namespace, **sections: dict):
-    """Settings from the environment (CRD_*), then the command line on top."""
+    """Settings from the environment (CRD_*), then the command line on top (validated by pydantic)."""
     from crd_model.stream.logs import configure_logging
-    from crd_model.stream.settings import Settings
+    from crd_model.stream.settings import Settings, check_plc_group
 
     s = Settings()
     update: dict = {}
     if getattr(a, "line", None):
         update["line"] = a.line
     if getattr(a, "redis_url", None):
-        update["redis"] = s.redis.model_copy(update={"url": a.redis_url})
+        update["redis"] = _validated(s.redis, {"url": a.redis_url})
     for name, values in sections.items():
-        values = {k: v for k, v in values.items() if v is not None}
+        values = _drop_none(values)
         if values:
-            update[name] = getattr(s, name).model_copy(update=values)
+            update[name] = _validated(getattr(s, name), values)
     if getattr(a, "metrics_port", None) is not None:
-        update["observability"] = s.observability.model_copy(update={"http_port": a.metrics_port})
+        update["observability"] = _validated(s.observability, {"http_port": a.metrics_port})
     s = s.model_copy(update=update)
+    check_plc_group(s)
     configure_logging(
         json_logs=s.observability.log_json and not getattr(a, "plain_logs", False), level=s.observability.log_level
     )
@@ -229,6 +254,40 @@ def cmd_results(a: argparse.Namespace) -> int:
     print(f"# {key}  (frame id, verdict, score/threshold, capture->result latency)", flush=True)
     for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count, timeout_s=a.timeout_s):
         print(format_result(result), flush=True)
+    return 0
+
+
+def cmd_plc(a: argparse.Namespace) -> int:
+    from consumers.plc.bridge import PlcBridge
+
+    s = _settings(
+        a,
+        plc=dict(
+            protocol=a.protocol,
+            lines=a.lines,
+            group=a.group,
+            consumer=a.consumer,
+            error_is_reject=a.error_is_reject,
+            buffer_depth=a.buffer_depth,
+            ack_timeout_s=a.ack_timeout_s,
+            modbus=dict(host=a.modbus_host, port=a.modbus_port, device_id=a.modbus_device_id),
+            opcua_client=dict(endpoint=a.opcua_endpoint if a.protocol == "opcua-client" else None),
+            opcua_server=dict(endpoint=a.opcua_endpoint if a.protocol == "opcua-server" else None),
+        ),
+    )
+    bridge = PlcBridge(s)
+    bridge.install_signal_handlers()
+    bridge.run(max_results=a.max_results)
+    return 0
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from consumers.dashboard.service import Dashboard
+
+    s = _settings(a, dashboard=dict(lines=a.lines, host=a.host, port=a.port))
+    dashboard = Dashboard(s)
+    dashboard.install_signal_handlers()
+    dashboard.run()
     return 0
 
 
@@ -354,6 +413,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--timeout-s", type=float, default=None)
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("plc", help="PLC bridge: a line's results to a PLC (OPC UA server/client, Modbus TCP)")
+    _add_service_args(p)
+    p.add_argument("--protocol", default=None, choices=["modbus", "opcua-client", "opcua-server"])
+    p.add_argument("--lines", nargs="+", default=None, help="bridge several lines (default: --line)")
+    p.add_argument("--group", default=None, help="the bridge's consumer group (default plc-bridge)")
+    p.add_argument("--consumer", default=None, help="consumer name, stable across restarts (default bridge)")
+    p.add_argument(
+        "--error-is-reject",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="an error verdict rejects the part (default: yes, fail-safe)",
+    )
+    p.add_argument("--buffer-depth", type=int, default=None)
+    p.add_argument("--ack-timeout-s", type=float, default=None)
+    p.add_argument("--modbus-host", default=None)
+    p.add_argument("--modbus-port", type=int, default=None)
+    p.add_argument("--modbus-device-id", type=int, default=None)
+    p.add_argument("--opcua-endpoint", default=None, help="opcua-client: the PLC's server; opcua-server: ours")
+    p.add_argument("--max-results", type=int, default=None, help="stop after this many confirmed results")
+    p.set_defaults(func=cmd_plc)
+
+    p = sub.add_parser("dashboard", help="live line dashboard (web, read-only)")
+    _add_service_args(p)
+    p.add_argument("--lines", nargs="+", default=None, help="lines to show (default: --line)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port of the page (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
     p.add_argument("--workdir", default="runs/demo")

@@ -158,14 +158,14 @@ def test_group_created_by_producer(settings, r):
 def test_producer_side_never_imports_torch():
     """Camera PCs install the base distribution only: every module of the stream protocol package and of
     the producers, the data reader, the synthetic camera and the CLI's parser import without torch, timm,
-    scipy or open3d."""
+    scipy or open3d. So do the plant consumers (PLC bridge, dashboard) with their extras."""
     import subprocess
     import sys
 
     code = (
         "import importlib, pkgutil, sys\n"
-        "import crd_model.stream, producers, crd_model.cli, crd_model.data.mvtec3d, crd_model.data.synth\n"
-        "for pkg in (crd_model.stream, producers):\n"
+        "import crd_model.stream, producers, consumers, crd_model.cli, crd_model.data.mvtec3d, crd_model.data.synth\n"
+        "for pkg in (crd_model.stream, producers, consumers):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
         "        importlib.import_module(m.name)\n"
         "crd_model.cli.build_parser()\n"

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -22,13 +24,12 @@ F_PAYLOAD = b"payload"
 F_VERSION = b"v"
 
 
-def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
-    """A client with auth, TLS and retries with exponential backoff on connection errors."""
+def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
+    """Auth, TLS, timeouts and health checks shared by the sync and the asyncio clients."""
     kwargs: dict = dict(
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s,
         health_check_interval=cfg.health_check_interval_s,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         decode_responses=decode_responses,
     )
@@ -45,7 +46,21 @@ def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
             kwargs["ssl_certfile"] = str(cfg.tls_cert_file)
         if cfg.tls_key_file:
             kwargs["ssl_keyfile"] = str(cfg.tls_key_file)
+    return kwargs
+
+
+def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
+    """A client with auth, TLS and retries with exponential backoff on connection errors."""
+    kwargs = _client_kwargs(cfg, decode_responses)
+    kwargs["retry"] = Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
     return redis.Redis.from_url(cfg.url, **kwargs)
+
+
+def connect_async(cfg: RedisSettings, decode_responses: bool = False) -> redis.asyncio.Redis:
+    """The asyncio twin of `connect` (same auth, TLS and retries), for the asyncio consumers."""
+    kwargs = _client_kwargs(cfg, decode_responses)
+    kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    return redis.asyncio.Redis.from_url(cfg.url, **kwargs)
 
 
 def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
