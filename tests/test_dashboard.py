@@ -25,6 +25,14 @@ from crd_model.stream import ErrorInfo, Region, Result, Timings, encode_map, mak
 from crd_model.stream.settings import DashboardSettings, Settings
 from tests.plc_sims import free_port, wait_for
 
+try:
+    from selenium.common.exceptions import StaleElementReferenceException
+except ImportError:  # without selenium the browser test is skipped (or fails in CI): see _needs_browser
+
+    class StaleElementReferenceException(Exception):  # type: ignore[no-redef]
+        pass
+
+
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 TOKEN = "test-token-0123456789"
@@ -151,6 +159,16 @@ def browser(tmp_path):
     driver.quit()
 
 
+def _retry_stale(fn, attempts: int = 20):
+    """Run `fn` again when the element it read was re-rendered underneath (a live page)."""
+    for _ in range(attempts - 1):
+        try:
+            return fn()
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    return fn()
+
+
 def test_dashboard_in_a_real_browser_while_results_flow(settings, r, browser, tmp_path):
     port = free_port()
     line = Line(r, settings)
@@ -194,7 +212,7 @@ def test_dashboard_in_a_real_browser_while_results_flow(settings, r, browser, tm
         )
         wait_for(lambda: b.execute_script(loaded) >= 2, 20, "overlay thumbnails")
         # What the overlay shows: the map's hot spot in red and the region box in green.
-        fid = b.find_element("css selector", "#anomalies .thumb").get_attribute("data-frame")
+        fid = _retry_stale(lambda: b.find_element("css selector", "#anomalies .thumb").get_attribute("data-frame"))
         status, png = _get(f"{base}/api/lines/{settings.line}/frames/{fid}/overlay.png?size=full&token={TOKEN}")
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
         assert status == 200 and img.shape[:2] == (H, W)
@@ -212,10 +230,22 @@ def test_dashboard_in_a_real_browser_while_results_flow(settings, r, browser, tm
         if os.environ.get("CRD_DASHBOARD_SCREENSHOT"):
             shutil.copy(shot, os.environ["CRD_DASHBOARD_SCREENSHOT"])
         assert Image.open(shot).size[0] >= 1000
-        # Click a thumbnail: full image, map, overlay, score, model id and meta.
-        thumb = b.find_element("css selector", "#anomalies .thumb")
-        fid = thumb.get_attribute("data-frame")
-        thumb.click()
+        # Click a thumbnail: full image, map, overlay, score, model id and meta. The list re-renders
+        # live, so a thumbnail found may be replaced before it is clicked: find it again then.
+        clicked: list[str] = []
+
+        def click_thumbnail() -> bool:
+            try:
+                thumb = b.find_element("css selector", "#anomalies .thumb")
+                fid = thumb.get_attribute("data-frame")
+                thumb.click()
+            except StaleElementReferenceException:
+                return False
+            clicked.append(fid)
+            return True
+
+        wait_for(click_thumbnail, 10, "a thumbnail to click")
+        fid = clicked[-1]
         wait_for(lambda: b.find_element("id", "modal").get_attribute("open") is not None, 5, "modal")
         wait_for(lambda: text("modal-model") == MODEL, 5, "modal filled")
         detail = json.loads(_get(f"{base}/api/lines/{settings.line}/frames/{fid}?token={TOKEN}")[1])
