@@ -406,7 +406,7 @@ def test_the_worker_rides_out_a_redis_outage_and_loses_nothing(tmp_path):
                     "retry_attempts": 0,
                     "socket_timeout_s": 2.0,
                     "connect_timeout_s": 0.5,
-                }  # fmt: skip
+                }
             )
         }
     )
