@@ -164,6 +164,14 @@ def _settings(a: argparse.Namespace, **sections: dict):
     return s
 
 
+def _named(s, name: str):
+    """Settings whose Redis connections carry a client name (CLIENT LIST), unless one is configured."""
+    if s.redis.client_name:
+        return s
+    clean = "".join(c if c.isalnum() or c in "._:-" else "_" for c in name)[:64]
+    return s.model_copy(update={"redis": s.redis.model_copy(update={"client_name": clean})})
+
+
 def cmd_produce(a: argparse.Namespace) -> int:
     from producers.producer import Producer
     from producers.sources import ReplaySource, SyntheticSource, WatchFolderSource
@@ -179,6 +187,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
             downscale_max_side=a.downscale,
         ),
     )
+    s = _named(s, f"crd-produce:{a.camera}")
     producer = Producer(s, camera=a.camera)
     producer.install_signal_handlers()
     if a.source == "replay":
@@ -227,6 +236,7 @@ def cmd_work(a: argparse.Namespace) -> int:
             time_stages=True if a.time_stages else None,
         ),
     )
+    s = _named(s, f"crd-work:{s.worker.consumer}")
     if a.stand_in_latency_ms is not None:
         categories = list(s.worker.models) or [a.stand_in_category]
         registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})

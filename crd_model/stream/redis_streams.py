@@ -35,6 +35,8 @@ def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
     )
     if cfg.username:
         kwargs["username"] = cfg.username
+    if cfg.client_name:
+        kwargs["client_name"] = cfg.client_name
     if cfg.password is not None:
         kwargs["password"] = cfg.password.get_secret_value()
     if cfg.url.startswith("rediss://"):

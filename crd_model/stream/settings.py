@@ -30,6 +30,8 @@ class RedisSettings(BaseModel):
     connect_timeout_s: float = 5.0
     health_check_interval_s: float = 15.0
     retry_attempts: int = 5  # per command, with exponential backoff, before an error surfaces
+    # Shown in CLIENT LIST (operators, fault injection); the daemons default it to their role and name.
+    client_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 class StreamSettings(BaseModel):
