@@ -22,8 +22,48 @@ F_PAYLOAD = b"payload"
 F_VERSION = b"v"
 
 
+class TLSVerificationError(ValueError):
+    """The server's certificate failed verification (unknown CA, wrong host name, expired).
+
+    Deliberately not a redis.ConnectionError: the daemons retry those forever, and retrying cannot fix a
+    CA file or a host name, so this one ends the command with a readable message (`crd ...: error: ...`).
+    """
+
+
+class VerifiedSSLConnection(redis.SSLConnection):
+    """redis-py's TLS connection with readable, non-retried certificate failures."""
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        try:
+            return super()._connect()
+        except ssl.SSLCertVerificationError as exc:
+            trusted = f"the CA in {self.ca_certs}" if self.ca_certs else "the system's CAs (no tls_ca_file set)"
+            why = str(exc.verify_message or exc.reason).rstrip(".")
+            raise TLSVerificationError(
+                f"TLS: the certificate of {self.host}:{self.port} failed verification against {trusted}: {why}. "
+                "Check CRD_REDIS__TLS_CA_FILE and that the server's certificate names the host in CRD_REDIS__URL"
+            ) from None
+
+    def connect_check_health(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().connect_check_health(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            # With TLS 1.3 a server that requires a client certificate completes the handshake and then
+            # drops the connection: say so. Still a ConnectionError (retried): a restart looks the same.
+            if self.certfile is None and isinstance(exc.__context__, ssl.SSLEOFError | ConnectionResetError):
+                raise redis.ConnectionError(
+                    f"{exc} (the server closed the TLS connection right after the handshake; if it requires client "
+                    "certificates, set CRD_REDIS__TLS_CERT_FILE and CRD_REDIS__TLS_KEY_FILE)"
+                ) from exc
+            raise
+
+
 def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
-    """A client with auth, TLS and retries with exponential backoff on connection errors."""
+    """A client with auth, TLS and retries with exponential backoff on connection errors.
+
+    With a rediss:// URL the server's certificate is always verified (and its host name, unless
+    tls_check_hostname is off); a failed verification raises TLSVerificationError, not retried.
+    """
     kwargs: dict = dict(
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s,
@@ -37,6 +77,7 @@ def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
     if cfg.password is not None:
         kwargs["password"] = cfg.password.get_secret_value()
     if cfg.url.startswith("rediss://"):
+        kwargs["connection_class"] = VerifiedSSLConnection
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         kwargs["ssl_check_hostname"] = cfg.tls_check_hostname
         if cfg.tls_ca_file:
