@@ -7,6 +7,9 @@ import pytest
 from crd_model.cli import main
 from crd_model.stream.settings import Settings, SettingsError
 
+# A flag that slips through would start a daemon that waits for work: fail instead of blocking the suite.
+pytestmark = pytest.mark.timeout(60)
+
 
 def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
     """Run `crd argv`, expect exit code 2 and exactly one clean error line; return stderr."""
