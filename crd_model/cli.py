@@ -188,7 +188,7 @@ def _settings(
         if value is not None:
             overrides[path] = ("--" + dest.replace("_", "-"), value)
     overrides.update(extra or {})
-    s = Settings.from_env().with_overrides(overrides)
+    s = Settings.load(overrides)
     configure_logging(
         json_logs=s.observability.log_json and not getattr(a, "plain_logs", False), level=s.observability.log_level
     )

@@ -132,5 +132,13 @@ def test_mutual_tls_needs_the_client_certificate(pki: PKI, mtls_port: int) -> No
     # A certificate without its key (or the reverse) is a settings error, before any connection.
     with pytest.raises(ValueError, match="tls_key_file"):
         RedisSettings(url=url, tls_ca_file=pki.ca, tls_cert_file=pki.client_cert)
-    with pytest.raises(SettingsError, match="CRD_REDIS__TLS_CA_FILE"):
-        Settings.from_env().with_overrides({("redis", "tls_ca_file"): ("CRD_REDIS__TLS_CA_FILE", Path("/nonexistent"))})
+    # A CA file that is not there is named at once, not retried as a connection error.
+    with pytest.raises(FileNotFoundError, match="CRD_REDIS__TLS_CA_FILE"):
+        connect(RedisSettings(url=url, tls_ca_file=Path("/nonexistent/ca.crt")))
+    # TLS files with a plain redis:// URL would silently mean no TLS at all: refused.
+    with pytest.raises(ValueError, match="rediss://"):
+        RedisSettings(url=f"redis://127.0.0.1:{mtls_port}/0", tls_ca_file=pki.ca)
+    with pytest.raises(SettingsError, match="--redis-url"):
+        _settings(RedisSettings(url=url, tls_ca_file=pki.ca)).with_overrides(
+            {("redis", "url"): ("--redis-url", f"redis://127.0.0.1:{mtls_port}/0")}
+        )

@@ -74,9 +74,15 @@ def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
     )
     if cfg.username:
         kwargs["username"] = cfg.username
-    if cfg.password is not None:
-        kwargs["password"] = cfg.password.get_secret_value()
+    password = cfg.resolved_password()
+    if password is not None:
+        kwargs["password"] = password.get_secret_value()
     if cfg.url.startswith("rediss://"):
+        for setting, path in (("TLS_CA_FILE", cfg.tls_ca_file), ("TLS_CERT_FILE", cfg.tls_cert_file),
+                              ("TLS_KEY_FILE", cfg.tls_key_file)):  # fmt: skip
+            if path is not None and not path.is_file():
+                # Found now, not as a connection error retried forever.
+                raise FileNotFoundError(f"CRD_REDIS__{setting}: no such file: {path}")
         kwargs["connection_class"] = VerifiedSSLConnection
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         kwargs["ssl_check_hostname"] = cfg.tls_check_hostname

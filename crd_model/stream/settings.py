@@ -22,7 +22,6 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     Field,
-    FilePath,
     SecretStr,
     ValidationError,
     field_validator,
@@ -71,13 +70,14 @@ class RedisSettings(BaseModel):
     url: str = "redis://127.0.0.1:6379/0"
     username: str | None = None
     password: SecretStr | None = None  # overrides one in the URL; keep it out of logs
-    # The password read from a file (a Kubernetes Secret mount, a Docker secret): one trailing newline is
-    # dropped. Either this or `password`, not both with different values.
-    password_file: FilePath | None = None
-    # TLS: a rediss:// URL turns it on; these add a private CA and client certificates (mTLS).
-    tls_ca_file: FilePath | None = None
-    tls_cert_file: FilePath | None = None
-    tls_key_file: FilePath | None = None
+    # Or the password in a file (a Kubernetes Secret mount, a Docker secret), read when connecting (so
+    # settings validate where the file is not mounted, e.g. in CI); one trailing newline is dropped.
+    password_file: Path | None = None
+    # TLS: a rediss:// URL turns it on; these add a private CA and client certificates (mTLS). Checked to
+    # exist when connecting.
+    tls_ca_file: Path | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
     tls_check_hostname: bool = True
     socket_timeout_s: float = Field(10.0, gt=0)
     connect_timeout_s: float = Field(5.0, gt=0)
@@ -94,14 +94,26 @@ class RedisSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> RedisSettings:
+        tls_files = (self.tls_ca_file, self.tls_cert_file, self.tls_key_file)
+        if any(f is not None for f in tls_files) and not self.url.startswith("rediss://"):
+            # Without this, a redis:// URL would silently talk plain text although a CA is configured.
+            raise ValueError("TLS files are set but the url is not rediss://: use rediss:// to turn TLS on")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("tls_cert_file and tls_key_file go together (mutual TLS needs both)")
-        if self.password_file is not None:
-            from_file = _read_secret_file(self.password_file)
-            if self.password is not None and self.password != from_file:
-                raise ValueError("password and password_file are both set and differ: set one")
-            self.password = from_file
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("password and password_file are both set: set one")
         return self
+
+    def resolved_password(self) -> SecretStr | None:
+        """The password, from `password_file` if set (read now); a missing file names the setting only."""
+        if self.password_file is None:
+            return self.password
+        try:
+            return _read_secret_file(self.password_file)
+        except OSError as exc:
+            raise FileNotFoundError(
+                f"CRD_REDIS__PASSWORD_FILE: cannot read {self.password_file}: {exc.strerror or exc}"
+            ) from None
 
     def __repr_args__(self) -> Any:
         # A password inside the URL (discouraged, but possible) stays out of reprs and logs too.
@@ -199,38 +211,56 @@ class Settings(BaseSettings):
         return init_settings, env_settings, _PlainRedisUrl(settings_cls), dotenv_settings, file_secret_settings
 
     @classmethod
+    def load(cls, overrides: Mapping[tuple[str, ...], tuple[str, Any]] | None = None) -> Settings:
+        """Settings from the environment with command-line values on top, validated once, together.
+
+        `overrides` maps a settings path, e.g. ("producer", "fps"), to (flag name, value). Together
+        matters: a CA file from the environment and a rediss:// URL from a flag are valid only as a
+        pair. A value that does not validate is a SettingsError naming its flag or variable.
+        """
+        overrides = dict(overrides or {})
+        nested: dict[str, Any] = {}
+        for path, (_, value) in overrides.items():
+            target = nested
+            for key in path[:-1]:
+                target = target.setdefault(key, {})
+            target[path[-1]] = value
+        try:
+            return cls(**nested)  # init values win over the environment, merged key by key
+        except ValidationError as exc:
+            raise SettingsError(describe_errors(exc, _namer(overrides))) from None
+
+    @classmethod
     def from_env(cls) -> Settings:
         """Settings from the environment; a bad variable is a SettingsError naming it (not its value)."""
-        try:
-            return cls()
-        except ValidationError as exc:
-            raise SettingsError(describe_errors(exc, lambda loc: _env_name(loc))) from None
+        return cls.load()
 
     def with_overrides(self, overrides: Mapping[tuple[str, ...], tuple[str, Any]]) -> Settings:
-        """These settings with command-line values on top, validated like everything else.
-
-        `overrides` maps a settings path, e.g. ("producer", "fps"), to (flag name, value); a value that
-        does not validate is a SettingsError naming the flag.
-        """
+        """These settings with command-line values on top, validated like everything else."""
         data = self.model_dump()
         for path, (_, value) in overrides.items():
             target = data
             for key in path[:-1]:
                 target = target[key]
             target[path[-1]] = value
-        flags = {path: flag for path, (flag, _) in overrides.items()}
-
-        def name_of(loc: tuple[str, ...]) -> str:
-            if loc in flags:
-                return flags[loc]
-            inside = [flag for path, flag in flags.items() if path[: len(loc)] == loc]  # a section-level error
-            return " / ".join([*inside, _env_name(loc)])
-
         try:
             # model_validate reads no environment: only the merged values are validated.
             return type(self).model_validate(data)
         except ValidationError as exc:
-            raise SettingsError(describe_errors(exc, name_of)) from None
+            raise SettingsError(describe_errors(exc, _namer(overrides))) from None
+
+
+def _namer(overrides: Mapping[tuple[str, ...], tuple[str, Any]]) -> Any:
+    """Where a value with this location came from: its flag, else its environment variable."""
+    flags = {path: flag for path, (flag, _) in overrides.items()}
+
+    def name_of(loc: tuple[str, ...]) -> str:
+        if loc in flags:
+            return flags[loc]
+        inside = [flag for path, flag in flags.items() if path[: len(loc)] == loc]  # a section-level error
+        return " / ".join([*inside, _env_name(loc) + ("__*" if len(loc) == 1 and loc[0] != "line" else "")])
+
+    return name_of
 
 
 def _env_name(loc: tuple[str, ...]) -> str:
