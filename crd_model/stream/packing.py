@@ -141,8 +141,7 @@ def _valid_id(v: Any) -> str | None:
 _FRAME_ID_KEY = msgpack.packb("frame_id")
 # peek_frame_id's bounds: its cost must not grow with what an attacker puts in a payload.
 PEEK_MAX_KEYS = 64  # top-level keys walked (a frame has 11)
-PEEK_SCAN_BYTES = 64 * 1024  # the byte scan looks only this far into the payload...
-PEEK_MAX_CANDIDATES = 16  # ...and tries at most this many "frame_id" occurrences there
+PEEK_SCAN_BYTES = 64 * 1024  # the byte scan looks only this far into the payload
 
 
 def peek_frame_id(data: bytes) -> str | None:
@@ -176,9 +175,7 @@ def peek_frame_id(data: bytes) -> str | None:
     try:
         head = bytes(buf[:PEEK_SCAN_BYTES])
         pos = head.find(_FRAME_ID_KEY)
-        for _ in range(PEEK_MAX_CANDIDATES):
-            if pos < 0:
-                break
+        while pos >= 0:
             value_at = pos + len(_FRAME_ID_KEY)
             try:
                 one = msgpack.Unpacker(raw=False, max_buffer_size=1024)
