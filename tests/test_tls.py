@@ -103,6 +103,7 @@ def test_wrong_ca_fails_at_once_with_a_readable_error(
     from crd_model.cli import main
 
     monkeypatch.setenv("CRD_REDIS__TLS_CA_FILE", str(pki.other_ca))
+    capsys.readouterr()  # what the daemons above logged
     rc = main(["results", "--redis-url", s.redis.url, "--line", s.line, "--count", "1", "--timeout-s", "2"])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("crd results: error: TLS: the certificate of") and "Traceback" not in err

@@ -49,8 +49,9 @@ class VerifiedSSLConnection(redis.SSLConnection):
             return super().connect_check_health(*args, **kwargs)
         except redis.ConnectionError as exc:
             # With TLS 1.3 a server that requires a client certificate completes the handshake and then
-            # drops the connection: say so. Still a ConnectionError (retried): a restart looks the same.
-            if self.certfile is None and isinstance(exc.__context__, ssl.SSLEOFError | ConnectionResetError):
+            # drops the connection (an EOF, or a certificate-required alert): say so. Still a ConnectionError
+            # (retried): a restart looks the same.
+            if self.certfile is None and isinstance(exc.__context__, ssl.SSLError | ConnectionResetError):
                 raise redis.ConnectionError(
                     f"{exc} (the server closed the TLS connection right after the handshake; if it requires client "
                     "certificates, set CRD_REDIS__TLS_CERT_FILE and CRD_REDIS__TLS_KEY_FILE)"
