@@ -90,6 +90,11 @@ def test_flags_win_over_the_environment_and_are_validated_with_it(monkeypatch: p
     assert s.worker.max_batch == 8 and s.worker.consumer == base.worker.consumer
     with pytest.raises(SettingsError, match="--max-batch"):
         base.with_overrides({("worker", "max_batch"): ("--max-batch", 0)})
+    monkeypatch.setenv("CRD_OBSERVABILITY__LOG_LEVEL", "debug")  # any case, as logging takes it
+    assert Settings.from_env().observability.log_level == "DEBUG"
+    monkeypatch.setenv("CRD_OBSERVABILITY__LOG_LEVEL", "chatty")
+    with pytest.raises(SettingsError, match="CRD_OBSERVABILITY__LOG_LEVEL"):
+        Settings.from_env()
 
 
 def test_good_flags_reach_the_running_producer(settings, r, capsys: pytest.CaptureFixture[str]) -> None:

@@ -21,6 +21,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     Field,
     SecretStr,
     ValidationError,
@@ -172,7 +173,10 @@ class ObservabilitySettings(BaseModel):
     http_port: int | None = Field(None, ge=0, le=65535, description="serves /metrics, /healthz, /readyz; None = off")
     http_host: str = "0.0.0.0"
     log_json: bool = True
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        BeforeValidator(lambda v: v.upper() if isinstance(v, str) else v),  # "debug" works too
+    ] = "INFO"
     liveness_timeout_s: float = Field(60.0, gt=0)
 
 
