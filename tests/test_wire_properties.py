@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from crd_model.stream import (
     Frame,
     WireError,
+    decode_map,
+    encode_map,
     frame_arrays,
     make_frame,
     pack_frame,
@@ -252,3 +254,20 @@ def test_mutated_image_and_point_payloads_never_crash(which: str, ops: list[tupl
     result = _decode(msgpack.packb(d, use_bin_type=True))
     if isinstance(result, WireError):
         assert result.code in {"bad_rgb", "bad_xyz", "xyz_out_of_range", "too_large"}
+
+
+_MAP = encode_map(np.linspace(-2, 3, 9 * 11, dtype=np.float32).reshape(9, 11))
+
+
+@BOUNDED
+@given(st.sampled_from(["png8", "float16"]), mutations)
+def test_mutated_anomaly_maps_decode_or_give_bad_map(encoding: str, ops: list[tuple[str, int, int]]) -> None:
+    """What a results consumer decodes: a map, or `bad_map` / `too_large`, never another exception."""
+    am = _MAP if encoding == "png8" else encode_map(np.ones((9, 11), np.float32), encoding="float16")
+    broken = am.model_copy(update={"data": _mutate(am.data, ops)})
+    try:
+        out = decode_map(broken)
+    except WireError as exc:
+        assert exc.code in {"bad_map", "too_large"}, exc.code
+    else:
+        assert out.shape == am.shape and out.dtype == np.float32
