@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput clean
+.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-plc clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -21,7 +21,8 @@ test: $(STAMP)
 
 # The tests that talk to the server, e.g. against your own: REDIS_URL=redis://host:6379/0 make test-streams
 test-streams: $(STAMP)
-	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py
+	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py \
+		tests/test_plc.py tests/test_dashboard.py
 
 # TLS end to end with Debian's redis-server --tls-port (its own server; REDIS_URL is not used).
 test-tls: $(STAMP)
@@ -36,6 +37,9 @@ bench-quality: $(STAMP)
 
 bench-throughput: $(STAMP)
 	$(PY) bench/throughput.py
+
+bench-plc: $(STAMP)
+	$(PY) bench/plc.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,15 +1,17 @@
-"""Throughput benchmark: the model alone vs the whole pipeline through Redis, and queue scaling.
+"""Throughput benchmark: where a worker's time goes, from stream bytes to published results.
 
-    .venv/bin/python bench/throughput.py [--frames 96] [--batch 8]
+    .venv/bin/python bench/throughput.py [--frames 96] [--batch 8] [--sizes 200 800] [--checkpoint DIR]
 
-In one run, on one machine:
-1. model only: `Inspector.inspect()` (preprocess + inference) on in-memory frames, batch 1, 8, 32;
-2. pipeline: frames pre-loaded on the stream, one `crd work` process with the same model and batch
-   size, throughput from its first read to its last result; ratio to (1) at that batch size;
-3. latency: the producer paced at ~70% of the pipeline's capacity, capture -> result p50/p99;
-4. wire: bytes per frame (payload) and per result; worker peak RSS;
-5. queue scaling: 1, 2, 4, 8 worker processes with a labelled fixed-latency stand-in model
-   (`--stand-in-latency-ms`), small frames, throughput vs n x one worker's ideal.
+In one run, on one machine, for each frame size (the demo's 200x200 frames, and the same frames
+enlarged to 800x800, the MVTec 3D-AD size), all at the same batch size:
+1. in process: the model alone (prepared tensors already on the device), `Inspector.infer()` on
+   prepared frames, and `Inspector.inspect()` (preprocessing + model) on decoded frames;
+2. a `crd work` process on a pre-filled stream, twice: with a model that costs nothing
+   (`--null-model`: read, decode, preprocess, post-process, encode, publish) and with the model:
+   frames/s, the worker's CPU per frame, the per-stage CPU and wall ms per frame (from its
+   /metrics), its peak RSS, Redis server CPU per frame, bytes per frame and per result;
+3. latency capture -> result (p50/p99) with a paced producer at 50 % and 90 % of the measured rate;
+4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers.
 Uses REDIS_URL, else an embedded Valkey. Writes BENCHMARKS.md (section "throughput") and
 bench/results/throughput.json.
 """
@@ -19,14 +21,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import torch
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -34,172 +41,254 @@ from bench.common import ROOT, machine, write_section
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
 from crd_model.inspector import Inspector
+from crd_model.preprocessing import ModelInput
 from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
 from crd_model.stream.embedded import redis_server_url
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, connect, ensure_group
 from crd_model.stream.results import tail_results
 from crd_model.stream.settings import Settings
+from workers.worker import STAGES
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def model_only(inspector: Inspector, rgbs: list, xyzs: list, batch: int, repeats: int = 3) -> float:
-    """Median frames/s of inspect() over `repeats` passes through all frames."""
-    inspector.inspect(rgbs[:batch], xyzs[:batch])  # warm-up
-    rates = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for i in range(0, len(rgbs), batch):
-            inspector.inspect(rgbs[i : i + batch], xyzs[i : i + batch])
-        rates.append(len(rgbs) / (time.perf_counter() - t))
-    return float(np.median(rates))
+# -- frames ---------------------------------------------------------------------------------------------------
 
 
-def _settings(url: str, line: str) -> Settings:
-    s = Settings(line=line)
-    return s.model_copy(update={"redis": s.redis.model_copy(update={"url": url})})
+def enlarge(rgb: np.ndarray, xyz: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The same scene at side x side: bilinear RGB, nearest-neighbour xyz (missing points stay missing)."""
+    if rgb.shape[:2] == (side, side):
+        return rgb, xyz
+    big = np.asarray(Image.fromarray(rgb).resize((side, side), Image.Resampling.BILINEAR))
+    h, w = xyz.shape[:2]
+    rows = np.minimum(((np.arange(side) + 0.5) * (h / side)).astype(np.intp), h - 1)
+    cols = np.minimum(((np.arange(side) + 0.5) * (w / side)).astype(np.intp), w - 1)
+    return big, xyz[rows[:, None], cols[None, :]]
 
 
-def _payloads(rgbs: list, xyzs: list, line: str, n: int) -> list[tuple[str, bytes]]:
+def payloads(rgbs: list, xyzs: list, line: str, n: int, captured_now: bool = False) -> list[tuple[str, bytes]]:
     out = []
     for i in range(n):
         fid = f"bench:{i}"
-        frame = make_frame(
-            rgbs[i % len(rgbs)],
-            xyzs[i % len(xyzs)],
-            frame_id=fid,
-            line=line,
-            camera="bench",
-            seq=i,
-            category=DEMO_CATEGORY,
-        )
+        frame = make_frame(rgbs[i % len(rgbs)], xyzs[i % len(xyzs)], frame_id=fid, line=line, camera="bench",
+                           seq=i, category=DEMO_CATEGORY)  # fmt: skip
         out.append((fid, pack_frame(frame)))
     return out
 
 
-def _fill(r, key: str, payloads: list[tuple[str, bytes]], captured_now: bool = True) -> None:
+# -- in process -------------------------------------------------------------------------------------------------
+
+
+def rate(fn, n_frames: int, repeats: int = 3) -> float:
+    """Median frames/s of `fn` (one pass over n_frames) after one warm-up pass."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        rates.append(n_frames / (time.perf_counter() - t))
+    return float(np.median(rates))
+
+
+def in_process(inspector: Inspector, rgbs: list, xyzs: list, batch: int) -> dict:
+    n = len(rgbs)
+    chunks = [range(i, min(n, i + batch)) for i in range(0, n, batch)]
+    prepared = []
+    for c in chunks:
+        inputs = inspector.preprocess([torch.from_numpy(rgbs[i]) for i in c], [torch.from_numpy(xyzs[i]) for i in c])
+        prepared.append(inputs)
+
+    def model_alone() -> None:
+        for inputs in prepared:
+            inspector.forward(inputs)
+
+    host = [
+        ModelInput(None if p.rgb is None else p.rgb.cpu(), None if p.x3d is None else p.x3d.cpu()) for p in prepared
+    ]
+    frames_prepared = []
+    for p, c in zip(host, chunks, strict=True):
+        from crd_model.inputs import PreparedFrame
+
+        for k, i in enumerate(c):
+            frames_prepared.append(
+                PreparedFrame(
+                    None if p.rgb is None else p.rgb[k].numpy(), None if p.x3d is None else p.x3d[k].numpy(),
+                    rgbs[i].shape[:2],
+                )
+            )  # fmt: skip
+
+    def infer_prepared() -> None:
+        for i in range(0, n, batch):
+            inspector.infer(frames_prepared[i : i + batch])
+
+    def inspect() -> None:
+        for c in chunks:
+            inspector.inspect([rgbs[i] for i in c], [xyzs[i] for i in c])
+
+    return {
+        "model_alone_fps": rate(model_alone, n),
+        "infer_prepared_fps": rate(infer_prepared, n),
+        "inspect_fps": rate(inspect, n),
+    }
+
+
+# -- a worker process -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class WorkerProcess:
+    def __init__(self, url: str, line: str, *args: str):
+        self.port = free_port()
+        env = dict(os.environ, REDIS_URL=url, CRD_LINE=line, PYTHONUNBUFFERED="1")
+        env.pop("CRD_REDIS__URL", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "crd_model.cli", "work", "--consumer", "bench", "--plain-logs",
+             "--metrics-port", str(self.port), *args],
+            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"worker exited with {self.proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("worker not ready within 300 s")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime, all threads
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+        return float("nan")
+
+    def stages(self) -> dict[str, dict[str, float]]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        seconds: dict[tuple[str, str], float] = {}
+        frames: dict[str, float] = {}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if sample.name == "crd_worker_stage_seconds_total":
+                    seconds[(sample.labels["stage"], sample.labels["clock"])] = sample.value
+                elif sample.name == "crd_worker_stage_frames_total":
+                    frames[sample.labels["stage"]] = sample.value
+        return {
+            st: {clock: 1000 * seconds.get((st, clock), 0.0) / frames[st] for clock in ("cpu", "wall")}
+            for st in STAGES
+            if frames.get(st)
+        }
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def redis_cpu(r) -> float:
+    info = r.info("cpu")
+    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+
+
+def open_line(url: str, prefix: str):
+    line = f"{prefix}{int(time.time() * 1000)}"
+    s = Settings(line=line)
+    s = s.model_copy(update={"redis": s.redis.model_copy(update={"url": url})})
+    r = connect(s.redis)
+    ensure_group(r, s.streams.key(line, "frames"), s.streams.group)
+    return s, r
+
+
+def close_line(s: Settings, r) -> None:
+    r.delete(*(s.streams.key(s.line, kind) for kind in ("frames", "results", "dead")))
+
+
+def fill(r, key: str, items: list[tuple[str, bytes]]) -> None:
     pipe = r.pipeline(transaction=False)
-    for fid, payload in payloads:
+    for fid, payload in items:
         pipe.xadd(key, {F_FRAME_ID: fid.encode(), F_VERSION: str(WIRE_VERSION).encode(), F_PAYLOAD: payload})
     pipe.execute()
 
 
-def _spawn_worker(url: str, line: str, consumer: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, REDIS_URL=url, CRD_LINE=line, PYTHONUNBUFFERED="1")
-    env.pop("CRD_REDIS__URL", None)
-    return subprocess.Popen(
-        [sys.executable, "-m", "crd_model.cli", "work", "--consumer", consumer, "--plain-logs", *args],
-        env=env,
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-
-def _wait_consumers(r, key: str, group: str, n: int, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if len(r.xinfo_consumers(key, group)) >= n:
-                return
-        except Exception:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{n} workers did not join within {timeout}s")
-
-
-def _collect(r, key: str, n: int, timeout: float = 600) -> list:
-    return [res for _, res in tail_results(r, key, start="0", count=n, timeout_s=timeout)]
-
-
-def _stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
-
-
-def _open_line(url: str, prefix: str) -> tuple[Settings, object, str, str]:
-    line = f"{prefix}{int(time.time() * 1000)}"
-    s = _settings(url, line)
-    r = connect(s.redis)
-    fkey, rkey = s.streams.key(line, "frames"), s.streams.key(line, "results")
-    ensure_group(r, fkey, s.streams.group)
-    return s, r, fkey, rkey
-
-
-def _close_line(s: Settings, r) -> None:
-    for kind in ("frames", "results", "dead"):
-        r.delete(s.streams.key(s.line, kind))
-
-
-def _model_worker(url: str, s: Settings, r, ckpt: Path, batch: int) -> subprocess.Popen:
-    proc = _spawn_worker(
-        url, s.line, "w0", "--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(batch), "--max-wait-ms", "20"
-    )
-    _wait_consumers(r, s.streams.key(s.line, "frames"), s.streams.group, 1)
-    return proc
-
-
-def pipeline_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int) -> dict:
-    """Pre-load n frames, then one worker drains them; rate from first start to last finish."""
-    s, r, fkey, rkey = _open_line(url, "bench")
-    payloads = payloads_fn(s.line, n)
-    proc = _model_worker(url, s, r, ckpt, batch)
-    _fill(r, fkey, payloads)
-    results = _collect(r, rkey, n)
-    _stop([proc])
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) -> dict:
+    """n frames pre-loaded, one worker drains them; rate from its first read to its last result."""
+    s, r = open_line(url, "bench")
+    items = payloads(rgbs, xyzs, s.line, n)
+    worker = WorkerProcess(url, s.line, *worker_args)
+    cpu0, rcpu0 = worker.cpu_seconds(), redis_cpu(r)
+    fill(r, s.streams.key(s.line, "frames"), items)
+    results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
+    cpu1, rcpu1 = worker.cpu_seconds(), redis_cpu(r)
+    stages, rss = worker.stages(), worker.peak_rss_mb()
+    result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(s.line, "results"))]
+    worker.stop()
+    close_line(s, r)
     start = min(x.timings.started_at for x in results)
     end = max(x.timings.finished_at for x in results)
-    sizes = [len(p) for _, p in payloads]
-    result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(rkey)]
-    _close_line(s, r)
     return {
         "frames": len(results),
         "errors": sum(1 for x in results if x.verdict == "error"),
         "fps": len(results) / (end - start),
-        "frame_bytes_median": int(np.median(sizes)),
+        "worker_cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / len(results),
+        "redis_cpu_ms_per_frame": 1000 * (rcpu1 - rcpu0) / len(results),
+        "stages_ms_per_frame": stages,
+        "worker_peak_rss_mb": rss,
+        "frame_bytes_median": int(np.median([len(p) for _, p in items])),
         "result_bytes_median": int(np.median(result_sizes)),
-        "worker_peak_rss_mb": usage.ru_maxrss / 1024.0,  # Linux: KiB; the max over finished children
     }
 
 
-def latency_run(url: str, ckpt: Path, payloads_fn, n: int, batch: int, fps: float) -> dict:
-    s, r, fkey, rkey = _open_line(url, "lat")
-    payloads = payloads_fn(s.line, n)
-    proc = _model_worker(url, s, r, ckpt, batch)
-    # Paced like a camera; frames are re-stamped at send time so latency starts at "capture".
-    from crd_model.stream import Frame, unpack_frame
+def latency_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, fps: float) -> dict:
+    """A producer paced at `fps`; every frame stamped at send time, so latency starts at capture."""
+    s, r = open_line(url, "lat")
+    worker = WorkerProcess(url, s.line, *worker_args)
+    key = s.streams.key(s.line, "frames")
 
-    t0 = time.monotonic()
-    for i, (fid, payload) in enumerate(payloads):
-        wait = t0 + i / fps - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        frame: Frame = unpack_frame(payload).model_copy(update={"captured_at": time.time()})
-        r.xadd(fkey, {F_FRAME_ID: fid.encode(), F_VERSION: b"1", F_PAYLOAD: pack_frame(frame)})
-    results = _collect(r, rkey, n)
-    _stop([proc])
+    def produce() -> None:
+        t0 = time.monotonic()
+        for i in range(n):
+            wait = t0 + i / fps - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            frame = make_frame(rgbs[i % len(rgbs)], xyzs[i % len(xyzs)], frame_id=f"lat:{i}", line=s.line,
+                               camera="bench", seq=i, category=DEMO_CATEGORY)  # fmt: skip
+            r.xadd(key, {F_FRAME_ID: frame.frame_id.encode(), F_VERSION: b"1", F_PAYLOAD: pack_frame(frame)})
+
+    thread = threading.Thread(target=produce)
+    thread.start()
+    results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
+    thread.join()
+    worker.stop()
+    close_line(s, r)
     lat = [(x.timings.finished_at - x.timings.captured_at) * 1000 for x in results]
-    _close_line(s, r)
-    return {
-        "fps_offered": fps,
-        "frames": len(results),
-        "p50_ms": float(np.percentile(lat, 50)),
-        "p99_ms": float(np.percentile(lat, 99)),
-    }
+    return {"fps_offered": fps, "frames": len(results), "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
 
 
 def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worker_frames: int) -> dict:
-    s, r, fkey, rkey = _open_line(url, f"scale{workers}x")
-    line = s.line
+    s, r = open_line(url, f"scale{workers}x")
     procs = [
-        _spawn_worker(
+        WorkerProcess(
             url,
-            line,
-            f"w{i}",
+            s.line,
             "--stand-in-latency-ms",
             str(latency_ms),
             "--max-batch",
@@ -209,126 +298,129 @@ def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worke
             "--stand-in-category",
             DEMO_CATEGORY,
         )
-        for i in range(workers)
+        for _ in range(workers)
     ]
-    _wait_consumers(r, fkey, s.streams.group, workers)
-    rgb = np.zeros((32, 32, 3), np.uint8)
-    xyz = np.zeros((32, 32, 3), np.float32)
     n = per_worker_frames * workers
-    _fill(r, fkey, _payloads([rgb], [xyz], line, n))
-    results = _collect(r, rkey, n)
-    _stop(procs)
-    start = min(x.timings.started_at for x in results)
-    end = max(x.timings.finished_at for x in results)
+    fill(r, s.streams.key(s.line, "frames"),
+         payloads([np.zeros((32, 32, 3), np.uint8)], [np.zeros((32, 32, 3), np.float32)], s.line, n))  # fmt: skip
+    results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
+    for p in procs:
+        p.stop()
+    close_line(s, r)
+    fps = len(results) / (max(x.timings.finished_at for x in results) - min(x.timings.started_at for x in results))
     ideal = workers * batch / (latency_ms / 1000.0)
-    fps = len(results) / (end - start)
-    _close_line(s, r)
-    return {
-        "workers": workers,
-        "frames": len(results),
-        "fps": fps,
-        "ideal_fps": ideal,
-        "efficiency": fps / ideal,
-        "model_ids": sorted({x.model_id for x in results if x.model_id}),
-    }
+    return {"workers": workers, "frames": len(results), "fps": fps, "ideal_fps": ideal, "efficiency": fps / ideal}
+
+
+# -- main ------------------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=96)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--stand-in-latency-ms", type=float, default=100.0)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[200, 800])
+    ap.add_argument("--checkpoint", default=None, help="default: the demo model (trained if missing)")
+    ap.add_argument("--decode-threads", type=int, default=2)
+    ap.add_argument("--scaling", action="store_true", help="also measure queueing with 1-8 stand-in workers")
     ap.add_argument("--no-write", action="store_true")
-    ap.add_argument("--render-only", action="store_true", help="rewrite the table from bench/results/throughput.json")
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "throughput.json"))
     a = ap.parse_args()
-    path = ROOT / "bench" / "results" / "throughput.json"
-    if a.render_only:
-        out = json.loads(path.read_text())
-        out["model_only_fps"] = {int(k): v for k, v in out["model_only_fps"].items()}  # JSON keys are strings
-        a.frames, a.batch, a.stand_in_latency_ms = out["args"]["frames"], out["args"]["batch"], out["args"]["stand_in"]
-        write_section("throughput", render(out, a))
-        return 0
 
-    _, ckpt = ensure_demo_model(ROOT / "runs" / "demo")
-    data = ROOT / "runs" / "demo" / "data"
+    data, ckpt = ensure_demo_model(ROOT / "runs" / "demo")
+    if a.checkpoint:
+        ckpt = Path(a.checkpoint)
     samples = list_samples(data, DEMO_CATEGORY, "test")
-    rgbs = [read_rgb(s.rgb_path) for s in samples]
-    xyzs = [read_xyz(s.xyz_path) for s in samples]
-    rgbs = (rgbs * (a.frames // len(rgbs) + 1))[: a.frames]
-    xyzs = (xyzs * (a.frames // len(xyzs) + 1))[: a.frames]
-    inspector = Inspector(ckpt)
+    base = [(read_rgb(s.rgb_path), read_xyz(s.xyz_path)) for s in samples]
+    inspector = Inspector(ckpt, max_batch=a.batch)
+    inspector.warmup()
     out: dict = {
         "machine": machine(),
         "device": str(inspector.device),
         "model_id": inspector.model_id,
         "image_size": inspector.config.image_size,
-        "args": {"frames": a.frames, "batch": a.batch, "stand_in": a.stand_in_latency_ms},
+        "args": {"frames": a.frames, "batch": a.batch, "decode_threads": a.decode_threads},
+        "sizes": {},
     }
-    out["model_only_fps"] = {b: model_only(inspector, rgbs, xyzs, b) for b in (1, 8, 32)}
-    print("model only:", out["model_only_fps"], flush=True)
-    del inspector
-
+    common = ["--model", f"{DEMO_CATEGORY}={ckpt}", "--max-batch", str(a.batch), "--max-wait-ms", "20",
+              "--decode-threads", str(a.decode_threads)]  # fmt: skip
     with redis_server_url() as url:
-
-        def payloads_fn(line: str, n: int) -> list[tuple[str, bytes]]:
-            return _payloads(rgbs, xyzs, line, n)
-
-        pipe = pipeline_run(url, ckpt, payloads_fn, a.frames, a.batch)
-        pipe["ratio_to_model_only"] = pipe["fps"] / out["model_only_fps"][a.batch]
-        out["pipeline"] = pipe
-        print("pipeline:", pipe, flush=True)
-        out["latency"] = latency_run(url, ckpt, payloads_fn, a.frames, a.batch, fps=0.7 * pipe["fps"])
-        print("latency:", out["latency"], flush=True)
-        out["scaling"] = [
-            scaling_run(url, w, a.stand_in_latency_ms, a.batch, per_worker_frames=24 * a.batch) for w in (1, 2, 4, 8)
-        ]
-        for row in out["scaling"]:
-            print("scaling:", row, flush=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    text = render(out, a)
+        for side in a.sizes:
+            pairs = [enlarge(rgb, xyz, side) for rgb, xyz in base]
+            rgbs = [p[0] for p in (pairs * (a.frames // len(pairs) + 1))[: a.frames]]
+            xyzs = [p[1] for p in (pairs * (a.frames // len(pairs) + 1))[: a.frames]]
+            row: dict = {"in_process": in_process(inspector, rgbs, xyzs, a.batch)}
+            print(side, "in process:", row["in_process"], flush=True)
+            row["data_path"] = drain_run(url, [*common, "--null-model"], rgbs, xyzs, a.frames)
+            print(side, "data path:", row["data_path"], flush=True)
+            row["pipeline"] = drain_run(url, common, rgbs, xyzs, a.frames)
+            print(side, "pipeline:", row["pipeline"], flush=True)
+            row["latency"] = [
+                latency_run(url, common, rgbs, xyzs, a.frames, share * row["pipeline"]["fps"]) for share in (0.5, 0.9)
+            ]
+            print(side, "latency:", row["latency"], flush=True)
+            out["sizes"][str(side)] = row
+        if a.scaling:
+            out["scaling"] = [scaling_run(url, w, 100.0, a.batch, 24 * a.batch) for w in (1, 2, 4, 8)]
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    text = render(out)
     print(text)
     if not a.no_write:
         write_section("throughput", text)
     return 0
 
 
-def render(out: dict, a: argparse.Namespace) -> str:
-    m, p, lat = out["model_only_fps"], out["pipeline"], out["latency"]
+def render(out: dict) -> str:
+    b = out["args"]["batch"]
     lines = [
         "## Throughput (`bench/throughput.py`)",
         "",
-        f"Command: `.venv/bin/python bench/throughput.py --frames {a.frames} --batch {a.batch}`. "
-        f"Machine: {out['machine']}; model device: {out['device']}. Model: `{out['model_id']}` "
-        f"(CRD, efficientnet_lite0 teacher, {out['image_size']} px), synthetic 200x200 frames "
-        "(PNG RGB + float32/zlib xyz). Medians of 3 passes for the model alone; one pass through Redis.",
+        f"Machine: {out['machine']}; device `{out['device']}`; model `{out['model_id']}` at "
+        f"{out['image_size']} px; batch {b}; {out['args']['frames']} frames per run, "
+        f"{out['args']['decode_threads']} decode threads. One run; rates are medians of 3 passes in process.",
         "",
-        "| measurement | value |",
-        "|---|---|",
-        f"| model only, `Inspector.inspect()`, batch 1 | {m[1]:.1f} frames/s |",
-        f"| model only, batch 8 | {m[8]:.1f} frames/s |",
-        f"| model only, batch 32 | {m[32]:.1f} frames/s |",
-        f"| pipeline (stream -> worker -> results), batch {a.batch} | {p['fps']:.1f} frames/s |",
-        f"| pipeline / model only at batch {a.batch} | **{p['ratio_to_model_only']:.2f}** (target >= 0.9) |",
-        f"| latency capture -> result at {lat['fps_offered']:.1f} frames/s offered | "
-        f"p50 {lat['p50_ms']:.0f} ms, p99 {lat['p99_ms']:.0f} ms |",
-        f"| bytes per frame on the wire (median) | {p['frame_bytes_median']:,} |",
-        f"| bytes per result (median; png8 map <= 256 px, regions) | {p['result_bytes_median']:,} |",
-        f"| worker peak RSS | {p['worker_peak_rss_mb']:.0f} MiB |",
-        "",
-        f"Queue scaling: `crd work --stand-in-latency-ms {a.stand_in_latency_ms:g}` (a labelled fixed-latency "
-        f"stand-in, not the model: model_id `stand-in-sleep-{a.stand_in_latency_ms:g}ms`), batch {a.batch}, "
-        "32x32 frames, so only the queueing is measured.",
-        "",
-        "| workers | frames/s | vs linear (n x 1 worker measured) | vs ideal (n x batch / latency) |",
-        "|---|---|---|---|",
+        "| frame size | model alone | `infer()` on prepared | `inspect()` | data path alone (null model) | "
+        "pipeline through Redis | pipeline / `inspect()` | pipeline / model alone |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    one = out["scaling"][0]["fps"]
-    for row in out["scaling"]:
+    for side, row in out["sizes"].items():
+        ip, dp, pp = row["in_process"], row["data_path"], row["pipeline"]
         lines.append(
-            f"| {row['workers']} | {row['fps']:.1f} | {row['fps'] / (row['workers'] * one):.2f} | "
-            f"{row['efficiency']:.2f} |"
+            f"| {side}x{side} | {ip['model_alone_fps']:.1f} | {ip['infer_prepared_fps']:.1f} | "
+            f"{ip['inspect_fps']:.1f} | {dp['fps']:.1f} | {pp['fps']:.1f} | "
+            f"**{pp['fps'] / ip['inspect_fps']:.2f}** | {pp['fps'] / ip['model_alone_fps']:.2f} |"
         )
+    lines += ["", "frames/s. Per frame, per stage, in the worker (ms; CPU = the stage's own thread time):", ""]
+    sides = list(out["sizes"])
+    head = "| stage | " + " | ".join(f"{s} CPU | {s} wall" for s in sides) + " |"
+    lines += [head, "|---|" + "---|---|" * len(sides)]
+    for st in STAGES:
+        cells = []
+        for side in sides:
+            v = out["sizes"][side]["pipeline"]["stages_ms_per_frame"].get(st)
+            cells.append(f"{v['cpu']:.2f} | {v['wall']:.2f}" if v else "- | -")
+        lines.append(f"| {st} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "| frame size | worker CPU/frame, null model | worker CPU/frame, model | Redis CPU/frame | bytes/frame | "
+        "bytes/result | worker peak RSS | latency p50/p99 at 50 % | at 90 % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for side, row in out["sizes"].items():
+        dp, pp, (l50, l90) = row["data_path"], row["pipeline"], row["latency"]
+        lines.append(
+            f"| {side}x{side} | **{dp['worker_cpu_ms_per_frame']:.2f} ms** | {pp['worker_cpu_ms_per_frame']:.2f} ms | "
+            f"{pp['redis_cpu_ms_per_frame']:.3f} ms | {pp['frame_bytes_median']:,} | {pp['result_bytes_median']:,} | "
+            f"{pp['worker_peak_rss_mb']:.0f} MiB | {l50['p50_ms']:.0f} / {l50['p99_ms']:.0f} ms "
+            f"({l50['fps_offered']:.1f}/s) | {l90['p50_ms']:.0f} / {l90['p99_ms']:.0f} ms "
+            f"({l90['fps_offered']:.1f}/s) |"
+        )
+    if "scaling" in out:
+        lines += ["", "Queueing with a labelled 100 ms stand-in model (no compute), pre-filled stream:", "",
+                  "| workers | frames/s | ideal | efficiency |", "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {x['workers']} | {x['fps']:.1f} | {x['ideal_fps']:.1f} | {x['efficiency']:.2f} |"
+                  for x in out["scaling"]]  # fmt: skip
     return "\n".join(lines)
 
 

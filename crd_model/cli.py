@@ -160,6 +160,7 @@ _PRODUCE_FLAGS = {
     "backpressure": ("producer", "backpressure"),
     "rgb_encoding": ("producer", "rgb_encoding"),
     "xyz_dtype": ("producer", "xyz_dtype"),
+    "downscale": ("producer", "downscale_max_side"),
 }
 _WORK_FLAGS = {
     "max_batch": ("worker", "max_batch"),
@@ -167,6 +168,24 @@ _WORK_FLAGS = {
     "claim_idle_ms": ("worker", "claim_idle_ms"),
     "device": ("worker", "device"),
     "consumer": ("worker", "consumer"),
+    "decode_threads": ("worker", "decode_threads"),
+}
+_PLC_FLAGS = {
+    "protocol": ("plc", "protocol"),
+    "lines": ("plc", "lines"),
+    "group": ("plc", "group"),
+    "consumer": ("plc", "consumer"),
+    "error_is_reject": ("plc", "error_is_reject"),
+    "buffer_depth": ("plc", "buffer_depth"),
+    "ack_timeout_s": ("plc", "ack_timeout_s"),
+    "modbus_host": ("plc", "modbus", "host"),
+    "modbus_port": ("plc", "modbus", "port"),
+    "modbus_device_id": ("plc", "modbus", "device_id"),
+}
+_DASHBOARD_FLAGS = {
+    "lines": ("dashboard", "lines"),
+    "host": ("dashboard", "host"),
+    "port": ("dashboard", "port"),
 }
 
 
@@ -230,18 +249,29 @@ def _parse_models(pairs: list[str]) -> dict[str, Path]:
 
 
 def cmd_work(a: argparse.Namespace) -> int:
-    from workers.models import ModelRegistry, StandInInspector
+    from workers.models import ModelRegistry, NullModelInspector, StandInInspector
     from workers.worker import Worker
 
     models = _parse_models(a.model)
-    s = _settings(a, _WORK_FLAGS, {("worker", "models"): ("--model", models)} if models else None)
+    extra: dict[tuple[str, ...], tuple[str, Any]] = {}
+    if models:
+        extra[("worker", "models")] = ("--model", models)
+    if a.lines:
+        extra[("worker", "lines")] = ("--lines", [x for x in a.lines.split(",") if x])
+    if a.time_stages:
+        extra[("worker", "time_stages")] = ("--time-stages", True)
+    s = _settings(a, _WORK_FLAGS, extra)
     if a.stand_in_latency_ms is not None:
         categories = list(s.worker.models) or [a.stand_in_category]
         registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})
     else:
         if not s.worker.models:
             raise ValueError("no models: pass --model CATEGORY=CHECKPOINT_DIR (or set CRD_WORKER__MODELS)")
-        registry = ModelRegistry.load(s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile)
+        registry = ModelRegistry.load(
+            s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile, max_batch=s.worker.max_batch
+        )
+        if a.null_model:
+            registry = ModelRegistry({c: NullModelInspector(registry.get(c)) for c in registry.categories})
     worker = Worker(s, registry)
     worker.install_signal_handlers()
     worker.run(max_frames=a.max_frames, idle_exit_s=a.idle_exit_s)
@@ -258,6 +288,30 @@ def cmd_results(a: argparse.Namespace) -> int:
     print(f"# {key}  (frame id, verdict, score/threshold, capture->result latency)", flush=True)
     for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count, timeout_s=a.timeout_s):
         print(format_result(result), flush=True)
+    return 0
+
+
+def cmd_plc(a: argparse.Namespace) -> int:
+    from consumers.plc.bridge import PlcBridge
+
+    extra: dict[tuple[str, ...], tuple[str, Any]] = {}
+    if a.opcua_endpoint is not None and a.protocol in ("opcua-client", "opcua-server"):
+        section = "opcua_client" if a.protocol == "opcua-client" else "opcua_server"
+        extra[("plc", section, "endpoint")] = ("--opcua-endpoint", a.opcua_endpoint)
+    s = _settings(a, _PLC_FLAGS, extra)
+    bridge = PlcBridge(s)
+    bridge.install_signal_handlers()
+    bridge.run(max_results=a.max_results)
+    return 0
+
+
+def cmd_dashboard(a: argparse.Namespace) -> int:
+    from consumers.dashboard.service import Dashboard
+
+    s = _settings(a, _DASHBOARD_FLAGS)
+    dashboard = Dashboard(s)
+    dashboard.install_signal_handlers()
+    dashboard.run()
     return 0
 
 
@@ -345,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backpressure", default=None, choices=["block", "slow"])
     p.add_argument("--rgb-encoding", default=None, choices=["png", "jpeg", "raw"])
     p.add_argument("--xyz-dtype", default=None, choices=["float32", "float16"])
+    p.add_argument(
+        "--downscale", type=int, default=None, metavar="PIXELS",
+        help="shrink frames to this longer side before sending (fewer bytes; maps then cover the smaller image)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_produce)
 
     p = sub.add_parser("work", help="batched inference worker for a line")
@@ -364,6 +422,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks only: a labelled fixed-latency stand-in instead of a model",
     )
     p.add_argument("--stand-in-category", default="disc")
+    p.add_argument(
+        "--null-model", action="store_true",
+        help="benchmarks only: the checkpoints' data path with a model that costs nothing (labelled null-model)",
+    )  # fmt: skip
+    p.add_argument("--lines", default=None, help="comma-separated lines to serve together (default: --line)")
+    p.add_argument("--decode-threads", type=int, default=None, help="pool for decoding and result encoding")
+    p.add_argument("--time-stages", action="store_true", help="synchronise the device to time each stage")
     p.set_defaults(func=cmd_work)
 
     p = sub.add_parser("results", help="tail a line's results live")
@@ -372,6 +437,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_COUNT, default=None)
     p.add_argument("--timeout-s", type=_SECONDS, default=None)
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("plc", help="PLC bridge: a line's results to a PLC (OPC UA server/client, Modbus TCP)")
+    _add_service_args(p)
+    p.add_argument("--protocol", default=None, choices=["modbus", "opcua-client", "opcua-server"])
+    p.add_argument("--lines", nargs="+", default=None, help="bridge several lines (default: --line)")
+    p.add_argument("--group", default=None, help="the bridge's consumer group (default plc-bridge)")
+    p.add_argument("--consumer", default=None, help="consumer name, stable across restarts (default bridge)")
+    p.add_argument(
+        "--error-is-reject",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="an error verdict rejects the part (default: yes, fail-safe)",
+    )
+    p.add_argument("--buffer-depth", type=int, default=None)
+    p.add_argument("--ack-timeout-s", type=float, default=None)
+    p.add_argument("--modbus-host", default=None)
+    p.add_argument("--modbus-port", type=int, default=None)
+    p.add_argument("--modbus-device-id", type=int, default=None)
+    p.add_argument("--opcua-endpoint", default=None, help="opcua-client: the PLC's server; opcua-server: ours")
+    p.add_argument("--max-results", type=_COUNT, default=None, help="stop after this many confirmed results")
+    p.set_defaults(func=cmd_plc)
+
+    p = sub.add_parser("dashboard", help="live line dashboard (web, read-only)")
+    _add_service_args(p)
+    p.add_argument("--lines", nargs="+", default=None, help="lines to show (default: --line)")
+    p.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port of the page (default 8080)")
+    p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
     p.add_argument("--workdir", default="runs/demo")

@@ -78,7 +78,7 @@ def evaluate(
     batch_size: int = 16,
 ) -> dict:
     inspector = Inspector(checkpoint, device)
-    test = load_split(data_root, category, "test", inspector.config)
+    test = load_split(data_root, category, "test", inspector.config, device=inspector.device)
     report = evaluate_loaded(inspector, test, groups, batch_size)
     report["category"] = category
     return report

@@ -1,6 +1,7 @@
-"""Turn one raw (rgb, xyz) pair into the model's input arrays. Torch-free, thread-safe.
+"""What a frame must be before the model can take it: the checks (torch-free), `FrameError`, and the
+`PreparedFrame` that holds a frame's model-ready arrays (as training and evaluation keep them).
 
-Workers run this in a thread pool next to inference, so it must stay numpy-only.
+The preprocessing itself runs batched on the model's device: crd_model/preprocessing.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from crd_model.config import CRDConfig
-from crd_model.data.preprocess import resize_rgb, xyz_to_3d_input
 
 
 class FrameError(ValueError):
@@ -29,6 +29,7 @@ class PreparedFrame:
 
 
 def check_pair(rgb: np.ndarray | None, xyz: np.ndarray | None, config: CRDConfig) -> tuple[int, int]:
+    """(H, W) of a pair the model can take; `FrameError` with a code otherwise."""
     if config.uses_rgb:
         if rgb is None or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise FrameError("bad_rgb", f"rgb must be uint8 (H, W, 3), got {_describe(rgb)}")
@@ -42,23 +43,6 @@ def check_pair(rgb: np.ndarray | None, xyz: np.ndarray | None, config: CRDConfig
     if min(h, w) < 8:
         raise FrameError("too_small", f"image of {h}x{w} pixels is too small")
     return int(h), int(w)
-
-
-def prepare_frame(rgb: np.ndarray | None, xyz: np.ndarray | None, config: CRDConfig) -> PreparedFrame:
-    hw = check_pair(rgb, xyz, config)
-    size = config.image_size
-    rgb_in = resize_rgb(rgb, size) if config.uses_rgb else None
-    x3d_in = None
-    if config.uses_3d:
-        xyz = np.nan_to_num(xyz.astype(np.float32, copy=False), nan=0.0, posinf=0.0, neginf=0.0)
-        x3d_in, _ = xyz_to_3d_input(
-            xyz,
-            size,
-            representation=config.representation_3d,
-            plane=config.plane,
-            distance=config.plane_distance,
-        )
-    return PreparedFrame(rgb_in, x3d_in, hw)
 
 
 def _describe(a: np.ndarray | None) -> str:

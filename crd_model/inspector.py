@@ -4,8 +4,9 @@
     results = inspector.inspect([rgb1, rgb2], [xyz1, xyz2])
     results[0].verdict, results[0].score, results[0].anomaly_map  # map at the input's resolution
 
-`prepare()` is numpy-only and thread-safe, so a worker can preprocess the next batch in a thread
-pool while `infer()` runs the current one on the device.
+The device path a worker takes in pieces: `check()` (cheap, on the host, raises `FrameError`),
+`preprocess()` (batched, on the device) and `forward()` (the model's own scoring: maps and scores,
+padded to a fixed batch bucket on CUDA so no shape is compiled or autotuned after warm-up).
 """
 
 from __future__ import annotations
@@ -16,12 +17,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import structlog
 import torch
 
 from crd_model.anomaly_map import InferenceBatch, resize_map
 from crd_model.checkpoint import load_checkpoint
-from crd_model.inputs import PreparedFrame, prepare_frame
+from crd_model.inputs import PreparedFrame, check_pair
+from crd_model.preprocessing import ModelInput, Preprocessor
 from crd_model.torch_model import CRDModel
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -44,17 +49,29 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def batch_buckets(max_batch: int) -> tuple[int, ...]:
+    """Powers of two up to `max_batch` (and `max_batch` itself): the batch shapes a worker runs."""
+    sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
+    return tuple(sorted(sizes | {max_batch}))
+
+
 class Inspector:
     def __init__(
         self,
         checkpoint: str | Path,
         device: str | torch.device | None = None,
         *,
-        bf16: bool = False,
-        compile: bool = False,
+        bf16: bool | None = None,
+        compile: bool | None = None,
         channels_last: bool = True,
+        buckets: Sequence[int] | None = None,
+        max_batch: int = 32,
     ):
+        """`bf16`, `compile` (static shapes): None = on where they pay off (CUDA). `buckets`: batch sizes
+        every batch is padded up to (None = powers of two up to `max_batch` on CUDA; none on a CPU, where
+        padding only costs)."""
         self.device = torch.device(device) if device is not None else default_device()
+        cuda = self.device.type == "cuda"
         model, meta = load_checkpoint(checkpoint, self.device)
         if meta.calibration is None:
             raise ValueError(f"checkpoint {checkpoint} is not calibrated: it has no threshold")
@@ -62,34 +79,47 @@ class Inspector:
         self.config = meta.config
         self.threshold = float(meta.calibration.threshold)
         self.model_id = meta.model_id
-        # bf16 and compile only pay off (and are only well supported) on CUDA.
-        self._bf16 = bf16 and self.device.type == "cuda"
+        self._bf16 = cuda if bf16 is None else (bf16 and cuda)  # bf16 autocast: CUDA only
         self._channels_last = channels_last
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model: CRDModel = model
-        if compile and self.device.type == "cuda":
-            self.model.forward = torch.compile(self.model.forward, dynamic=True)  # type: ignore[method-assign]
+        self.buckets = tuple(sorted(buckets)) if buckets is not None else (batch_buckets(max_batch) if cuda else ())
+        self._compiled = (cuda if compile is None else compile) and self.device.type != "mps"
+        self._forward = torch.compile(self.model, dynamic=False) if self._compiled else self.model
+        self.preprocessor = Preprocessor(self.config, self.device)
 
-    def warmup(self, batch_size: int = 1) -> None:
-        """Run one dummy batch so the first real frame does not pay for lazy initialisation
-        (allocator, kernels, cudnn autotuning, torch.compile)."""
-        s = self.config.image_size
-        blank = np.zeros((3, s, s), np.float32)
-        frame = PreparedFrame(blank if self.config.uses_rgb else None, blank if self.config.uses_3d else None, (s, s))
-        self.infer([frame] * batch_size)
+    # -- the pieces a worker calls ----------------------------------------------------------------
+    def check(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> tuple[int, int]:
+        """(H, W) of a pair the model can take; `FrameError` with a code otherwise (host, cheap)."""
+        return check_pair(rgb, xyz, self.config)
 
-    def prepare(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> PreparedFrame:
-        """Validate and preprocess one pair (raises `FrameError` with a code on bad input)."""
-        return prepare_frame(rgb, xyz, self.config)
+    def preprocess(self, rgbs: Sequence[torch.Tensor], xyzs: Sequence[torch.Tensor]) -> ModelInput:
+        """Batched preprocessing on the device (tensors from anywhere; uint8 rgb, float xyz)."""
+        return self.preprocessor(rgbs if self.config.uses_rgb else [], xyzs if self.config.uses_3d else [])
 
-    def forward(self, rgb: np.ndarray | None, x3d: np.ndarray | None) -> InferenceBatch:
-        """The model's own scoring on a stacked batch: fused maps (B, S, S) and scores (B,), float32, on device."""
+    def forward(self, inputs: ModelInput) -> InferenceBatch:
+        """Fused maps (B, S, S) and scores (B,), float32, on the device."""
+        n = len(inputs)
+        if not self.buckets:
+            return self._run(inputs.rgb, inputs.x3d)
+        maps, scores = [], []
+        top = self.buckets[-1]
+        for start in range(0, n, top):
+            rgb = None if inputs.rgb is None else inputs.rgb[start : start + top]
+            x3d = None if inputs.x3d is None else inputs.x3d[start : start + top]
+            m = len(rgb if rgb is not None else x3d)
+            size = next(b for b in self.buckets if b >= m)
+            out = self._run(_pad(rgb, size), _pad(x3d, size))
+            maps.append(out.anomaly_map[:m])
+            scores.append(out.pred_score[:m])
+        return InferenceBatch(torch.cat(maps), torch.cat(scores))
 
-        def to_device(a: np.ndarray | None) -> torch.Tensor | None:
-            if a is None:
+    def _run(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> InferenceBatch:
+        def ready(t: torch.Tensor | None) -> torch.Tensor | None:
+            if t is None:
                 return None
-            t = torch.from_numpy(a).to(self.device, non_blocking=True)
+            t = t.to(self.device, non_blocking=True)
             return t.contiguous(memory_format=torch.channels_last) if self._channels_last else t
 
         autocast = (
@@ -98,31 +128,66 @@ class Inspector:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            return self.model(to_device(rgb), to_device(x3d))
+            return self._forward(ready(rgb), ready(x3d))
 
+    def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
+        """Run every batch shape once before serving, so no frame pays for lazy initialisation, cudnn
+        autotuning or compilation. A compilation that fails falls back to eager, with a warning."""
+        s = self.config.image_size
+        for n in batch_sizes or self.buckets or (1,):
+            blank = torch.zeros((n, 3, s, s), device=self.device)
+            inputs = ModelInput(blank if self.config.uses_rgb else None, blank if self.config.uses_3d else None)
+            try:
+                self.forward(inputs)
+            except Exception as exc:
+                if not self._compiled:
+                    raise
+                log.warning("compile_failed_using_eager", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+                self._compiled, self._forward = False, self.model
+                self.forward(inputs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- whole frames ------------------------------------------------------------------------------
     def infer(self, frames: Sequence[PreparedFrame]) -> list[Inspection]:
+        """Already-prepared frames (as training and evaluation keep them) -> inspections."""
         if not frames:
             return []
-        rgb = np.stack([f.rgb for f in frames]) if self.config.uses_rgb else None
-        x3d = np.stack([f.x3d for f in frames]) if self.config.uses_3d else None
-        maps, scores = self.forward(rgb, x3d)
-        out = []
-        for frame, m, s in zip(frames, maps, scores.tolist(), strict=True):
-            with torch.inference_mode():
-                full = resize_map(m, frame.original_hw)
-            out.append(
-                Inspection(
-                    score=float(s),
-                    threshold=self.threshold,
-                    anomaly_map=full.cpu().numpy().astype(np.float32, copy=False),
-                    model_map=m.cpu().numpy(),
-                )
-            )
-        return out
+        rgb = torch.from_numpy(np.stack([f.rgb for f in frames])) if self.config.uses_rgb else None
+        x3d = torch.from_numpy(np.stack([f.x3d for f in frames])) if self.config.uses_3d else None
+        return self._inspections(self.forward(ModelInput(rgb, x3d)), [f.original_hw for f in frames])
 
     def inspect(
         self, rgb_batch: Sequence[np.ndarray | None], xyz_batch: Sequence[np.ndarray | None]
     ) -> list[Inspection]:
         if len(rgb_batch) != len(xyz_batch):
             raise ValueError(f"{len(rgb_batch)} rgb images but {len(xyz_batch)} xyz images")
-        return self.infer([self.prepare(r, x) for r, x in zip(rgb_batch, xyz_batch, strict=True)])
+        if not rgb_batch:
+            return []
+        hws = [self.check(r, x) for r, x in zip(rgb_batch, xyz_batch, strict=True)]
+        inputs = self.preprocess(
+            [torch.from_numpy(r) for r in rgb_batch] if self.config.uses_rgb else [],
+            [torch.from_numpy(x) for x in xyz_batch] if self.config.uses_3d else [],
+        )
+        return self._inspections(self.forward(inputs), hws)
+
+    def _inspections(self, out: InferenceBatch, hws: Sequence[tuple[int, int]]) -> list[Inspection]:
+        results = []
+        with torch.inference_mode():
+            for m, s, hw in zip(out.anomaly_map, out.pred_score.tolist(), hws, strict=True):
+                full = resize_map(m, hw)
+                results.append(
+                    Inspection(
+                        score=float(s),
+                        threshold=self.threshold,
+                        anomaly_map=full.cpu().numpy().astype(np.float32, copy=False),
+                        model_map=m.cpu().numpy(),
+                    )
+                )
+        return results
+
+
+def _pad(t: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    if t is None or len(t) == size:
+        return t
+    return torch.cat([t, t.new_zeros((size - len(t), *t.shape[1:]))])

@@ -195,8 +195,8 @@ def train_category(
     teacher_weights: str | bool = options.teacher_weights or True
     model = CRDModel(config, teacher_weights=teacher_weights).to(device)
     t0 = time.perf_counter()
-    train = load_split(data_root, category, "train", config, options.workers)
-    validation = load_split(data_root, category, "validation", config, options.workers)
+    train = load_split(data_root, category, "train", config, options.workers, device)
+    validation = load_split(data_root, category, "validation", config, options.workers, device)
     log.info(
         "training",
         category=category,

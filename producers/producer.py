@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+import numpy as np
 import redis
 import structlog
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
@@ -16,6 +18,24 @@ from crd_model.stream.settings import Settings
 from producers.sources import SourceFrame
 
 log = structlog.get_logger("crd.producer")
+
+
+def downscale(rgb: np.ndarray, xyz: np.ndarray, meta: dict, max_side: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Shrink a pair so its longer side is at most `max_side` (opt-in, to save bytes on the wire).
+
+    RGB: Pillow's bilinear resize (antialiased); xyz: nearest neighbour (missing points are never mixed
+    into valid ones). The frame then is the smaller image: its anomaly map and regions cover that, and
+    `meta["downscaled_from"]` = "<H>x<W>" tells consumers the camera's own size.
+    """
+    h, w = rgb.shape[:2]
+    if max(h, w) <= max_side:
+        return rgb, xyz, meta
+    s = max_side / max(h, w)
+    oh, ow = max(1, round(h * s)), max(1, round(w * s))
+    small_rgb = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).resize((ow, oh), Image.Resampling.BILINEAR))
+    rows = np.minimum(((np.arange(oh) + 0.5) * (h / oh)).astype(np.intp), h - 1)  # pixel-centre sampling
+    cols = np.minimum(((np.arange(ow) + 0.5) * (w / ow)).astype(np.intp), w - 1)
+    return small_rgb, xyz[rows[:, None], cols[None, :]], {**meta, "downscaled_from": f"{h}x{w}"}
 
 
 class ProducerMetrics:
@@ -85,9 +105,12 @@ class Producer(Daemon):
 
     def send(self, sf: SourceFrame) -> str:
         frame_id = f"{self.camera}:{self.boot}:{self.seq}"
+        rgb, xyz, meta = sf.rgb, sf.xyz, sf.meta
+        if self.p.downscale_max_side is not None:
+            rgb, xyz, meta = downscale(rgb, xyz, meta, self.p.downscale_max_side)
         frame = make_frame(
-            sf.rgb,
-            sf.xyz,
+            rgb,
+            xyz,
             frame_id=frame_id,
             line=self.s.line,
             camera=self.camera,
@@ -96,7 +119,7 @@ class Producer(Daemon):
             rgb_encoding=self.p.rgb_encoding,
             xyz_dtype=self.p.xyz_dtype,
             xyz_compression=self.p.xyz_compression,
-            meta=sf.meta,
+            meta=meta,
         )
         payload = pack_frame(frame)
         fields = {F_FRAME_ID: frame_id.encode(), F_VERSION: str(WIRE_VERSION).encode(), F_PAYLOAD: payload}

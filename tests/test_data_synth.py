@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from crd_model.data import synth
+from crd_model.data.mvtec3d import gt_mask_from_values
 from crd_model.data.synth import (
     DEFECT_IDS,
     DEFECT_VISIBILITY,
@@ -148,6 +149,16 @@ def test_generate_dataset_layout_and_seeds(tmp_path: Path) -> None:
         tmp_path / "other" / "rod" / "train" / "good" / "xyz" / "000.tiff",
     )
     assert a.read_bytes() != b.read_bytes()
+
+
+def test_class_ids_read_back_as_written() -> None:
+    """The reader binarises gt at half scale, so every class id is >= 128 and a mask reads as `> 0`."""
+    assert min(DEFECT_IDS.values()) >= 128
+    rng = np.random.default_rng(0)
+    for category, defect in CASES:
+        _, _, gt = render_sample(category, defect, rng, 0.3)
+        assert gt.any(), (category, defect)
+        np.testing.assert_array_equal(gt_mask_from_values(gt), gt > 0)
 
 
 def test_synthetic_camera() -> None:

@@ -43,8 +43,13 @@ REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 # Files under deploy/k8s that kustomization.yaml must NOT apply (placeholders, on-demand, alternatives).
 NOT_APPLIED = {"secret.example.yaml", "results-tail-job.yaml", "worker-hpa-fallback.yaml"}
 # Image name -> the Dockerfile whose ENTRYPOINT runs in that image.
-IMAGES = {"crd-inspect-worker": "Dockerfile.worker", "crd-inspect-producer": "Dockerfile.producer"}
-SUBCOMMANDS = ("produce", "work", "results")
+IMAGES = {
+    "crd-inspect-worker": "Dockerfile.worker",
+    "crd-inspect-producer": "Dockerfile.producer",
+    "crd-inspect-plc": "Dockerfile.plc",
+    "crd-inspect-dashboard": "Dockerfile.dashboard",
+}
+SUBCOMMANDS = ("produce", "work", "results", "plc", "dashboard")
 
 needs_yaml = pytest.mark.skipif(yaml is None, reason="PyYAML is not installed")
 
@@ -220,14 +225,23 @@ def test_every_container_environment_validates_as_settings(monkeypatch):
     assert n >= 3
 
 
-def test_systemd_environment_example_validates(monkeypatch):
+@pytest.mark.parametrize(
+    ("example", "user"),
+    [
+        ("cam1.env.example", "crd-producer"),
+        ("plc-line1.env.example", "crd-plc"),
+        ("dashboard.env.example", "crd-dashboard"),
+    ],
+)
+def test_systemd_environment_example_validates(monkeypatch, example, user):
     _clean_env(monkeypatch)
-    for line in (DEPLOY / "systemd" / "cam1.env.example").read_text().splitlines():
+    for line in (DEPLOY / "systemd" / example).read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             k, _, v = line.partition("=")
             monkeypatch.setenv(k, v)
     s = Settings()
-    assert s.redis.username == "crd-producer" and s.redis.url.startswith("rediss://")
+    assert s.redis.username == user and s.redis.url.startswith("rediss://")
+    assert user in _acl_users()
 
 
 # ---- command lines -----------------------------------------------------------------------------
@@ -240,7 +254,7 @@ def _invocations_in_text(text: str) -> list[list[str]]:
     text = re.sub(r"\\\n\s*", " ", text)  # join shell continuation lines
     out = []
     # A command ends at the end of the line, a closing backtick or parenthesis (prose around it).
-    for m in re.finditer(r"\bcrd (produce|work|results)\b([^`\n)]*)", text):
+    for m in re.finditer(r"\bcrd (produce|work|results|plc|dashboard)\b([^`\n)]*)", text):
         try:
             split = shlex.split(m.group(2), comments=True)
         except ValueError as exc:
@@ -288,6 +302,8 @@ def test_every_crd_command_line_in_docs_dockerfiles_and_units_is_accepted():
 def test_dockerfile_entrypoints_run_the_services():
     assert _entrypoint("Dockerfile.worker") == ["crd", "work"]
     assert _entrypoint("Dockerfile.producer") == ["crd", "produce"]
+    assert _entrypoint("Dockerfile.plc") == ["crd", "plc"]
+    assert _entrypoint("Dockerfile.dashboard") == ["crd", "dashboard"]
 
 
 @needs_yaml
@@ -308,7 +324,12 @@ def test_dockerfiles_install_the_right_extras_as_a_non_root_user():
     worker, producer = _dockerfile("Dockerfile.worker"), _dockerfile("Dockerfile.producer")
     assert re.search(r'pip install [^\n]*"\.\[model\]"', worker) and "libusb-1.0-0" in worker
     assert "[model]" not in producer and "[all]" not in producer and "torch" in producer  # the torch-free check
-    for name, text in (("Dockerfile.worker", worker), ("Dockerfile.producer", producer)):
+    for extra in ("plc", "dashboard"):  # the plant consumers: their extra, torch-free, checked at build time
+        text = _dockerfile(f"Dockerfile.{extra}")
+        assert re.search(rf'pip install "\.\[{extra}\]"', text) and "[model]" not in text and "[all]" not in text
+        assert "find_spec('torch')" in text and "COPY consumers ./consumers" in text
+    consumers = [(f"Dockerfile.{x}", _dockerfile(f"Dockerfile.{x}")) for x in ("plc", "dashboard")]
+    for name, text in (("Dockerfile.worker", worker), ("Dockerfile.producer", producer), *consumers):
         users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
         assert users and users[-1].split(":")[0].isdigit() and users[-1].split(":")[0] != "0", name
         # A baked-in NVIDIA_VISIBLE_DEVICES would expose every GPU to pods that requested none.
@@ -510,7 +531,9 @@ def _exported_metrics() -> tuple[set[str], set[str]]:
     """(metric names as created in the code, every series name Prometheus will see)."""
     names: set[str] = set()
     series: set[str] = set()
-    for src in (ROOT / "producers" / "producer.py", ROOT / "workers" / "worker.py"):
+    sources = [ROOT / "producers" / "producer.py", ROOT / "workers" / "worker.py"]
+    sources += [ROOT / "consumers" / "plc" / "bridge.py", ROOT / "consumers" / "dashboard" / "service.py"]
+    for src in sources:
         for kind, name in re.findall(r"\b(Counter|Gauge|Histogram|Summary)\(\s*\"([a-z_:]+)\"", src.read_text()):
             names.add(name)
             if kind == "Counter":
@@ -526,7 +549,7 @@ def _exported_metrics() -> tuple[set[str], set[str]]:
 def test_alerts_and_docs_use_only_metrics_the_code_exports():
     names, series = _exported_metrics()
     assert len(names) >= 10
-    pattern = re.compile(r"\bcrd_(?:worker|producer)_[a-z_]+[a-z]")
+    pattern = re.compile(r"\bcrd_(?:worker|producer|plc|dashboard)_[a-z_]+[a-z]")
     for path in [K8S / "monitoring.yaml", DOC, DEPLOY / "redis" / "README.md"]:
         unknown = set(pattern.findall(path.read_text())) - series
         assert not unknown, f"{path.relative_to(ROOT)}: no such metric in the code: {sorted(unknown)}"
@@ -661,3 +684,82 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
     assert refused("crd-worker", "XRANGE", "other:key", "-", "+")
     with pytest.raises(redis.exceptions.AuthenticationError):
         redis.Redis(port=port).ping()  # the default user is off
+
+
+def test_acl_plant_consumers_can_do_their_jobs_and_the_dashboard_writes_nothing(acl_server: int, monkeypatch):
+    """The PLC bridge as crd-plc (against a real Modbus PLC stand-in) and the dashboard as the read-only
+    crd-dashboard, through deploy/redis/users.acl: no refused command, and no write is possible."""
+    pytest.importorskip("pymodbus")
+    pytest.importorskip("starlette")
+    import threading
+    import urllib.request
+
+    import redis
+
+    from consumers.dashboard.service import Dashboard
+    from consumers.plc.bridge import PlcBridge
+    from crd_model.stream import Result, pack_result
+    from crd_model.stream.settings import DashboardSettings, ModbusSettings, PlcSettings
+    from tests.plc_sims import ModbusPlc, free_port, wait_for
+
+    _clean_env(monkeypatch)
+    port, line = acl_server, "aclplant"
+    admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY")
+    keys = {k: StreamSettings().key(line, k) for k in ("frames", "results", "dead")}
+    admin.xgroup_create(keys["frames"], "inspectors", id="$", mkstream=True)
+    modbus = ModbusSettings(port=free_port(), poll_ms=5)
+    plc = ModbusPlc([line], modbus).start()
+    bridge = PlcBridge(_as(port, "crd-plc", line).model_copy(
+        update={"plc": PlcSettings(modbus=modbus, heartbeat_s=0.1, block_ms=100)}))  # fmt: skip
+    dash_port = free_port()
+    dashboard = Dashboard(_as(port, "crd-dashboard", line).model_copy(
+        update={"dashboard": DashboardSettings(port=dash_port, poll_s=0.2, refresh_s=0.2)}))  # fmt: skip
+    threads = [threading.Thread(target=d.run, daemon=True) for d in (bridge, dashboard)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: bridge.health.ready and dashboard.health.ready, 20, "both ready")
+        for i, verdict in enumerate(["ok", "anomalous", "ok"]):  # published as the workers do
+            res = Result(frame_id=f"c:{i}", line=line, camera="c", seq=i, category="disc", verdict=verdict,
+                         score=0.1 if verdict == "ok" else 0.9, threshold=0.5, worker="w")  # fmt: skip
+            admin.xadd(keys["results"], {"frame_id": res.frame_id, "verdict": verdict, "payload": pack_result(res)})
+        admin.xadd(keys["dead"], {"frame_id": "c:9", "reason": "bad_msgpack", "message": "x", "payload": b"x"})
+        wait_for(lambda: len(plc.seen) == 3, 10, "the PLC got 3 results")
+        url = f"http://127.0.0.1:{dash_port}/api/lines/{line}/snapshot"
+
+        def snapshot() -> dict:
+            return json.loads(urllib.request.urlopen(url, timeout=5).read())
+
+        wait_for(lambda: snapshot()["counts"]["total"] == 3 and snapshot()["dead"], 10, "dashboard caught up")
+        wait_for(lambda: snapshot()["group"] and snapshot()["plant_groups"], 10, "group info")
+        assert admin.execute_command("ACL", "LOG") == [], admin.execute_command("ACL", "LOG")
+    finally:
+        bridge.stop()
+        dashboard.stop()
+        for t in threads:
+            t.join(timeout=20)
+        plc.close()
+
+    def refused(user: str, *command: str) -> bool:
+        c = redis.Redis(port=port, username=user, password="EXAMPLE-ONLY")
+        try:
+            c.execute_command(*command)
+        except redis.exceptions.NoPermissionError:
+            return True
+        return False
+
+    ledger = f"crd:{{{line}}}:plc:plc-bridge"
+    for command in (
+        ("XADD", keys["results"], "*", "a", "b"),
+        ("XGROUP", "CREATE", keys["results"], "g2", "$"),
+        ("XACK", keys["results"], "plc-bridge", "0-1"),
+        ("XREADGROUP", "GROUP", "inspectors", "x", "STREAMS", keys["frames"], ">"),
+        ("XTRIM", keys["frames"], "MAXLEN", "0"),
+        ("DEL", keys["dead"]),
+        ("HSET", ledger, "seq", "0"),
+    ):
+        assert refused("crd-dashboard", *command), command
+    assert refused("crd-plc", "XADD", keys["results"], "*", "a", "b")
+    assert refused("crd-plc", "XREAD", "STREAMS", keys["frames"], "0")
+    assert refused("crd-plc", "XACK", keys["frames"], "inspectors", "0-1")
+    assert admin.hget(ledger, "seq") == b"3"

@@ -158,14 +158,14 @@ def test_group_created_by_producer(settings, r):
 def test_producer_side_never_imports_torch():
     """Camera PCs install the base distribution only: every module of the stream protocol package and of
     the producers, the data reader, the synthetic camera and the CLI's parser import without torch, timm,
-    scipy or open3d."""
+    scipy or open3d. So do the plant consumers (PLC bridge, dashboard) with their extras."""
     import subprocess
     import sys
 
     code = (
         "import importlib, pkgutil, sys\n"
-        "import crd_model.stream, producers, crd_model.cli, crd_model.data.mvtec3d, crd_model.data.synth\n"
-        "for pkg in (crd_model.stream, producers):\n"
+        "import crd_model.stream, producers, consumers, crd_model.cli, crd_model.data.mvtec3d, crd_model.data.synth\n"
+        "for pkg in (crd_model.stream, producers, consumers):\n"
         "    for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
         "        importlib.import_module(m.name)\n"
         "crd_model.cli.build_parser()\n"
@@ -174,3 +174,32 @@ def test_producer_side_never_imports_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_opt_in_downscale_and_float16_shrink_what_goes_on_the_wire(settings, r):
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 255, (600, 800, 3), dtype=np.uint8)
+    xyz = rng.random((600, 800, 3), dtype=np.float32) + 0.5
+    xyz[rng.random((600, 800)) < 0.1] = 0.0
+    sizes = {}
+    for name, update in {
+        "full": {},
+        "small": {"downscale_max_side": 256},
+        "small16": {"downscale_max_side": 256, "xyz_dtype": "float16"},
+    }.items():
+        s = settings.model_copy(update={"producer": settings.producer.model_copy(update=update)})
+        Producer(s, camera=name, r=r).send(SourceFrame(rgb, xyz, "disc", {"k": 1}))
+        _, fields = r.xrevrange(s.streams.key(s.line, "frames"), count=1)[0]
+        sizes[name] = len(fields[F_PAYLOAD])
+        frame = unpack_frame(fields[F_PAYLOAD])
+        got_rgb, got_xyz = frame_arrays(frame)
+        if name == "full":
+            assert got_rgb.shape == (600, 800, 3) and "downscaled_from" not in frame.meta
+            continue
+        assert got_rgb.shape == got_xyz.shape == (192, 256, 3)
+        assert frame.meta == {"k": 1, "downscaled_from": "600x800"}
+        source = {tuple(p) for p in xyz.reshape(-1, 3).astype(got_xyz.dtype if name == "small" else np.float16)}
+        sample = got_xyz.reshape(-1, 3)[::97]
+        if name == "small":  # nearest neighbour: every point is a camera point (or missing), never a blend
+            assert all(tuple(p) in source for p in sample)
+    assert sizes["small"] < sizes["full"] / 5 and sizes["small16"] < sizes["small"]

@@ -109,6 +109,29 @@ def test_wrong_ca_fails_at_once_with_a_readable_error(
     assert rc == 2 and err.startswith("crd results: error: TLS: the certificate of") and "Traceback" not in err
 
 
+def test_asyncio_clients_verify_the_same_way(pki: PKI, tls_port: int) -> None:
+    """The plant consumers (PLC bridge, dashboard) use the asyncio client: same checks, same error."""
+    import asyncio
+
+    from crd_model.stream.redis_streams import connect_async
+
+    async def ping(cfg: RedisSettings) -> bool:
+        client = connect_async(cfg)
+        try:
+            return bool(await client.ping())
+        finally:
+            await client.aclose()
+
+    url = f"rediss://127.0.0.1:{tls_port}/0"
+    assert asyncio.run(ping(RedisSettings(url=url, tls_ca_file=pki.ca)))
+    t0 = time.monotonic()
+    with pytest.raises(TLSVerificationError, match=r"other-ca\.crt"):
+        asyncio.run(ping(RedisSettings(url=url, tls_ca_file=pki.other_ca)))
+    with pytest.raises(TLSVerificationError, match="Hostname mismatch"):
+        asyncio.run(ping(RedisSettings(url=f"rediss://localhost:{tls_port}/0", tls_ca_file=pki.ca)))
+    assert time.monotonic() - t0 < 10
+
+
 def test_host_name_is_verified(pki: PKI, tls_port: int) -> None:
     by_name = RedisSettings(url=f"rediss://localhost:{tls_port}/0", tls_ca_file=pki.ca)
     with pytest.raises(TLSVerificationError, match="Hostname mismatch"):

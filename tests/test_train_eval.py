@@ -68,13 +68,13 @@ def test_bad_frames_get_clear_errors(tiny_checkpoint: Path):
     inspector = Inspector(tiny_checkpoint, "cpu")
     rgb = np.zeros((40, 50, 3), np.uint8)
     with pytest.raises(FrameError, match="differ") as exc:
-        inspector.prepare(rgb, np.zeros((40, 51, 3), np.float32))
+        inspector.check(rgb, np.zeros((40, 51, 3), np.float32))
     assert exc.value.code == "shape_mismatch"
     with pytest.raises(FrameError) as exc:
-        inspector.prepare(rgb.astype(np.float32), np.zeros((40, 50, 3), np.float32))
+        inspector.check(rgb.astype(np.float32), np.zeros((40, 50, 3), np.float32))
     assert exc.value.code == "bad_rgb"
     with pytest.raises(FrameError) as exc:
-        inspector.prepare(rgb, np.zeros((40, 50), np.float32))
+        inspector.check(rgb, np.zeros((40, 50), np.float32))
     assert exc.value.code == "bad_xyz"
     # An all-missing point cloud is valid input (a camera dropout): it is scored, not a crash.
     result = inspector.inspect([rgb], [np.zeros((40, 50, 3), np.float32)])[0]

@@ -15,7 +15,7 @@ import pytest
 
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.inspector import Inspector
-from crd_model.stream import Limits, encode_xyz, make_frame, pack_frame, unpack_result
+from crd_model.stream import Limits, decode_map, encode_xyz, make_frame, pack_frame, unpack_result
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, ensure_group
 from producers.producer import Producer
 from producers.sources import ReplaySource, SourceFrame
@@ -59,6 +59,9 @@ def test_n_frames_in_exactly_n_results_out_matching_the_offline_model(settings, 
         assert res.timings.captured_at <= res.timings.enqueued_at <= res.timings.started_at <= res.timings.finished_at
         if res.verdict == "anomalous":
             assert res.regions
+        # The published map is the map that gave the score (its peak survives the resize to the wire).
+        peak = float(decode_map(res.anomaly_map).max())
+        assert peak == pytest.approx(res.score, abs=0.15 * abs(inspector.threshold))
     pending = r.xpending(s.streams.key(s.line, "frames"), s.streams.group)
     assert pending["pending"] == 0
 
@@ -212,9 +215,9 @@ def test_one_worker_serves_several_categories_and_batches_dynamically(settings, 
             super().__init__(1)
             self.name = name
 
-        def infer(self, frames):
-            seen[self.name].append(len(frames))
-            return super().infer(frames)
+        def forward(self, inputs):
+            seen[self.name].append(len(inputs))
+            return super().forward(inputs)
 
     registry = ModelRegistry({"disc": Recording("disc"), "rod": Recording("rod")})
     worker = Worker(s, registry, r=r)
@@ -279,3 +282,79 @@ def test_a_frame_redelivered_too_often_is_dead_lettered_with_an_error_result(set
     ((_, dead),) = r.xrange(s.streams.key(s.line, "dead"))
     assert dead[b"reason"] == b"max_deliveries" and dead[b"deliveries"] == b"4"
     assert r.xpending(frames_key, s.streams.group)["pending"] == 0
+
+
+class _Recording(StandInInspector):
+    """The stand-in model, recording each batch's size and when it ran."""
+
+    def __init__(self, latency_ms: float = 1.0):
+        super().__init__(latency_ms)
+        self.batches: list[tuple[int, float]] = []
+
+    def forward(self, inputs):
+        self.batches.append((len(inputs), time.time()))
+        return super().forward(inputs)
+
+
+def test_one_worker_serves_several_lines_with_results_on_each_lines_own_stream(settings, r):
+    lines = [f"{settings.line}a", f"{settings.line}b", f"{settings.line}c"]
+    s = _fast(settings, max_batch=8, lines=lines)
+    rgb = np.zeros((24, 24, 3), np.uint8)
+    xyz = np.zeros((24, 24, 3), np.float32)
+    sent = {}
+    for k, line in enumerate(lines):
+        producer = Producer(s.model_copy(update={"line": line}), camera=f"cam{k}", r=r)
+        sent[line] = [producer.send(SourceFrame(rgb, xyz, "disc")) for _ in range(4 + k)]
+    model = _Recording()
+    worker = Worker(s, ModelRegistry({"disc": model}), r=r)
+    assert worker.run(max_frames=sum(len(v) for v in sent.values()), idle_exit_s=3) == 15
+    try:
+        for line in lines:
+            results = [unpack_result(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(line, "results"))]
+            assert sorted(x.frame_id for x in results) == sorted(sent[line])  # each once, on its own line
+            assert {x.line for x in results} == {line}
+            assert r.xpending(s.streams.key(line, "frames"), s.streams.group)["pending"] == 0
+        assert max(n for n, _ in model.batches) > 1
+    finally:
+        for line in lines:
+            r.delete(*(s.streams.key(line, kind) for kind in ("frames", "results", "dead")))
+
+
+def test_a_frame_waits_at_most_max_wait_ms_for_its_batch(settings, r):
+    s = _fast(settings, max_batch=64, max_wait_ms=300)
+    frames_key = s.streams.key(s.line, "frames")
+    ensure_group(r, frames_key, s.streams.group)
+    producer = Producer(s, camera="c", r=r)
+    model = _Recording()
+    worker = Worker(s, ModelRegistry({"disc": model}), r=r)
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=3, idle_exit_s=3))
+    thread.start()
+    time.sleep(0.5)  # the worker waits on an empty stream
+    rgb, xyz = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32)
+    for _ in range(3):
+        producer.send(SourceFrame(rgb, xyz, "disc"))
+        time.sleep(0.02)
+    thread.join(timeout=30)
+    results = _results(r, s)
+    assert len(results) == 3
+    # The three frames arrived within the wait and went as one batch; the batch did not wait to fill 64.
+    assert [n for n, _ in model.batches] == [3]
+    ran_at = model.batches[0][1]
+    waited = ran_at - min(x.timings.started_at for x in results)
+    assert 0.2 < waited < 0.3 + 0.25  # max_wait_ms after the first frame was read, plus scheduling
+
+
+def test_a_batch_holds_no_more_decoded_bytes_than_its_cap(settings, r):
+    # A 64x64 frame decodes to 64 * 64 * 15 = 61,440 bytes: with a 0.1 MB cap two never share a batch,
+    # and the 128x128 frame (245,760 bytes, over the cap on its own) is inspected alone.
+    s = _fast(settings, max_batch=16, max_wait_ms=200, max_batch_decoded_mb=0.1)
+    frames_key = s.streams.key(s.line, "frames")
+    ensure_group(r, frames_key, s.streams.group)
+    producer = Producer(s, camera="c", r=r)
+    for side in (64, 64, 128, 64):
+        producer.send(SourceFrame(np.zeros((side, side, 3), np.uint8), np.zeros((side, side, 3), np.float32), "disc"))
+    model = _Recording()
+    worker = Worker(s, ModelRegistry({"disc": model}), r=r)
+    assert worker.run(max_frames=4, idle_exit_s=3) == 4
+    assert [n for n, _ in model.batches] == [1, 1, 1, 1]
+    assert len(_results(r, s)) == 4

@@ -1,4 +1,4 @@
-"""Which model inspects which category: one `Inspector` per category, loaded once per worker."""
+"""Which model inspects which category: one `Inspector` per category, loaded and warmed once per worker."""
 
 from __future__ import annotations
 
@@ -8,18 +8,26 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import torch
 
-from crd_model.inputs import PreparedFrame, check_pair
-from crd_model.inspector import Inspection
+from crd_model.anomaly_map import InferenceBatch
+from crd_model.config import CRDConfig
+from crd_model.inputs import check_pair
+from crd_model.preprocessing import ModelInput
 
 
 class InspectorLike(Protocol):
+    """What the worker calls: the device path of `crd_model.inspector.Inspector` in its pieces."""
+
     model_id: str
     threshold: float
+    device: torch.device
 
-    def prepare(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> PreparedFrame: ...
+    def check(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> tuple[int, int]: ...
 
-    def infer(self, frames: Sequence[PreparedFrame]) -> list[Inspection]: ...
+    def preprocess(self, rgbs: Sequence[torch.Tensor], xyzs: Sequence[torch.Tensor]) -> ModelInput: ...
+
+    def forward(self, inputs: ModelInput) -> InferenceBatch: ...
 
 
 class ModelRegistry:
@@ -28,14 +36,22 @@ class ModelRegistry:
 
     @classmethod
     def load(
-        cls, models: Mapping[str, Path], device: str | None = None, bf16: bool = False, compile: bool = False
+        cls,
+        models: Mapping[str, Path],
+        device: str | None = None,
+        bf16: bool | None = None,
+        compile: bool | None = None,
+        max_batch: int = 32,
     ) -> ModelRegistry:
-        """Load every checkpoint up front: a worker that cannot serve a category fails at start."""
+        """Load every checkpoint up front and run every batch shape once: a worker that cannot serve a
+        category fails at start, and no frame waits for compilation or autotuning after /readyz."""
         from crd_model.inspector import Inspector
 
-        inspectors = {c: Inspector(p, device, bf16=bf16, compile=compile) for c, p in models.items()}
-        for inspector in inspectors.values():
-            inspector.warmup()  # before the worker reports ready
+        inspectors = {}
+        for category, path in models.items():
+            inspector = Inspector(path, device, bf16=bf16, compile=compile, max_batch=max_batch)
+            inspector.warmup()
+            inspectors[category] = inspector
         return cls(inspectors)
 
     def get(self, category: str) -> InspectorLike | None:
@@ -44,6 +60,10 @@ class ModelRegistry:
     @property
     def categories(self) -> list[str]:
         return sorted(self._by_category)
+
+    @property
+    def devices(self) -> set[torch.device]:
+        return {i.device for i in self._by_category.values()}
 
     def model_version(self, category: str) -> str | None:
         inspector = self._by_category.get(category)
@@ -55,25 +75,51 @@ class ModelRegistry:
 
 
 class StandInInspector:
-    """A fixed-latency stand-in for the model, for measuring the queueing alone.
+    """A fixed-latency stand-in for the model, for measuring the queueing and the data path alone.
 
     Labelled as such in every result (`model_id` = "stand-in-sleep-<ms>ms"); never a product model.
+    Its maps are zeros at a small fixed size, its scores 0.
     """
+
+    MAP_SIZE = 16
 
     def __init__(self, latency_ms: float, per_frame_ms: float = 0.0, threshold: float = 1.0):
         self.latency_s, self.per_frame_s = latency_ms / 1000.0, per_frame_ms / 1000.0
         self.threshold = threshold
         self.model_id = f"stand-in-sleep-{latency_ms:g}ms"
+        self.device = torch.device("cpu")
+        self._config = CRDConfig()
 
-    def prepare(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> PreparedFrame:
-        from crd_model.config import CRDConfig
+    def check(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> tuple[int, int]:
+        return check_pair(rgb, xyz, self._config)
 
-        return PreparedFrame(None, None, check_pair(rgb, xyz, CRDConfig()))
+    def preprocess(self, rgbs: Sequence[torch.Tensor], xyzs: Sequence[torch.Tensor]) -> ModelInput:
+        return ModelInput(torch.zeros((len(rgbs), 1, 1, 1)), None)
 
-    def infer(self, frames: Sequence[PreparedFrame]) -> list[Inspection]:
-        time.sleep(self.latency_s + self.per_frame_s * len(frames))
-        out = []
-        for f in frames:
-            m = np.zeros(f.original_hw, dtype=np.float32)
-            out.append(Inspection(score=0.0, threshold=self.threshold, anomaly_map=m, model_map=m))
-        return out
+    def forward(self, inputs: ModelInput) -> InferenceBatch:
+        n = len(inputs)
+        time.sleep(self.latency_s + self.per_frame_s * n)
+        return InferenceBatch(torch.zeros((n, self.MAP_SIZE, self.MAP_SIZE)), torch.zeros(n))
+
+
+class NullModelInspector:
+    """A real checkpoint's data path (checks, preprocessing) with a model that costs nothing: what the
+    worker spends besides the model, for benchmarks. Labelled `null-model` in every result."""
+
+    def __init__(self, inspector: InspectorLike):
+        self.inner = inspector
+        self.device = inspector.device
+        self.threshold = inspector.threshold
+        self.model_id = "null-model"
+
+    def check(self, rgb: np.ndarray | None, xyz: np.ndarray | None) -> tuple[int, int]:
+        return self.inner.check(rgb, xyz)
+
+    def preprocess(self, rgbs: Sequence[torch.Tensor], xyzs: Sequence[torch.Tensor]) -> ModelInput:
+        return self.inner.preprocess(rgbs, xyzs)
+
+    def forward(self, inputs: ModelInput) -> InferenceBatch:
+        x = inputs.rgb if inputs.rgb is not None else inputs.x3d
+        assert x is not None
+        n, size = x.shape[0], x.shape[-1]
+        return InferenceBatch(torch.zeros((n, size, size), device=x.device), torch.zeros(n, device=x.device))

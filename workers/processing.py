@@ -1,15 +1,19 @@
-"""Per-frame work of a worker: decode + preprocess (thread pool), then results for publishing."""
+"""Per-frame work of a worker, on the host: unpack an entry, decode its payloads, build its result.
+
+Each function takes one `Item` (one frames-stream entry on its way through the worker) and never
+raises: a failure becomes `item.error`, so a bad frame ends as an error result and a dead letter.
+Decoding and result building run in the worker's thread pool: PNG/JPEG decoding, zlib and PNG
+encoding release the GIL, so they run in parallel with each other and with the device.
+"""
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from crd_model.inputs import FrameError, PreparedFrame
-from crd_model.inspector import Inspection
+from crd_model.inputs import FrameError
 from crd_model.stream import (
     ErrorInfo,
     Frame,
@@ -17,46 +21,70 @@ from crd_model.stream import (
     Result,
     Timings,
     WireError,
-    encode_map,
-    frame_arrays,
+    decode_rgb,
+    decode_xyz,
     pack_result,
     peek_frame_id,
+    quantised_map,
     unpack_frame,
 )
+from crd_model.stream.messages import is_ident
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
+from workers.device import WireMap
 from workers.models import ModelRegistry
 from workers.publish import Outcome
 from workers.regions import find_regions
-
-MAX_ID = 128
 
 
 @dataclass
 class Item:
     """One frames-stream entry on its way through the worker."""
 
+    line: str
     entry_id: str
     payload: bytes
     deliveries: int
     frame_id: str
-    started_at: float
+    started_at: float  # wall clock, when the worker read the entry
+    read_at: float = field(default_factory=time.monotonic)  # for the batching deadline
     frame: Frame | None = None
-    prepared: PreparedFrame | None = None
+    rgb: np.ndarray | None = None
+    xyz: np.ndarray | None = None
+    image_hw: tuple[int, int] | None = None
     error: ErrorInfo | None = None
-    inspection: Inspection | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    score: float | None = None
+    threshold: float | None = None
+    wire_map: WireMap | None = None
+    abandoned: bool = False  # inference failed: no result now, the entry stays pending for a retry
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage (thread time)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """What decoding this frame allocates, from its declared shapes (before anything is decoded)."""
+        if self.frame is None or self.error is not None:
+            return 0
+        h, w, _ = self.frame.xyz.shape
+        itemsize = 2 if self.frame.xyz.dtype == "float16" else 4
+        return self.frame.rgb.shape[0] * self.frame.rgb.shape[1] * 3 + h * w * 3 * itemsize
+
+    def fail(self, code: str, message: str) -> None:
+        self.error = ErrorInfo.make(code, message)
+        self.rgb = self.xyz = None
 
 
-_NOT_ID = re.compile(r"[^A-Za-z0-9._:-]")
+def fallback_frame_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
+    """The entry's plain `frame_id` field if it is a valid id, else `entry:<entry id>` (never a rewritten
+    id, which could collide with another frame's)."""
+    raw = fields.get(F_FRAME_ID, b"")
+    try:
+        fid = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        fid = ""
+    return fid if is_ident(fid, Limits().max_id_len) else f"entry:{entry_id}"
 
 
-def _fallback_frame_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
-    """The entry's plain `frame_id` field, made a valid id; else one derived from the entry id."""
-    fid = _NOT_ID.sub("_", fields.get(F_FRAME_ID, b"").decode("utf-8", "replace"))[:MAX_ID]
-    return fid or f"entry:{entry_id}"
-
-
-def decode_item(
+def unpack_item(
+    line: str,
     entry_id: str,
     fields: dict[bytes, bytes],
     deliveries: int,
@@ -64,9 +92,10 @@ def decode_item(
     limits: Limits,
     max_deliveries: int,
 ) -> Item:
-    """Decode and preprocess one entry; never raises: failures become `item.error`."""
+    """Parse and validate one entry's message (no payload decoded yet)."""
+    t = time.thread_time()
     payload = fields.get(F_PAYLOAD, b"")
-    item = Item(entry_id, payload, deliveries, _fallback_frame_id(entry_id, fields), time.time())
+    item = Item(line, entry_id, payload, deliveries, fallback_frame_id(entry_id, fields), time.time())
     try:
         if deliveries > max_deliveries:
             # Delivered again and again without a result: it probably kills workers. Stop the loop.
@@ -75,51 +104,64 @@ def decode_item(
             raise WireError("invalid", "entry has no payload field")
         item.frame = unpack_frame(payload, limits)
         item.frame_id = item.frame.frame_id
-        inspector = registry.get(item.frame.category)
-        if inspector is None:
+        if registry.get(item.frame.category) is None:
             raise WireError(
                 "unknown_category",
                 f"no model for category {item.frame.category!r} (serving: {', '.join(registry.categories)})",
             )
-        rgb, xyz = frame_arrays(item.frame, limits)
-        item.prepared = inspector.prepare(rgb, xyz)
-    except (WireError, FrameError) as exc:
-        item.error = ErrorInfo.make(exc.code, str(exc))
+        if item.frame.rgb.shape[:2] != item.frame.xyz.shape[:2]:  # before anything is decoded
+            raise WireError(
+                "shape_mismatch",
+                f"rgb is {item.frame.rgb.shape[0]}x{item.frame.rgb.shape[1]}, "
+                f"xyz is {item.frame.xyz.shape[0]}x{item.frame.xyz.shape[1]}",
+            )
+    except WireError as exc:
+        item.fail(exc.code, str(exc))
         if item.frame is None and item.frame_id.startswith("entry:"):
             item.frame_id = peek_frame_id(payload) or item.frame_id
     except Exception as exc:  # a bug or an unforeseen input must not take the worker down
-        item.error = ErrorInfo.make("internal", f"{type(exc).__name__}: {exc}")
-    item.timings["decoded_at"] = time.time()
+        item.fail("internal", f"{type(exc).__name__}: {exc}")
+    item.cpu["unpack"] = time.thread_time() - t
+    return item
+
+
+def decode_item(item: Item, registry: ModelRegistry, limits: Limits) -> Item:
+    """Decode the RGB and point-map payloads and check them against the model (pool thread)."""
+    if item.error is not None or item.frame is None:
+        return item
+    try:
+        t = time.thread_time()
+        item.rgb = decode_rgb(item.frame.rgb, limits)
+        t2 = time.thread_time()
+        item.xyz = decode_xyz(item.frame.xyz, limits)
+        t3 = time.thread_time()
+        item.cpu["decode_rgb"], item.cpu["decode_xyz"] = t2 - t, t3 - t2
+        inspector = registry.get(item.frame.category)
+        assert inspector is not None  # unpack_item checked it
+        item.image_hw = inspector.check(item.rgb, item.xyz)
+    except (WireError, FrameError) as exc:
+        item.fail(exc.code, str(exc))
+    except Exception as exc:
+        item.fail("internal", f"{type(exc).__name__}: {exc}")
     return item
 
 
 def build_outcome(
-    item: Item,
-    registry: ModelRegistry,
-    worker: str,
-    line: str,
-    map_max_side: int,
-    map_encoding: str,
-    region_min_area: int,
+    item: Item, registry: ModelRegistry, worker: str, region_min_area: int, max_regions: int = 16
 ) -> Outcome:
-    """The result (and dead letter, for errors) of one item; never raises."""
+    """The result (and dead letter, for errors) of one item; never raises (pool thread)."""
+    t = time.thread_time()
     try:
-        return _build_outcome(item, registry, worker, line, map_max_side, map_encoding, region_min_area)
+        outcome = _build_outcome(item, registry, worker, region_min_area, max_regions)
     except Exception as exc:  # e.g. a non-finite map: still answer the frame, as an error
-        item.error = ErrorInfo.make("internal", f"building the result failed: {type(exc).__name__}: {exc}")
-        item.inspection = None
-        return _build_outcome(item, registry, worker, line, map_max_side, map_encoding, region_min_area)
+        item.fail("internal", f"building the result failed: {type(exc).__name__}: {exc}")
+        item.wire_map = None
+        outcome = _build_outcome(item, registry, worker, region_min_area, max_regions)
+    item.cpu["encode"] = time.thread_time() - t
+    return outcome
 
 
-def _build_outcome(
-    item: Item,
-    registry: ModelRegistry,
-    worker: str,
-    line: str,
-    map_max_side: int,
-    map_encoding: str,
-    region_min_area: int,
-) -> Outcome:
+def _build_outcome(item: Item, registry: ModelRegistry, worker: str, region_min_area: int, max_regions: int) -> Outcome:
     f = item.frame
     timings = Timings(
         captured_at=f.captured_at if f else None,
@@ -129,7 +171,7 @@ def _build_outcome(
     )
     common = dict(
         frame_id=item.frame_id,
-        line=f.line if f else line,
+        line=f.line if f else item.line,
         camera=f.camera if f else "",
         seq=f.seq if f else None,
         category=f.category if f else "",
@@ -138,19 +180,9 @@ def _build_outcome(
         deliveries=max(1, item.deliveries),
         meta=dict(f.meta) if f else {},
     )
-    if item.error is not None or item.inspection is None:
+    if item.error is not None or item.wire_map is None or item.score is None or item.threshold is None:
         error = item.error or ErrorInfo.make("internal", "no inspection result")
-        result = Result(
-            verdict="error",
-            score=None,
-            threshold=None,
-            anomaly_map=None,
-            regions=[],
-            model_id=None,
-            model_version=None,
-            error=error,
-            **common,
-        )
+        result = Result(verdict="error", error=error, **common)
         return Outcome(
             item.entry_id,
             item.frame_id,
@@ -161,19 +193,21 @@ def _build_outcome(
             deliveries=item.deliveries,
             original_payload=item.payload,
         )
-    ins = item.inspection
     assert f is not None
+    wm = item.wire_map
+    anomalous = item.score >= item.threshold
+    regions = []
+    if anomalous:
+        regions = find_regions(wm.values, item.threshold, region_min_area, max_regions, image_shape=wm.image_shape)
     inspector = registry.get(f.category)
-    regions = find_regions(ins.anomaly_map, ins.threshold, min_area=region_min_area) if ins.anomalous else []
     result = Result(
-        verdict=ins.verdict,
-        score=float(ins.score),
-        threshold=float(ins.threshold),
-        anomaly_map=encode_map(np.asarray(ins.anomaly_map, np.float32), max_side=map_max_side, encoding=map_encoding),
+        verdict="anomalous" if anomalous else "ok",
+        score=float(item.score),
+        threshold=float(item.threshold),
+        anomaly_map=quantised_map(wm.pixels, wm.image_shape, (wm.lo, wm.hi)),
         regions=regions,
         model_id=inspector.model_id if inspector is not None else None,
         model_version=registry.model_version(f.category),
-        error=None,
         **common,
     )
     return Outcome(item.entry_id, item.frame_id, result.verdict, pack_result(result), deliveries=item.deliveries)

@@ -15,12 +15,19 @@ __all__ = ["find_regions"]
 _EIGHT = np.ones((3, 3), dtype=bool)  # 8-connectivity, as MVTec's PRO regions
 
 
-def find_regions(amap: np.ndarray, threshold: float, min_area: int = 16, max_regions: int = 16) -> list[Region]:
-    """Connected regions of `amap >= threshold`, largest peak first, at most `max_regions`.
+def find_regions(
+    amap: np.ndarray,
+    threshold: float,
+    min_area: int = 16,
+    max_regions: int = 16,
+    image_shape: tuple[int, int] | None = None,
+) -> list[Region]:
+    """Connected regions (8-connected) of `amap >= threshold`, largest peak first, at most `max_regions`.
 
-    Pass the map at ORIGINAL image resolution: bounding boxes (x, y, w, h) and areas are in its pixels.
-    Regions with fewer than `min_area` pixels are dropped; NaN never counts as anomalous; an infinite
-    peak is clamped to the largest finite float64 (Region rejects non-finite numbers).
+    Bounding boxes (x, y, w, h) and areas are in pixels of the original image: `image_shape` (H, W)
+    when the map is smaller (a wire-resolution map), else the map's own. Regions smaller than `min_area`
+    original pixels are dropped; NaN never counts as anomalous; an infinite peak is clamped to the
+    largest finite float64 (Region rejects non-finite numbers).
     """
     from scipy import ndimage  # lazy: see module docstring
 
@@ -33,7 +40,10 @@ def find_regions(amap: np.ndarray, threshold: float, min_area: int = 16, max_reg
     labels, n = ndimage.label(mask, structure=_EIGHT)
     if n == 0:
         return []
-    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    # Scale from map pixels to original pixels: boxes outward (never cut an anomaly), areas by the ratio.
+    big_h, big_w = image_shape or a.shape
+    sy, sx = big_h / a.shape[0], big_w / a.shape[1]
+    areas = np.ceil(np.bincount(labels.ravel(), minlength=n + 1)[1:] * (sy * sx) - 1e-9).astype(np.int64)
     peaks = np.asarray(ndimage.maximum(a, labels, np.arange(1, n + 1)), dtype=np.float64).reshape(n)
     peaks = np.clip(peaks, -np.finfo(np.float64).max, np.finfo(np.float64).max)
     keep = np.flatnonzero(areas >= max(1, min_area))
@@ -43,14 +53,8 @@ def find_regions(amap: np.ndarray, threshold: float, min_area: int = 16, max_reg
     regions: list[Region] = []
     for i in order:
         ys, xs = slices[i]
-        regions.append(
-            Region(
-                x=int(xs.start),
-                y=int(ys.start),
-                w=int(xs.stop - xs.start),
-                h=int(ys.stop - ys.start),
-                area=int(areas[i]),
-                peak=float(peaks[i]),
-            )
-        )
+        x0, y0 = int(np.floor(xs.start * sx + 1e-9)), int(np.floor(ys.start * sy + 1e-9))
+        x1, y1 = min(big_w, int(np.ceil(xs.stop * sx - 1e-9))), min(big_h, int(np.ceil(ys.stop * sy - 1e-9)))
+        w, h = max(1, x1 - x0), max(1, y1 - y0)
+        regions.append(Region(x=x0, y=y0, w=w, h=h, area=int(min(areas[i], w * h)), peak=float(peaks[i])))
     return regions

@@ -1,32 +1,48 @@
-"""`crd work`: a batched inference worker on one line's frames stream.
+"""`crd work`: a batched inference worker on one or more lines' frames streams.
 
-Loop: read up to `max_batch` entries (XREADGROUP, then up to `max_wait_ms` more to fill the
-batch), decode + preprocess them in a thread pool while the previous batch runs on the device,
-publish results and XACK in one atomic script, and reclaim entries that dead workers left
-pending (XAUTOCLAIM). SIGTERM: stop reading, finish what is in hand, ack, exit.
+Four stages overlap, joined by bounded queues, so one worker keeps its device busy:
+
+    line readers (a thread per line)   XREADGROUP / XAUTOCLAIM -> unpack -> intake
+    batcher (a thread)                 latency-bounded batches under a decoded-bytes cap; decoding
+                                       starts on the pool at once                  -> ready
+    device (the main loop)             one copy to the device, preprocess, model, wire maps
+                                                                                   -> outbox
+    publisher (a thread)               results encoded on the pool, then published and acknowledged
+                                       per line in one atomic script (workers/publish.py)
+
+A frame waits at most `max_wait_ms` for its batch to fill. Entries idle longer than `claim_idle_ms`
+are reclaimed from dead workers; one delivered more than `max_deliveries` times is dead-lettered with
+an error result. SIGTERM: stop reading, finish and publish everything in hand, leave the groups, exit.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import redis
 import structlog
+import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from crd_model.stream import Limits
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import Backoff, connect, ensure_group, outstanding, trim_processed
 from crd_model.stream.settings import Settings
+from workers.device import Staging, wire_maps
 from workers.models import ModelRegistry
-from workers.processing import Item, build_outcome, decode_item
+from workers.processing import Item, build_outcome, decode_item, unpack_item
 from workers.publish import Publisher
 
 log = structlog.get_logger("crd.worker")
 
-Batch = list[Future[Item]]
+STAGES = ("read", "unpack", "decode_rgb", "decode_xyz", "h2d", "preprocess", "model", "postprocess", "encode",
+          "publish")  # fmt: skip
+_POLL_S = 0.2  # how often idle stages look at the stop flag
 
 
 class WorkerMetrics:
@@ -36,10 +52,10 @@ class WorkerMetrics:
         self.batch_size = Histogram(
             "crd_worker_batch_size",
             "Frames per inference batch",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
             registry=registry,
         )
-        self.infer_seconds = Histogram("crd_worker_inference_seconds", "Model time per batch", registry=registry)
+        self.infer_seconds = Histogram("crd_worker_inference_seconds", "Device time per batch", registry=registry)
         self.latency = Histogram(
             "crd_worker_latency_seconds",
             "Capture to result",
@@ -47,228 +63,428 @@ class WorkerMetrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
         )
         self.lag = Gauge(
-            "crd_worker_group_outstanding", "Frames in the stream not yet finished by the group", registry=registry
-        )
+            "crd_worker_group_outstanding", "Frames in the stream not yet finished by the group", ["line"],
+            registry=registry,
+        )  # fmt: skip
         self.reclaimed = Counter("crd_worker_reclaimed_total", "Entries reclaimed from dead workers", registry=registry)
         self.lost_to_other = Counter(
             "crd_worker_superseded_total",
             "Results not published: another worker had reclaimed the frame",
             registry=registry,
         )
+        self.stage_seconds = Counter(
+            "crd_worker_stage_seconds_total", "Time spent per stage, CPU (thread time) and wall", ["stage", "clock"],
+            registry=registry,
+        )  # fmt: skip
+        self.stage_frames = Counter(
+            "crd_worker_stage_frames_total", "Frames through each stage", ["stage"], registry=registry
+        )
+
+    def stage(self, name: str, cpu_s: float, wall_s: float | None = None, frames: int = 1) -> None:
+        self.stage_seconds.labels(name, "cpu").inc(max(cpu_s, 0.0))
+        self.stage_seconds.labels(name, "wall").inc(max(cpu_s if wall_s is None else wall_s, 0.0))
+        self.stage_frames.labels(name).inc(frames)
+
+
+@dataclass
+class Batch:
+    items: list[Item]
+    decoding: list[Future[Item]]
+
+
+class _InFlight:
+    """Entries read but not yet published (or abandoned for a retry): the drain waits for zero."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self._n += n
+
+    @property
+    def n(self) -> int:
+        return self._n
 
 
 class Worker(Daemon):
     def __init__(
         self, settings: Settings, models: ModelRegistry, r: redis.Redis | None = None, limits: Limits | None = None
     ):
-        super().__init__(settings.observability, log.bind(line=settings.line, consumer=settings.worker.consumer))
+        super().__init__(settings.observability, log.bind(consumer=settings.worker.consumer))
         self.s = settings
         self.w = settings.worker
         self.models = models
         self.r = r or connect(settings.redis)
-        self.frames_key = settings.streams.key(settings.line, "frames")
+        self.lines = list(self.w.lines) or [settings.line]
         self.group = settings.streams.group
         self.consumer = self.w.consumer
         self.limits = limits or Limits()
-        self.publisher = Publisher(self.r, settings.streams, settings.line, self.group, self.consumer)
-        self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="decode")
+        self.frames_keys = {line: settings.streams.key(line, "frames") for line in self.lines}
+        self.publishers = {
+            line: Publisher(self.r, settings.streams, line, self.group, self.consumer) for line in self.lines
+        }
+        self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
         self.metrics = WorkerMetrics(self.registry)
-        self._last_claim = 0.0
-        self._last_trim = 0.0
-        self._claim_cursor = "0-0"
+        capacity = self.w.max_batch * self.w.prefetch_batches
+        self.intake: queue.Queue[Item] = queue.Queue()
+        self.intake_room = threading.Semaphore(capacity)  # read no further ahead than this
+        self.ready: queue.Queue[Batch] = queue.Queue(maxsize=1)
+        self.outbox: queue.Queue[list[Item]] = queue.Queue(maxsize=2)
+        self.reading = threading.Event()  # set while readers should read
+        self.in_flight = _InFlight()
+        self.staging = {d: Staging(d) for d in models.devices}
         self.published = 0
+        self._last_read = time.monotonic()
+        self._fatal: BaseException | None = None
+        self._readers: list[threading.Thread] = []
+        self._device_done = threading.Event()
+        self.log = self.log.bind(lines=self.lines)
 
+    # -- the loop --------------------------------------------------------------------------------------
     def run(self, max_frames: int | None = None, idle_exit_s: float | None = None) -> int:
         """Serve until stopped (or `max_frames` published, or idle for `idle_exit_s`). Returns frames published."""
-        backoff = Backoff(cap=10.0)
-        in_hand: Batch = []
-        last_activity = time.monotonic()
+        self._readers = [
+            threading.Thread(target=self._read_line, args=(line,), name=f"read-{line}") for line in self.lines
+        ]
+        batcher = threading.Thread(target=self._batch, name="batcher")
+        publisher = threading.Thread(target=self._publish_loop, name="publisher")
+        threads = [*self._readers, batcher]
+        self.reading.set()
         try:
             with self.running():
-                while not self.stopping.is_set():
+                for t in [*threads, publisher]:
+                    t.start()
+                while True:
+                    self.health.beat()
+                    if self._fatal is not None:
+                        raise self._fatal
+                    if self._should_stop_reading(max_frames, idle_exit_s):
+                        self.reading.clear()
+                    # Drained: nothing can arrive any more (readers gone) and nothing is in hand.
+                    if not self.reading.is_set() and not any(t.is_alive() for t in threads) and not self.in_flight.n:
+                        break
                     try:
-                        if not self.health.ready:
-                            ensure_group(self.r, self.frames_key, self.group)
-                            self.health.set_ready(True)
-                            self.log.info("ready", categories=self.models.categories, group=self.group)
-                        # Block only when nothing is in hand; otherwise just top up, so the batch in
-                        # hand is not held back by an idle stream.
-                        fresh = self._reclaim() or self._read(block=not in_hand)
-                        if in_hand:
-                            self._finish(in_hand)
-                        in_hand = fresh
-                        self.health.beat()
-                        backoff.reset()
-                        self._maintain()
-                        if fresh:
-                            last_activity = time.monotonic()
-                        elif idle_exit_s is not None and time.monotonic() - last_activity > idle_exit_s:
-                            break
-                        if max_frames is not None and self.published >= max_frames and not in_hand:
-                            break
-                    except redis.ResponseError as exc:
-                        if "NOGROUP" not in str(exc):
-                            raise
-                        # The server lost the group (restart without persistence, FLUSHALL): recreate it.
-                        self.health.set_ready(False, "consumer group missing")
-                        self.log.warning("group_missing", error=str(exc))
-                    except (redis.ConnectionError, redis.TimeoutError) as exc:
-                        # What is in hand stays pending on the server; it is finished after reconnecting
-                        # (or reclaimed by another worker if this one never comes back).
-                        self.health.set_ready(False, "redis unreachable")
-                        self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
-                        delay = backoff.sleep()
-                        self.log.warning("redis_unavailable", error=str(exc), retry_in_s=round(delay, 2))
-                if in_hand:
-                    self._finish(in_hand)  # drain: finish the batch in hand before exiting
-                self._leave_group()
+                        batch = self.ready.get(timeout=_POLL_S)  # poll
+                    except queue.Empty:
+                        continue
+                    items = [f.result() for f in batch.decoding]  # start: decoded on the pool meanwhile
+                    self._infer(items)  # run: device work, per category
+                    self.outbox.put(items)  # finish: encoded, published and acked on the publisher thread
         finally:
+            self.reading.clear()
+            self._device_done.set()
+            for t in threads:
+                t.join()
+            if publisher.is_alive():
+                self.outbox.put([])  # the publisher's end marker, after everything in hand
+                publisher.join()
             self.pool.shutdown(wait=True)
+            for line in self.lines:
+                self._leave_group(line)
             self.log.info("stopped", published=self.published)
         return self.published
 
-    def _leave_group(self) -> None:
-        """On a clean exit with nothing pending, remove this consumer so names of finished pods
-        do not pile up in the group. With anything pending it stays, for XAUTOCLAIM to find."""
+    def _should_stop_reading(self, max_frames: int | None, idle_exit_s: float | None) -> bool:
+        if self.stopping.is_set():
+            return True
+        if max_frames is not None and self.published >= max_frames:
+            return True
+        idle = time.monotonic() - self._last_read
+        return idle_exit_s is not None and self.in_flight.n == 0 and idle > idle_exit_s
+
+    # -- stage 1: a reader per line ------------------------------------------------------------------------
+    def _read_line(self, line: str) -> None:
+        key = self.frames_keys[line]
+        backoff = Backoff(cap=10.0)
+        ready = False
+        last_claim = last_maintain = 0.0
+        claim_cursor = "0-0"
+        while self.reading.is_set():
+            try:
+                if not ready:
+                    ensure_group(self.r, key, self.group)
+                    ready = True
+                    self.health.set_ready(True)
+                    self.log.info("ready", line=line, categories=self.models.categories, group=self.group)
+                now = time.monotonic()
+                if now - last_claim >= self.w.claim_every_s:
+                    last_claim = now
+                    claim_cursor = self._reclaim(line, claim_cursor)
+                if now - last_maintain >= self.s.streams.frames_trim_every_s:
+                    last_maintain = now
+                    self.metrics.lag.labels(line).set(outstanding(self.r, key, self.group, limit=100_000))
+                    trim_processed(self.r, key)
+                self._read(line)
+                backoff.reset()
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    self._fail(exc)
+                    return
+                # The server lost the group (restart without persistence, FLUSHALL): recreate it.
+                ready = False
+                self.health.set_ready(False, "consumer group missing")
+                self.log.warning("group_missing", line=line, error=str(exc))
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # What is in hand stays pending on the server; it is finished after reconnecting (or
+                # reclaimed by another worker if this one never comes back).
+                self.health.set_ready(False, "redis unreachable")
+                delay = backoff.sleep()
+                self.log.warning("redis_unavailable", line=line, error=str(exc), retry_in_s=round(delay, 2))
+                ready = False
+            except Exception as exc:
+                self._fail(exc)
+                return
+
+    def _read(self, line: str) -> None:
+        """XREADGROUP as many entries as the intake has room for (waiting for room first)."""
+        if not self.intake_room.acquire(timeout=_POLL_S):
+            return
+        room = 1
+        while room < self.w.max_batch and self.intake_room.acquire(blocking=False):
+            room += 1
         try:
-            for c in self.r.xinfo_consumers(self.frames_key, self.group):
-                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
-                if name == self.consumer and int(c["pending"]) == 0:
-                    self.r.xgroup_delconsumer(self.frames_key, self.group, self.consumer)
-        except redis.RedisError as exc:
-            self.log.warning("leave_group_failed", error=str(exc))
-
-    # -- reading ---------------------------------------------------------------------------
-    def _submit(self, entries: list[tuple[bytes, dict[bytes, bytes]]], deliveries: dict[str, int]) -> Batch:
-        return [
-            self.pool.submit(
-                decode_item,
-                eid.decode(),
-                fields,
-                deliveries.get(eid.decode(), 1),
-                self.models,
-                self.limits,
-                self.w.max_deliveries,
+            t, c = time.perf_counter(), time.thread_time()
+            resp = self.r.xreadgroup(
+                self.group, self.consumer, {self.frames_keys[line]: ">"}, count=room, block=self.w.block_ms
             )
-            for eid, fields in entries
-        ]
+            entries = _entries(resp)
+            if entries:
+                self.metrics.stage("read", time.thread_time() - c, time.perf_counter() - t, len(entries))
+        except BaseException:
+            self.intake_room.release(room)
+            raise
+        if room > len(entries):
+            self.intake_room.release(room - len(entries))
+        self._admit(line, entries, {})
 
-    def _xreadgroup(self, count: int, block_ms: int | None) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        resp = self.r.xreadgroup(self.group, self.consumer, {self.frames_key: ">"}, count=count, block=block_ms)
-        if not resp:
-            return []
-        # RESP2: [[stream, entries]]; RESP3: {stream: [entries]}
-        entries = resp[0][1] if isinstance(resp, list) else next(iter(resp.values()))[0]
-        return [(eid, fields) for eid, fields in entries if fields is not None]
-
-    def _read(self, block: bool) -> Batch:
-        """Dynamic batching: whatever is there, then up to `max_wait_ms` more to fill the batch.
-
-        With a batch in hand (`block=False`) there is no extra wait: what arrived while the device
-        was busy is the next batch, and waiting longer would only delay the batch in hand.
-        """
-        entries = self._xreadgroup(self.w.max_batch, self.w.block_ms if block else None)
-        if block and entries and len(entries) < self.w.max_batch and self.w.max_wait_ms > 0:
-            deadline = time.monotonic() + self.w.max_wait_ms / 1000.0
-            while len(entries) < self.w.max_batch and not self.stopping.is_set():
-                remaining_ms = int((deadline - time.monotonic()) * 1000)
-                if remaining_ms < 1:
-                    break
-                more = self._xreadgroup(self.w.max_batch - len(entries), remaining_ms)
-                if not more:
-                    break
-                entries += more
-        return self._submit(entries, {})
-
-    def _reclaim(self) -> Batch:
+    def _reclaim(self, line: str, cursor: str) -> str:
         """XAUTOCLAIM entries idle longer than `claim_idle_ms`: their worker is presumed dead."""
-        now = time.monotonic()
-        if now - self._last_claim < self.w.claim_every_s:
-            return []
-        self._last_claim = now
+        key = self.frames_keys[line]
         resp = self.r.xautoclaim(
-            self.frames_key,
-            self.group,
-            self.consumer,
-            self.w.claim_idle_ms,
-            start_id=self._claim_cursor,
-            count=self.w.max_batch,
+            key, self.group, self.consumer, self.w.claim_idle_ms, start_id=cursor, count=self.w.max_batch
         )
-        self._claim_cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
+        cursor = resp[0].decode() if isinstance(resp[0], bytes) else str(resp[0])
         entries = [(eid, fields) for eid, fields in resp[1] if fields is not None]
         deleted = resp[2] if len(resp) > 2 else []
         if deleted:
-            self.log.error("pending_entries_were_deleted", ids=[d.decode() for d in deleted])
-        if not entries:
-            return []
-        deliveries = {}
-        for eid, _ in entries:
-            info = self.r.xpending_range(self.frames_key, self.group, min=eid, max=eid, count=1)
-            deliveries[eid.decode()] = int(info[0]["times_delivered"]) if info else 1
-        self.metrics.reclaimed.inc(len(entries))
-        self.log.info("reclaimed", n=len(entries), ids=list(deliveries))
-        return self._submit(entries, deliveries)
+            self.log.error("pending_entries_were_deleted", line=line, ids=[d.decode() for d in deleted])
+        if entries:
+            deliveries = {}
+            for eid, _ in entries:
+                info = self.r.xpending_range(key, self.group, min=eid, max=eid, count=1)
+                deliveries[eid.decode()] = int(info[0]["times_delivered"]) if info else 1
+            self.metrics.reclaimed.inc(len(entries))
+            self.log.info("reclaimed", line=line, n=len(entries), ids=list(deliveries))
+            for _ in entries:
+                self.intake_room.acquire()  # reclaimed entries count against the read-ahead too
+            self._admit(line, entries, deliveries)
+        return cursor
 
-    # -- inference and publishing ----------------------------------------------------------
-    def _finish(self, batch: Batch) -> None:
-        items = [f.result() for f in batch]
+    def _admit(self, line: str, entries: list, deliveries: dict[str, int]) -> None:
+        if not entries:
+            return
+        self._last_read = time.monotonic()
+        self.in_flight.add(len(entries))
+        for eid, fields in entries:
+            entry_id = eid.decode() if isinstance(eid, bytes) else eid
+            item = unpack_item(
+                line, entry_id, fields, deliveries.get(entry_id, 1), self.models, self.limits, self.w.max_deliveries
+            )
+            self.metrics.stage("unpack", item.cpu["unpack"])
+            self.intake.put(item)
+
+    # -- stage 2: the batcher ------------------------------------------------------------------------------
+    def _batch(self) -> None:
+        """Latency-bounded batches: up to `max_batch` frames, at most `max_wait_ms` after the first one was
+        read, and no more decoded bytes than `max_batch_decoded_mb` (a larger frame goes alone)."""
+        cap = self.w.max_batch_decoded_mb * 2**20
+        carry: Item | None = None
+        try:
+            while any(t.is_alive() for t in self._readers) or carry is not None or not self.intake.empty():
+                if carry is None:
+                    try:
+                        carry = self.intake.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        continue
+                batch, size, carry = [carry], carry.decoded_bytes, None
+                deadline = batch[0].read_at + self.w.max_wait_ms / 1000.0
+                while len(batch) < self.w.max_batch:
+                    wait = deadline - time.monotonic()
+                    try:
+                        item = self.intake.get(timeout=wait) if wait > 0 else self.intake.get_nowait()
+                    except queue.Empty:
+                        break
+                    if size + item.decoded_bytes > cap:
+                        carry = item  # starts the next batch
+                        break
+                    batch.append(item)
+                    size += item.decoded_bytes
+                decoding = [self.pool.submit(decode_item, it, self.models, self.limits) for it in batch]
+                while True:  # hand over, but keep noticing a fatal error elsewhere
+                    try:
+                        self.ready.put(Batch(batch, decoding), timeout=_POLL_S)
+                        break
+                    except queue.Full:
+                        if self._fatal is not None or self._device_done.is_set():
+                            return
+        except Exception as exc:
+            self._fail(exc)
+
+    # -- stage 3: the device ---------------------------------------------------------------------------------
+    def _infer(self, items: list[Item]) -> None:
+        """Scores and wire maps of every decoded item; items whose inference raised stay pending."""
+        for it in items:
+            for stage in ("decode_rgb", "decode_xyz"):
+                if stage in it.cpu:
+                    self.metrics.stage(stage, it.cpu[stage])
         by_category: dict[str, list[Item]] = defaultdict(list)
         for it in items:
             if it.error is None and it.frame is not None:
                 by_category[it.frame.category].append(it)
-        failed: set[str] = set()
         for category, group in by_category.items():
             inspector = self.models.get(category)
             assert inspector is not None
-            t = time.perf_counter()
+            t0 = time.perf_counter()
             try:
-                results = inspector.infer([it.prepared for it in group])
+                self._infer_group(inspector, group)
             except Exception as exc:  # e.g. device OOM: leave pending, retried later (then dead-lettered)
                 self.log.error("inference_failed", category=category, n=len(group), error=repr(exc))
-                failed.update(it.entry_id for it in group)
-                continue
-            self.metrics.infer_seconds.observe(time.perf_counter() - t)
+                for it in group:
+                    it.abandoned = True
+            self.metrics.infer_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(group))
-            for it, res in zip(group, results, strict=True):
-                it.inspection = res
-        outcomes = [
-            build_outcome(
-                it,
-                self.models,
-                self.consumer,
-                self.s.line,
+        for it in items:
+            it.rgb = it.xyz = None  # decoded payloads are no longer needed: free them now
+
+    def _infer_group(self, inspector, group: list[Item]) -> None:
+        device = inspector.device
+        timed = self.w.time_stages and device.type == "cuda"
+        clock = _StageClock(self.metrics, len(group), device if timed else None)
+        with clock("h2d"):
+            arrays = [a for it in group for a in (it.rgb, it.xyz)]
+            on_device = self.staging.setdefault(device, Staging(device)).upload(arrays)
+        with clock("preprocess"):
+            inputs = inspector.preprocess(on_device[0::2], on_device[1::2])
+        with clock("model"):
+            out = inspector.forward(inputs)
+        with clock("postprocess"):
+            maps = wire_maps(
+                out.anomaly_map,
+                [it.image_hw for it in group],
                 self.w.result_map_max_side,
                 self.w.result_map_encoding,
-                self.w.region_min_area,
             )
-            for it in items
-            if it.entry_id not in failed
-        ]
-        published = self.publisher.publish(outcomes)
-        self.published += published
-        if published < len(outcomes):
-            self.metrics.lost_to_other.inc(len(outcomes) - published)
-            self.log.warning("superseded", n=len(outcomes) - published)
+            scores = out.pred_score.float().cpu().tolist()
+        for it, wm, score in zip(group, maps, scores, strict=True):
+            it.wire_map, it.score, it.threshold = wm, float(score), float(inspector.threshold)
+
+    # -- stage 4: the publisher -----------------------------------------------------------------------------
+    def _publish_loop(self) -> None:
+        while True:
+            items = self.outbox.get()
+            if not items:
+                return
+            try:
+                self._publish(items)
+            except Exception as exc:
+                self._fail(exc)
+                return
+
+    def _publish(self, items: list[Item]) -> None:
+        done = [it for it in items if not it.abandoned]
+        abandoned = len(items) - len(done)  # inference failed: they stay pending for a retry
+        outcomes = list(
+            self.pool.map(lambda it: build_outcome(it, self.models, self.consumer, self.w.region_min_area), done)
+        )
+        for it in done:
+            self.metrics.stage("encode", it.cpu.get("encode", 0.0))
+        by_line: dict[str, list[int]] = defaultdict(list)
+        for i, it in enumerate(done):
+            by_line[it.line].append(i)
+        backoff = Backoff(cap=5.0)
+        for line, idx in by_line.items():
+            while True:
+                t, c = time.perf_counter(), time.thread_time()
+                try:
+                    # Idempotent: a retry after a lost reply publishes nothing twice (only entries still
+                    # pending for this consumer are published, and publishing acks them).
+                    n = self.publishers[line].publish([outcomes[i] for i in idx])
+                    break
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    self.health.set_ready(False, "redis unreachable")
+                    delay = backoff.sleep()
+                    self.log.warning("publish_retry", line=line, error=str(exc), retry_in_s=round(delay, 2))
+            self.metrics.stage("publish", time.thread_time() - c, time.perf_counter() - t, len(idx))
+            self.published += n
+            if n < len(idx):
+                self.metrics.lost_to_other.inc(len(idx) - n)
+                self.log.warning("superseded", line=line, n=len(idx) - n)
         now = time.time()
-        for it, o in zip([it for it in items if it.entry_id not in failed], outcomes, strict=True):
+        for it, o in zip(done, outcomes, strict=True):
             self.metrics.frames.labels(o.verdict).inc()
             if o.verdict == "error":
                 self.metrics.errors.labels(o.dead_reason).inc()
                 self.log.warning(
-                    "frame_error",
-                    frame_id=o.frame_id,
-                    entry_id=o.entry_id,
-                    code=o.dead_reason,
+                    "frame_error", line=it.line, frame_id=o.frame_id, entry_id=o.entry_id, code=o.dead_reason,
                     message=o.dead_message[:200],
-                )
+                )  # fmt: skip
             if it.frame is not None:
                 self.metrics.latency.observe(max(0.0, now - it.frame.captured_at))
-        self.log.debug("batch_done", n=len(items), published=published, frame_ids=[o.frame_id for o in outcomes][:64])
+        self.log.debug("batch_done", n=len(items), frame_ids=[o.frame_id for o in outcomes][:64])
+        if items:
+            self.intake_room.release(len(items))
+        self.in_flight.add(-len(items))
+        if abandoned:
+            self.log.warning("left_pending_for_retry", n=abandoned)
 
-    def _maintain(self) -> None:
-        now = time.monotonic()
-        if now - self._last_trim < self.s.streams.frames_trim_every_s:
-            return
-        self._last_trim = now
-        self.metrics.lag.set(outstanding(self.r, self.frames_key, self.group, limit=100_000))
-        trim_processed(self.r, self.frames_key)
+    # -- lifecycle -------------------------------------------------------------------------------------------
+    def _fail(self, exc: BaseException) -> None:
+        """An unexpected error in a stage thread: stop everything and re-raise it from `run`."""
+        self.log.error("stage_failed", error=repr(exc), thread=threading.current_thread().name)
+        if self._fatal is None:
+            self._fatal = exc
+        self.reading.clear()
+
+    def _leave_group(self, line: str) -> None:
+        """On a clean exit with nothing pending, remove this consumer so names of finished pods
+        do not pile up in the group. With anything pending it stays, for XAUTOCLAIM to find."""
+        key = self.frames_keys[line]
+        try:
+            for c in self.r.xinfo_consumers(key, self.group):
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if name == self.consumer and int(c["pending"]) == 0:
+                    self.r.xgroup_delconsumer(key, self.group, self.consumer)
+        except redis.RedisError as exc:
+            self.log.warning("leave_group_failed", line=line, error=str(exc))
+
+
+class _StageClock:
+    """Times device stages into the worker's metrics; with a device, synchronises it so each stage's
+    wall time is its own (benchmarks only: it costs the overlap of host and device)."""
+
+    def __init__(self, metrics: WorkerMetrics, frames: int, sync_device: torch.device | None):
+        self.metrics, self.frames, self.sync = metrics, frames, sync_device
+
+    def __call__(self, name: str):
+        clock = self
+
+        class _Timer:
+            def __enter__(self):
+                self.t, self.c = time.perf_counter(), time.thread_time()
+
+            def __exit__(self, *exc):
+                if clock.sync is not None and exc[0] is None:
+                    torch.cuda.synchronize(clock.sync)
+                clock.metrics.stage(name, time.thread_time() - self.c, time.perf_counter() - self.t, clock.frames)
+
+        return _Timer()
+
+
+def _entries(resp) -> list:
+    """XREADGROUP's entries for one stream, RESP2 ([[stream, entries]]) or RESP3 ({stream: [entries]})."""
+    if not resp:
+        return []
+    entries = resp[0][1] if isinstance(resp, list) else next(iter(resp.values()))[0]
+    return [(eid, fields) for eid, fields in entries if fields is not None]

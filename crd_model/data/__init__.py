@@ -1,1 +1,1 @@
-"""Data in the MVTec 3D-AD layout: reader and writer, synthetic generator, 3D preprocessing (no torch)."""
+"""Data in the MVTec 3D-AD layout: reader and writer, synthetic generator (no torch)."""

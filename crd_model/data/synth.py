@@ -28,7 +28,8 @@ from PIL import Image, ImageFilter
 
 from crd_model.data.mvtec3d import write_gt, write_rgb, write_xyz
 
-# (class id written into gt masks, MVTec style 255, 254, ... rather than 0/255; where the defect shows)
+# (class id written into gt masks, MVTec style 255, 254, ... rather than 0/255; where the defect shows).
+# Ids stay >= 128: the reader binarises masks at half scale (docs/data.md), and write_gt refuses lower ones.
 _DEFECTS = {"color": (255, "rgb"), "contamination": (254, "rgb"), "dent": (253, "3d"), "bump": (252, "3d"),
             "bent": (251, "3d"), "hole": (250, "both"), "cut": (249, "both"), "crack": (248, "both"),
             "combined": (247, "mixed")}  # fmt: skip

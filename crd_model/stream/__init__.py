@@ -10,7 +10,15 @@ consumer), `settings` (one typed settings object), `daemon` (the lifecycle every
 `observability` (health and metrics endpoints), `logs` (structlog), `embedded` (a Valkey for tests/demo).
 """
 
-from crd_model.stream.codecs import decode_map, decode_rgb, decode_xyz, encode_map, encode_rgb, encode_xyz
+from crd_model.stream.codecs import (
+    decode_map,
+    decode_rgb,
+    decode_xyz,
+    encode_map,
+    encode_rgb,
+    encode_xyz,
+    quantised_map,
+)
 from crd_model.stream.messages import (
     DEFAULT_LIMITS,
     WIRE_VERSION,
@@ -59,6 +67,7 @@ __all__ = [
     "pack_frame",
     "pack_result",
     "peek_frame_id",
+    "quantised_map",
     "unpack_frame",
     "unpack_result",
 ]

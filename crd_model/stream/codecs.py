@@ -229,21 +229,31 @@ def encode_map(amap: np.ndarray, max_side: int = 256, encoding: Literal["png8", 
         size = (max(1, min(max_side, round(w0 * s))), max(1, min(max_side, round(h0 * s))))
         a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize(size, Image.Resampling.BILINEAR),
                        dtype=np.float32)  # fmt: skip
-    h, w = a.shape
     if encoding == "png8":
         lo, hi = float(a.min()), float(a.max())
         if not hi > lo:  # flat map: any hi > lo decodes every pixel 0 back to lo
             hi = lo + max(1.0, abs(lo))
         px = np.rint((a.astype(np.float64) - lo) * (255.0 / (hi - lo))).clip(0, 255).astype(np.uint8)
+        return quantised_map(px, image_shape or (h0, w0), (lo, hi))
+    if encoding == "float16":
+        return quantised_map(a.clip(-_FLOAT16_MAX, _FLOAT16_MAX).astype("<f2"), image_shape or (h0, w0))
+    raise WireError("bad_map", f"unknown map encoding {encoding!r}")
+
+
+def quantised_map(
+    pixels: np.ndarray, image_shape: tuple[int, int], scale: tuple[float, float] = (0.0, 1.0)
+) -> AnomalyMap:
+    """An `AnomalyMap` from pixels already at wire resolution and quantised: uint8 -> "png8" with
+    `scale` = (lo, hi), float16 -> "float16" (workers quantise on the device and only encode here)."""
+    h, w = pixels.shape
+    if pixels.dtype == np.uint8:
         buf = io.BytesIO()
-        Image.fromarray(px).save(buf, format="PNG", compress_level=3)
-        data, scale = buf.getvalue(), (lo, hi)
-    elif encoding == "float16":
-        data = a.clip(-_FLOAT16_MAX, _FLOAT16_MAX).astype("<f2").tobytes()
-        scale = (0.0, 1.0)
-    else:
-        raise WireError("bad_map", f"unknown map encoding {encoding!r}")
-    return AnomalyMap(encoding=encoding, shape=(h, w), image_shape=image_shape or (h0, w0), scale=scale, data=data)
+        Image.fromarray(np.ascontiguousarray(pixels)).save(buf, format="PNG", compress_level=3)
+        return AnomalyMap(encoding="png8", shape=(h, w), image_shape=image_shape, scale=scale, data=buf.getvalue())
+    if pixels.dtype == np.float16:
+        data = np.ascontiguousarray(pixels, dtype="<f2").tobytes()
+        return AnomalyMap(encoding="float16", shape=(h, w), image_shape=image_shape, scale=(0.0, 1.0), data=data)
+    raise WireError("bad_map", f"quantised map pixels must be uint8 or float16, got {pixels.dtype}")
 
 
 def decode_map(am: AnomalyMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
@@ -30,6 +32,17 @@ class TLSVerificationError(ValueError):
     """
 
 
+def _verification_failed(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, ca: str | None
+) -> TLSVerificationError:
+    trusted = f"the CA in {ca}" if ca else "the system's CAs (no tls_ca_file set)"
+    why = str(exc.verify_message or exc.reason).rstrip(".")
+    return TLSVerificationError(
+        f"TLS: the certificate of {host}:{port} failed verification against {trusted}: {why}. "
+        "Check CRD_REDIS__TLS_CA_FILE and that the server's certificate names the host in CRD_REDIS__URL"
+    )
+
+
 class VerifiedSSLConnection(redis.SSLConnection):
     """redis-py's TLS connection with readable, non-retried certificate failures."""
 
@@ -37,12 +50,7 @@ class VerifiedSSLConnection(redis.SSLConnection):
         try:
             return super()._connect()
         except ssl.SSLCertVerificationError as exc:
-            trusted = f"the CA in {self.ca_certs}" if self.ca_certs else "the system's CAs (no tls_ca_file set)"
-            why = str(exc.verify_message or exc.reason).rstrip(".")
-            raise TLSVerificationError(
-                f"TLS: the certificate of {self.host}:{self.port} failed verification against {trusted}: {why}. "
-                "Check CRD_REDIS__TLS_CA_FILE and that the server's certificate names the host in CRD_REDIS__URL"
-            ) from None
+            raise _verification_failed(exc, self.host, self.port, self.ca_certs) from None
 
     def connect_check_health(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         try:
@@ -59,17 +67,31 @@ class VerifiedSSLConnection(redis.SSLConnection):
             raise
 
 
-def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
-    """A client with auth, TLS and retries with exponential backoff on connection errors.
+class VerifiedAsyncSSLConnection(redis.asyncio.SSLConnection):
+    """The asyncio twin of VerifiedSSLConnection (the plant consumers' clients)."""
 
-    With a rediss:// URL the server's certificate is always verified (and its host name, unless
-    tls_check_hostname is off); a failed verification raises TLSVerificationError, not retried.
-    """
+    async def _connect(self):  # type: ignore[no-untyped-def]
+        try:
+            return await super()._connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise _verification_failed(exc, self.host, self.port, self.ssl_context.ca_certs) from None
+
+    async def connect_check_health(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await super().connect_check_health(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            # The asyncio connection wraps every exception of _connect in a ConnectionError: unwrap ours.
+            if isinstance(exc.__cause__, TLSVerificationError):
+                raise exc.__cause__ from None
+            raise
+
+
+def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
+    """Auth, TLS, timeouts and health checks shared by the sync and the asyncio clients."""
     kwargs: dict = dict(
         socket_timeout=cfg.socket_timeout_s,
         socket_connect_timeout=cfg.connect_timeout_s,
         health_check_interval=cfg.health_check_interval_s,
-        retry=Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
         decode_responses=decode_responses,
     )
@@ -84,7 +106,6 @@ def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
             if path is not None and not path.is_file():
                 # Found now, not as a connection error retried forever.
                 raise FileNotFoundError(f"CRD_REDIS__{setting}: no such file: {path}")
-        kwargs["connection_class"] = VerifiedSSLConnection
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         kwargs["ssl_check_hostname"] = cfg.tls_check_hostname
         if cfg.tls_ca_file:
@@ -93,7 +114,32 @@ def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
             kwargs["ssl_certfile"] = str(cfg.tls_cert_file)
         if cfg.tls_key_file:
             kwargs["ssl_keyfile"] = str(cfg.tls_key_file)
+    return kwargs
+
+
+def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
+    """A client with auth, TLS and retries with exponential backoff on connection errors.
+
+    With a rediss:// URL the server's certificate is always verified (and its host name, unless
+    tls_check_hostname is off); a failed verification raises TLSVerificationError, not retried.
+    """
+    kwargs = _client_kwargs(cfg, decode_responses)
+    kwargs["retry"] = Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    if cfg.url.startswith("rediss://"):
+        kwargs["connection_class"] = VerifiedSSLConnection
     return redis.Redis.from_url(cfg.url, **kwargs)
+
+
+def connect_async(cfg: RedisSettings, decode_responses: bool = False) -> redis.asyncio.Redis:
+    """The asyncio twin of `connect` (same auth, TLS and retries), for the asyncio consumers."""
+    kwargs = _client_kwargs(cfg, decode_responses)
+    kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    client = redis.asyncio.Redis.from_url(cfg.url, **kwargs)
+    if cfg.url.startswith("rediss://"):
+        # The asyncio pool's from_url ignores a connection_class argument for rediss://: set it on the
+        # pool before it has made any connection.
+        client.connection_pool.connection_class = VerifiedAsyncSSLConnection
+    return client
 
 
 def ensure_group(r: redis.Redis, stream: str, group: str) -> None:

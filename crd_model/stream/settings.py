@@ -22,6 +22,7 @@ from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
+    ConfigDict,
     Field,
     SecretStr,
     ValidationError,
@@ -143,6 +144,8 @@ class ProducerSettings(BaseModel):
     fps: float = Field(10.0, gt=0, allow_inf_nan=False)
     rgb_encoding: Literal["png", "jpeg", "raw"] = "png"
     xyz_dtype: Literal["float32", "float16"] = "float32"
+    # Opt-in: shrink frames so their longer side is at most this before sending (docs/deploy.md).
+    downscale_max_side: int | None = Field(None, ge=32)
     xyz_compression: Literal["zlib", "none"] = "zlib"
     max_outstanding: int = Field(200, ge=1, description="group lag + pending above which backpressure acts")
     backpressure: Literal["block", "slow"] = "block"
@@ -152,21 +155,211 @@ class ProducerSettings(BaseModel):
 
 class WorkerSettings(BaseModel):
     consumer: Identifier = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # Lines this worker serves (one consumer group per line's frames stream, read together, batched
+    # across lines; results go to each line's own results stream). Empty: the top-level `line`.
+    lines: list[Identifier] = []
     max_batch: int = Field(16, ge=1, le=1024)
-    max_wait_ms: int = Field(20, ge=0, description="time to wait for a batch to fill")
+    max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill")
     block_ms: int = Field(1000, ge=1)
-    decode_threads: int = Field(2, ge=1)
+    decode_threads: int = Field(2, ge=1, description="pool that decodes payloads and encodes results")
+    prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
+    max_batch_decoded_mb: float = Field(
+        512.0, gt=0, description="decoded bytes one batch may hold; a larger frame is inspected alone"
+    )
     claim_idle_ms: int = Field(30_000, ge=100, description="pending this long = its worker is presumed dead")
     claim_every_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
     device: str | None = None
-    bf16: bool = False
-    compile: bool = False
+    bf16: bool | None = Field(None, description="bf16 autocast; None = on CUDA")
+    compile: bool | None = Field(None, description="torch.compile with static batch shapes; None = on CUDA")
+    time_stages: bool = Field(False, description="synchronise the device between stages to time each (benchmarks)")
     result_map_max_side: int = Field(256, ge=16)
     result_map_encoding: Literal["png8", "float16"] = "png8"
     region_min_area: int = Field(16, ge=1)
     # category -> checkpoint directory; one model per category, loaded once.
     models: dict[str, Path] = {}
+
+
+PLC_VERDICT_CODES = {"ok": 1, "anomalous": 2, "error": 3}  # 0 = no result yet
+
+
+class ModbusMap(BaseModel):
+    """Where the bridge writes one line's result on a Modbus TCP PLC (addresses relative to the line's base).
+
+    Holding registers are 16-bit; 32-bit values take two registers, high word first (big-endian).
+    Coils are single bits. Defaults match the register map table in README.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequence: int = Field(0, ge=0, description="uint32: the bridge's result sequence of the line, 1, 2, ...")
+    verdict_code: int = Field(2, ge=0, description="uint16: 1 ok, 2 anomalous, 3 error")
+    reject_register: int = Field(3, ge=0, description="uint16 0/1: the reject decision, for register-only PLCs")
+    score: int = Field(4, ge=0, description="int32: score x score_scale")
+    threshold: int = Field(6, ge=0, description="int32: threshold x score_scale")
+    capture_seq: int = Field(8, ge=0, description="uint32: the camera's frame counter (low 32 bits)")
+    part_id: int = Field(10, ge=0, description="part id from meta, ASCII, NUL-padded, part_id_registers long")
+    part_id_registers: int = Field(16, ge=1, le=64)
+    heartbeat: int = Field(30, ge=0, description="uint16 counter, +1 every heartbeat_s")
+    status: int = Field(31, ge=0, description="uint16 bits: 0 ready, 1 alarm, 2 missing results reported")
+    missing_count: int = Field(32, ge=0, description="uint16: results reported missing so far (wraps)")
+    missing_capture_seq: int = Field(33, ge=0, description="uint32: capture seq of the last missing result")
+    # coils
+    result_valid_coil: int = Field(0, ge=0, description="bridge sets it once the result registers are written")
+    reject_coil: int = Field(1, ge=0, description="set with result valid for a reject, cleared with it")
+    heartbeat_coil: int = Field(2, ge=0, description="toggles every heartbeat_s")
+    alarm_coil: int = Field(3, ge=0, description="set while the line is in alarm (PLC not acking, ...)")
+    result_ack_coil: int = Field(8, ge=0, description="the PLC sets it after reading; the bridge clears both")
+
+    @model_validator(mode="after")
+    def _no_overlaps(self) -> ModbusMap:
+        regs: dict[int, str] = {}
+        spans = {
+            "sequence": 2, "verdict_code": 1, "reject_register": 1, "score": 2, "threshold": 2, "capture_seq": 2,
+            "part_id": self.part_id_registers, "heartbeat": 1, "status": 1, "missing_count": 1,
+            "missing_capture_seq": 2,
+        }  # fmt: skip
+        for name, width in spans.items():
+            for a in range(getattr(self, name), getattr(self, name) + width):
+                if a in regs:
+                    raise ValueError(f"register {a} is used by both {regs[a]} and {name}")
+                regs[a] = name
+        coils = [self.result_valid_coil, self.reject_coil, self.heartbeat_coil, self.alarm_coil, self.result_ack_coil]
+        if len(set(coils)) != len(coils):
+            raise ValueError("two coils share an address")
+        return self
+
+
+class ModbusSettings(BaseModel):
+    host: str = "127.0.0.1"
+    port: int = Field(502, ge=1, le=65535)
+    device_id: int = Field(1, ge=0, le=255, description="Modbus unit / slave id of the PLC")
+    timeout_s: float = Field(2.0, gt=0)
+    # Line i (in the order of plc.lines) uses registers register_base + i * line_register_stride + offset.
+    register_base: int = Field(0, ge=0)
+    line_register_stride: int = Field(100, ge=1)
+    coil_base: int = Field(0, ge=0)
+    line_coil_stride: int = Field(16, ge=1)
+    map: ModbusMap = ModbusMap()
+    handshake: bool = True  # result valid / result ack; False: a result is confirmed once its write is acknowledged
+    poll_ms: int = Field(20, ge=1, description="how often the ack coil is read while waiting")
+
+
+class OpcUaNodeMap(BaseModel):
+    """Node ids in the PLC's own OPC UA server; `{line}` is replaced by the line id. Empty = not written."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequence: str = "ns=2;s=Vision.{line}.Sequence"
+    verdict_code: str = "ns=2;s=Vision.{line}.VerdictCode"
+    reject: str = "ns=2;s=Vision.{line}.Reject"
+    score: str = "ns=2;s=Vision.{line}.Score"
+    part_id: str = "ns=2;s=Vision.{line}.PartId"
+    frame_id: str = ""
+    heartbeat: str = "ns=2;s=Vision.{line}.Heartbeat"
+    alarm: str = ""
+    missing_count: str = ""
+    # Both set: the handshake (bridge sets result_valid, the PLC sets result_ack, the bridge clears both).
+    result_valid: str = ""
+    result_ack: str = ""
+
+    @model_validator(mode="after")
+    def _handshake_pair(self) -> OpcUaNodeMap:
+        if bool(self.result_valid) != bool(self.result_ack):
+            raise ValueError("result_valid and result_ack come as a pair (both set, or neither)")
+        if not self.sequence:
+            raise ValueError("sequence is required: it is how the PLC, and a restarted bridge, tell results apart")
+        return self
+
+
+class OpcUaClientSettings(BaseModel):
+    endpoint: str = "opc.tcp://127.0.0.1:4840"
+    username: str | None = None
+    password: SecretStr | None = None
+    # Basic256Sha256 with a client certificate: "Basic256Sha256,SignAndEncrypt,cert.pem,key.pem[,server.der]".
+    security_string: SecretStr | None = None
+    timeout_s: float = Field(4.0, gt=0)
+    nodes: OpcUaNodeMap = OpcUaNodeMap()
+    score_scale: int | None = Field(None, ge=1, description="integer score nodes get score x this (None: plc's)")
+    poll_ms: int = Field(20, ge=1)
+
+
+class OpcUaServerSettings(BaseModel):
+    endpoint: str = "opc.tcp://0.0.0.0:4840/crd-inspect/"
+    namespace_uri: str = "urn:crd-inspect:machine-vision"
+    # "None" is plain TCP (a closed plant network); "Basic256Sha256_SignAndEncrypt" needs certificate + key.
+    security_policies: list[Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"]] = ["None"]
+    certificate_file: Path | None = None
+    private_key_file: Path | None = None
+    username: str | None = None  # set both: clients must log in with them (anonymous is then refused)
+    password: SecretStr | None = None
+    # True: a result counts as confirmed only once a client wrote its Sequence into <line>/Acknowledge.
+    require_ack: bool = False
+
+    @model_validator(mode="after")
+    def _security(self) -> OpcUaServerSettings:
+        if any(p != "None" for p in self.security_policies) and not (self.certificate_file and self.private_key_file):
+            raise ValueError("Basic256Sha256 policies need certificate_file and private_key_file")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password come as a pair")
+        return self
+
+
+class PlcSettings(BaseModel):
+    protocol: Literal["modbus", "opcua-client", "opcua-server"] = "modbus"
+    lines: list[str] = Field(default_factory=list, description="lines to bridge; empty = [line]")
+    # The bridge's own consumer group on the results stream: never the workers' group.
+    group: str = "plc-bridge"
+    consumer: str = Field("bridge", description="stable across restarts: pending results are resumed by name")
+    error_is_reject: bool = True  # fail-safe: a frame that could not be inspected is rejected
+    part_id_key: str = Field("part_id", description="meta key whose value is the part id shown to the PLC")
+    score_scale: int = Field(1000, ge=1, description="integer registers carry round(score x score_scale)")
+    buffer_depth: int = Field(32, ge=1, le=10_000, description="results read ahead while the PLC is busy")
+    ack_timeout_s: float = Field(5.0, gt=0, description="no PLC confirmation for this long: alarm (never a skip)")
+    heartbeat_s: float = Field(1.0, gt=0)
+    missing_timeout_s: float = Field(10.0, gt=0, description="a gap in a camera's seq open this long is reported")
+    block_ms: int = Field(500, ge=1)
+    drain_timeout_s: float = Field(10.0, ge=0, description="SIGTERM: how long to finish the handshake in hand")
+    reconnect_max_backoff_s: float = Field(5.0, gt=0)
+    modbus: ModbusSettings = ModbusSettings()
+    opcua_client: OpcUaClientSettings = OpcUaClientSettings()
+    opcua_server: OpcUaServerSettings = OpcUaServerSettings()
+
+
+class DashboardSettings(BaseModel):
+    lines: list[str] = Field(default_factory=list, description="lines shown; empty = [line]")
+    host: str = "127.0.0.1"  # localhost only unless deliberately opened
+    port: int = Field(8080, ge=1, le=65535)
+    # Optional auth (both may be set): a bearer token (header, or ?token= for the page and its event
+    # stream) and/or HTTP basic auth. Secrets from the environment or a mounted file, never logged.
+    auth_token: SecretStr | None = None
+    auth_token_file: Path | None = None
+    basic_username: str | None = None
+    basic_password: SecretStr | None = None
+    history: int = Field(500, ge=10, le=20_000, description="results kept per line for rates, latency, plot")
+    window_s: float = Field(300.0, gt=0, description="reject rate and latency over this window")
+    anomalies: int = Field(12, ge=1, le=200, description="recent anomalous frames kept with their images")
+    frame_images: bool = True  # XREAD the frames stream (from $) to show the images of flagged frames
+    frame_cache_mb: int = Field(64, ge=1, description="recent frames' RGB payloads kept until their result arrives")
+    image_max_side: int = Field(1024, ge=64, le=8192, description="full images are shown at most this large")
+    thumbnail_side: int = Field(200, ge=32, le=1024)
+    dead_letters: int = Field(20, ge=1, le=500)
+    refresh_s: float = Field(1.0, gt=0, description="how often the page gets a new snapshot")
+    poll_s: float = Field(2.0, gt=0, description="group info and dead letters are polled this often")
+
+    @model_validator(mode="after")
+    def _basic_pair(self) -> DashboardSettings:
+        if (self.basic_username is None) != (self.basic_password is None):
+            raise ValueError("basic_username and basic_password come as a pair")
+        return self
+
+    def token(self) -> str | None:
+        """The token from auth_token or auth_token_file (stripped); read at start, never logged."""
+        if self.auth_token is not None:
+            return self.auth_token.get_secret_value()
+        if self.auth_token_file is not None:
+            return self.auth_token_file.read_text().strip()
+        return None
 
 
 class ObservabilitySettings(BaseModel):
@@ -199,6 +392,8 @@ class Settings(BaseSettings):
     streams: StreamSettings = StreamSettings()
     producer: ProducerSettings = ProducerSettings()
     worker: WorkerSettings = WorkerSettings()
+    plc: PlcSettings = PlcSettings()
+    dashboard: DashboardSettings = DashboardSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
 
     @classmethod
@@ -253,12 +448,25 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             raise SettingsError(describe_errors(exc, _namer(overrides))) from None
 
+    @model_validator(mode="after")
+    def _plant_group_is_not_the_workers(self) -> Settings:
+        check_plc_group(self)
+        return self
+
+    def plc_lines(self) -> list[str]:
+        return self.plc.lines or [self.line]
+
+    def dashboard_lines(self) -> list[str]:
+        return self.dashboard.lines or [self.line]
+
 
 def _namer(overrides: Mapping[tuple[str, ...], tuple[str, Any]]) -> Any:
     """Where a value with this location came from: its flag, else its environment variable."""
     flags = {path: flag for path, (flag, _) in overrides.items()}
 
     def name_of(loc: tuple[str, ...]) -> str:
+        if not loc:  # a check across sections (e.g. plc.group vs streams.group): the message says which
+            return "settings"
         if loc in flags:
             return flags[loc]
         inside = [flag for path, flag in flags.items() if path[: len(loc)] == loc]  # a section-level error
@@ -279,3 +487,9 @@ def describe_errors(exc: ValidationError, name_of: Any) -> str:
         dotted = ".".join(loc) or "settings"
         lines.append(f"{name_of(loc)} ({dotted}): {error['msg']}")
     return "; ".join(lines)
+
+
+def check_plc_group(s: Settings) -> None:
+    """The bridge's consumer group must be its own: sharing the workers' would steal their frames' acks."""
+    if s.plc.group == s.streams.group:
+        raise ValueError(f"plc.group {s.plc.group!r} is the workers' consumer group; give the bridge its own")
