@@ -1,7 +1,7 @@
 """TLS for real: a throwaway CA, Debian's redis-server with --tls-port, producer -> worker -> results over rediss://.
 
 Needs `redis-server` (Debian/Ubuntu package `redis-server`, built with TLS) on PATH; skipped without it,
-except under CRD_REQUIRE_REDIS_SERVER=1 (CI), where it fails. Independent of REDIS_URL.
+except under CI=1 (.ci/run), where it fails. Independent of REDIS_URL.
 """
 
 from __future__ import annotations
