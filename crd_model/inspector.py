@@ -86,6 +86,8 @@ class Inspector:
         self.model: CRDModel = model
         self.buckets = tuple(sorted(buckets)) if buckets is not None else (batch_buckets(max_batch) if cuda else ())
         self._compiled = (cuda if compile is None else compile) and self.device.type != "mps"
+        if self._compiled:
+            _allow_recompiles(len(self.buckets) + 2)  # one static graph per bucket, all compiled at warm-up
         self._forward = torch.compile(self.model, dynamic=False) if self._compiled else self.model
         self.preprocessor = Preprocessor(self.config, self.device)
 
@@ -185,6 +187,15 @@ class Inspector:
                     )
                 )
         return results
+
+
+def _allow_recompiles(n: int) -> None:
+    """Let dynamo keep `n` graphs of one function (default 8) instead of falling back to eager."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):  # renamed across torch versions
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), n))
 
 
 def _pad(t: torch.Tensor | None, size: int) -> torch.Tensor | None:

@@ -61,10 +61,27 @@ class Producer(Daemon):
         self.frames_key = settings.streams.key(settings.line, "frames")
         self.group = settings.streams.group
         self.metrics = ProducerMetrics(self.registry)
-        # Frame ids stay unique across restarts of the same camera: boot time + sequence number.
+        # Frame ids are <camera>:<epoch>:<seq>. The epoch (the camera's first start) and the last
+        # confirmed seq live in Redis, written with each frame in one transaction: a restarted
+        # producer continues the sequence (and its source from there) instead of starting over, so
+        # it neither skips nor re-numbers what it had confirmed. A frame resent after a lost reply
+        # keeps its id, and the workers publish one result per frame id.
+        self.state_key = settings.streams.producer_key(settings.line, camera)
         self.boot = int(time.time() * 1000)
         self.seq = 0
         self.sent = 0
+        self._resumed = False
+
+    def resume(self) -> int:
+        """Continue this camera's sequence where the last confirmed frame left it; returns the next seq."""
+        if not self._resumed:
+            state = self._with_reconnect("resume", lambda: self.r.hgetall(self.state_key))
+            if state:
+                self.boot = int(state[b"epoch"])
+                self.seq = int(state[b"seq"]) + 1
+                self.log.info("resumed", epoch=self.boot, next_seq=self.seq)
+            self._resumed = True
+        return self.seq
 
     def _with_reconnect(self, what: str, fn):
         """Run `fn` until it succeeds or we are stopped; a frame is retried, never dropped."""
@@ -104,7 +121,8 @@ class Producer(Daemon):
         self.metrics.backpressure_seconds.inc(waited)
 
     def send(self, sf: SourceFrame) -> str:
-        frame_id = f"{self.camera}:{self.boot}:{self.seq}"
+        self.resume()
+        frame_id = f"{self.camera}:{sf.key}" if sf.key else f"{self.camera}:{self.boot}:{self.seq}"
         rgb, xyz, meta = sf.rgb, sf.xyz, sf.meta
         if self.p.downscale_max_side is not None:
             rgb, xyz, meta = downscale(rgb, xyz, meta, self.p.downscale_max_side)
@@ -123,8 +141,17 @@ class Producer(Daemon):
         )
         payload = pack_frame(frame)
         fields = {F_FRAME_ID: frame_id.encode(), F_VERSION: str(WIRE_VERSION).encode(), F_PAYLOAD: payload}
+        state = {"epoch": self.boot, "seq": self.seq}
+
+        def xadd() -> bytes:
+            # One transaction: the frame and the record that it was sent. Retried with the same frame id.
+            pipe = self.r.pipeline(transaction=True)
+            pipe.xadd(self.frames_key, fields)
+            pipe.hset(self.state_key, mapping=state)
+            return pipe.execute()[0]
+
         t = time.perf_counter()
-        entry_id = self._with_reconnect("xadd", lambda: self.r.xadd(self.frames_key, fields))
+        entry_id = self._with_reconnect("xadd", xadd)
         self.metrics.send_seconds.observe(time.perf_counter() - t)
         self.metrics.sent.inc()
         self.metrics.bytes.inc(len(payload))
@@ -136,14 +163,20 @@ class Producer(Daemon):
         return frame_id
 
     def run(self, source: Iterable[SourceFrame], max_frames: int | None = None) -> int:
-        """Send frames at `fps` until the source ends, `max_frames`, or SIGTERM. Returns frames sent."""
+        """Send frames at `fps` until the source ends, `max_frames`, or SIGTERM. Returns frames sent.
+
+        A source with `frames(start)` (replay, synthetic) is read from this camera's next sequence
+        number, so a restarted producer continues where its last confirmed frame left off.
+        """
         with self.running():
             self._with_reconnect("create group", lambda: ensure_group(self.r, self.frames_key, self.group))
+            start = self.resume()
+            frames = source.frames(start) if hasattr(source, "frames") else iter(source)
             period = 1.0 / self.p.fps
             next_at = time.monotonic()
-            self.log.info("producing", fps=self.p.fps, stream=self.frames_key)
+            self.log.info("producing", fps=self.p.fps, stream=self.frames_key, first_seq=start)
             try:
-                for sf in source:
+                for sf in frames:
                     if self.stopping.is_set():
                         break
                     self._wait_for_capacity()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +23,9 @@ class SourceFrame:
     meta: dict[str, str | int | float | bool] = field(default_factory=dict)
     # Called once the frame is safely on the stream (e.g. to move a watched file out of the way).
     on_sent: Callable[[], None] | None = None
+    # The source's own identity for this capture (a watched file's name and time): the frame id is
+    # then <camera>:<key>, the same if the frame is ever sent again. None: <camera>:<epoch>:<seq>.
+    key: str | None = None
 
 
 class ReplaySource:
@@ -34,8 +38,14 @@ class ReplaySource:
         self.category, self.loop = category, loop
 
     def __iter__(self) -> Iterator[SourceFrame]:
-        samples = itertools.cycle(self.samples) if self.loop else iter(self.samples)
-        for s in samples:
+        return self.frames(0)
+
+    def frames(self, start: int) -> Iterator[SourceFrame]:
+        """From the `start`-th frame of the replay (the split, over and over with `loop`)."""
+        n = len(self.samples)
+        indices = itertools.count(start) if self.loop else range(start, n)
+        for i in indices:
+            s = self.samples[i % n]
             yield SourceFrame(
                 read_rgb(s.rgb_path),
                 read_xyz(s.xyz_path),
@@ -54,9 +64,21 @@ class SyntheticSource:
         self.category = category
 
     def __iter__(self) -> Iterator[SourceFrame]:
+        return self.frames(0)
+
+    def frames(self, start: int) -> Iterator[SourceFrame]:
+        """The camera's frames from the `start`-th (each frame is reproducible from the seed and its index)."""
+        self.camera.frame_index = start
         while True:
             rgb, xyz, _gt, defect = self.camera.next_frame()
             yield SourceFrame(rgb, xyz, self.category, {"defect_type": defect, "synthetic": True})
+
+
+def capture_key(rgb_path: Path) -> str:
+    """A watched capture's identity, stable across producer restarts: its name and modification time
+    (a file sent, then found again after a crash before it was moved, gets the same frame id)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", rgb_path.stem)[:80] or "capture"
+    return f"{stem}:{rgb_path.stat().st_mtime_ns // 1_000_000}"
 
 
 class WatchFolderSource:
@@ -122,4 +144,5 @@ class WatchFolderSource:
                     self.category,
                     {"path": f"rgb/{rgb_path.name}"},
                     on_sent=lambda paths=paths: self._move(paths, "sent"),
+                    key=capture_key(rgb_path),
                 )

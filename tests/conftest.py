@@ -71,8 +71,8 @@ def settings(redis_url: str, request: pytest.FixtureRequest):
     from crd_model.stream.redis_streams import connect
 
     r = connect(s.redis)
-    for kind in ("frames", "results", "dead"):
-        r.delete(s.streams.key(line, kind))
+    for key in r.scan_iter(match=f"{s.streams.prefix}:{{{line}}}:*", count=1000):
+        r.delete(key)
 
 
 @pytest.fixture

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import redis
 
@@ -13,6 +15,7 @@ from crd_model.stream.redis_streams import (
     outstanding,
     safe_trim_id,
     trim_processed,
+    trim_results,
 )
 from crd_model.stream.settings import RedisSettings, Settings
 from workers.publish import Outcome, Publisher
@@ -94,7 +97,7 @@ def test_publish_and_ack_is_atomic_and_skips_frames_another_worker_owns(settings
         Outcome(ids[1], "f1", "error", b"r1", dead_reason="bad_rgb", dead_message="broken", original_payload=b"x"),
         Outcome(ids[2], "f2", "ok", b"r2"),
     ]
-    assert pub.publish(outcomes) == 2
+    assert pub.publish(outcomes).published == 2
     assert [e[1][b"frame_id"] for e in r.xrange(results)] == [b"f0", b"f1"]
     ((_, dead_fields),) = r.xrange(dead)
     assert dead_fields[b"reason"] == b"bad_rgb" and dead_fields[b"source_id"].decode() == ids[1]
@@ -102,8 +105,33 @@ def test_publish_and_ack_is_atomic_and_skips_frames_another_worker_owns(settings
     pending = r.xpending_range(frames, "g", "-", "+", 10)
     assert [(p["message_id"].decode(), p["consumer"].decode()) for p in pending] == [(ids[2], "w2")]
     # Publishing the same batch again (a retry after a lost reply) publishes nothing twice.
-    assert pub.publish(outcomes) == 0
+    assert pub.publish(outcomes).published == 0
     assert r.xlen(results) == 2
+
+
+def test_a_frame_sent_twice_gets_one_result_and_the_copy_a_duplicate_dead_letter(settings, r):
+    frames = settings.streams.key(settings.line, "frames")
+    results = settings.streams.key(settings.line, "results")
+    dead = settings.streams.key(settings.line, "dead")
+    ensure_group(r, frames, "g")
+    # The same frame XADDed twice (a producer retrying after a lost reply), plus another frame.
+    ids = [r.xadd(frames, {b"frame_id": fid, b"payload": b"x"}).decode() for fid in (b"cam:1", b"cam:1", b"cam:2")]
+    r.xreadgroup("g", "w1", {frames: ">"}, count=3)
+    pub = Publisher(r, settings.streams, settings.line, "g", "w1")
+    first = pub.publish([Outcome(ids[0], "cam:1", "ok", b"r0")])
+    # ...and, in a later batch (another worker, another time), the copy and the other frame.
+    later = pub.publish([Outcome(ids[1], "cam:1", "anomalous", b"r1"), Outcome(ids[2], "cam:2", "ok", b"r2")])
+    assert (first.published, first.duplicates, later.published, later.duplicates) == (1, 0, 1, 1)
+    assert [e[1][b"frame_id"] for e in r.xrange(results)] == [b"cam:1", b"cam:2"]
+    ((_, dead_fields),) = r.xrange(dead)
+    assert dead_fields[b"reason"] == b"duplicate" and dead_fields[b"source_id"].decode() == ids[1]
+    assert r.xpending(frames, "g")["pending"] == 0  # the copy is acknowledged, not left hanging
+    # Outside the window a frame id is new again (ids are unique per camera boot; the window bounds memory).
+    short = Publisher(r, settings.streams.model_copy(update={"dedup_window_s": 0.05}), settings.line, "g", "w1")
+    time.sleep(0.1)
+    again = r.xadd(frames, {b"frame_id": b"cam:1", b"payload": b"x"}).decode()
+    r.xreadgroup("g", "w1", {frames: ">"}, count=1)
+    assert short.publish([Outcome(again, "cam:1", "ok", b"r3")]).published == 1
 
 
 def test_settings_from_environment(monkeypatch):
@@ -152,3 +180,31 @@ def test_password_auth_against_a_protected_server():
             connect(bad).ping()
         with pytest.raises(redis.AuthenticationError):
             connect(good.model_copy(update={"password": None})).xadd("k", {"a": "b"})
+
+
+def test_results_are_never_trimmed_from_under_a_consumer_group(settings, r):
+    results = settings.streams.key(settings.line, "results")
+    ids = _fill(r, results, 400)
+    # Nobody consumes through a group: an approximate MAXLEN keeps the newest.
+    assert trim_results(r, results, maxlen=100, retain_s=0, hard_maxlen=1000).overflow == 0
+    assert 100 <= r.xlen(results) < 400
+    r.delete(results)
+    ids = _fill(r, results, 400)
+    # A PLC bridge's group has read 300 and acknowledged 200 (a PLC outage): 200 may go, not one more.
+    ensure_group(r, results, "plc-bridge")
+    r.xreadgroup("plc-bridge", "b1", {results: ">"}, count=300)
+    r.xack(results, "plc-bridge", *ids[:200])
+    trim = trim_results(r, results, maxlen=100, retain_s=0, hard_maxlen=1000)
+    assert trim.overflow == 0 and trim.lagging == []
+    remaining = [e[0].decode() for e in r.xrange(results)]
+    assert ids[200] in remaining and remaining[-1] == ids[-1]  # everything unacknowledged is still there
+    # Results newer than retain_s stay for readers without a group, acknowledged or not.
+    r.xack(results, "plc-bridge", *ids[200:300])
+    trim_results(r, results, maxlen=100, retain_s=3600, hard_maxlen=1000)
+    assert r.xrange(results, count=1)[0][0].decode() in ids[:201]
+    assert r.xlen(results) == 200
+    # The hard cap bounds memory when the group stops acknowledging: the acknowledged history goes
+    # first, then the oldest unacknowledged results, counted and named.
+    trim = trim_results(r, results, maxlen=100, retain_s=0, hard_maxlen=60)
+    assert r.xlen(results) == 60
+    assert trim.lagging == ["plc-bridge"] and trim.overflow == 40

@@ -150,3 +150,20 @@ def test_cli_reports_missing_data_cleanly(tmp_path: Path, capsys):
     code = main(["eval", "--checkpoint", str(tmp_path), "--data", str(tmp_path), "--category", "x"])
     assert code == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_padding_to_batch_buckets_changes_no_score(tiny_data: Path, tiny_checkpoint: Path):
+    samples = list_samples(tiny_data, TINY_CATEGORY, "test")[:5]
+    rgbs = [read_rgb(s.rgb_path) for s in samples]
+    xyzs = [read_xyz(s.xyz_path) for s in samples]
+    plain = Inspector(tiny_checkpoint, "cpu").inspect(rgbs, xyzs)
+    bucketed = Inspector(tiny_checkpoint, "cpu", buckets=(1, 2, 4))
+    assert bucketed.buckets == (1, 2, 4)
+    bucketed.warmup()  # every bucket once
+    # 5 frames: a full bucket of 4, then one frame in the bucket of 1; padding rows never leak in.
+    for a, b in zip(plain, bucketed.inspect(rgbs, xyzs), strict=True):
+        assert b.score == pytest.approx(a.score, rel=1e-4, abs=1e-4)
+        np.testing.assert_allclose(b.model_map, a.model_map, rtol=1e-4, atol=1e-4)
+    from crd_model.inspector import batch_buckets
+
+    assert batch_buckets(16) == (1, 2, 4, 8, 16) and batch_buckets(24) == (1, 2, 4, 8, 16, 24)

@@ -13,35 +13,53 @@ from crd_model.stream.settings import StreamSettings
 
 # Publish the results of a batch and acknowledge its frames in one atomic step. An entry is only
 # published if it is still pending for *this* consumer: if another worker reclaimed it meanwhile
-# (XAUTOCLAIM after we stalled), our copy is dropped and theirs wins, so no frame is published
+# (XAUTOCLAIM after we stalled), our copy is dropped and theirs wins, so no entry is published
 # twice; and since publish and ack happen together, a crash before this point leaves the frame
 # pending for a reclaim, a crash after it has done both. Nothing is lost, nothing doubled.
 #
-# KEYS: frames, results, dead.  ARGV: group, consumer, results_maxlen, dead_maxlen, n, then per
-# entry: id, frame_id, verdict, result_payload, dead_reason ('' = none), dead_message,
+# The promise holds per frame, not per stream entry: the frame ids published within the dedup
+# window are kept in a sorted set (score = server time). A second entry with a published frame id
+# (a producer's retry after a lost reply, a restarted producer resending) is acknowledged without a
+# result and dead-lettered with reason "duplicate".
+#
+# Results carry no MAXLEN here: the worker trims them below what every consumer group of the
+# results stream has acknowledged (redis_streams.trim_results).
+#
+# KEYS: frames, results, dead, published.  ARGV: group, consumer, dead_maxlen, dedup_window_s, n,
+# then per entry: id, frame_id, verdict, result_payload, dead_reason ('' = none), dead_message,
 # dead_deliveries, original_payload.
 PUBLISH_AND_ACK = """
 local group, consumer = ARGV[1], ARGV[2]
-local rmax, dmax, n = ARGV[3], ARGV[4], tonumber(ARGV[5])
-local published = 0
+local dmax, window, n = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - window)
+local published, duplicates = 0, 0
 for i = 0, n - 1 do
   local b = 6 + i * 8
-  local id = ARGV[b]
+  local id, frame_id = ARGV[b], ARGV[b + 1]
   local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
   if #p == 1 and p[1][2] == consumer then
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', rmax, '*',
-               'frame_id', ARGV[b + 1], 'verdict', ARGV[b + 2], 'payload', ARGV[b + 3])
-    if ARGV[b + 4] ~= '' then
+    if redis.call('ZADD', KEYS[4], 'NX', now, frame_id) == 1 then
+      redis.call('XADD', KEYS[2], '*', 'frame_id', frame_id, 'verdict', ARGV[b + 2], 'payload', ARGV[b + 3])
+      if ARGV[b + 4] ~= '' then
+        redis.call('XADD', KEYS[3], 'MAXLEN', '~', dmax, '*',
+                   'frame_id', frame_id, 'reason', ARGV[b + 4], 'message', ARGV[b + 5],
+                   'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer,
+                   'payload', ARGV[b + 7])
+      end
+      published = published + 1
+    else
       redis.call('XADD', KEYS[3], 'MAXLEN', '~', dmax, '*',
-                 'frame_id', ARGV[b + 1], 'reason', ARGV[b + 4], 'message', ARGV[b + 5],
-                 'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer,
-                 'payload', ARGV[b + 7])
+                 'frame_id', frame_id, 'reason', 'duplicate',
+                 'message', 'this frame id already has a result (published within the dedup window)',
+                 'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer, 'payload', ARGV[b + 7])
+      duplicates = duplicates + 1
     end
     redis.call('XACK', KEYS[1], group, id)
-    published = published + 1
   end
 end
-return published
+return {published, duplicates}
 """
 
 
@@ -59,19 +77,28 @@ class Outcome:
     original_payload: bytes = b""
 
 
+@dataclass
+class Published:
+    """What one publish call did: results published, duplicates dead-lettered (the rest of the batch
+    was no longer this worker's: another one had reclaimed it)."""
+
+    published: int
+    duplicates: int
+
+
 class Publisher:
     def __init__(self, r: redis.Redis, streams: StreamSettings, line: str, group: str, consumer: str):
         self.r = r
-        self.keys = [streams.key(line, "frames"), streams.key(line, "results"), streams.key(line, "dead")]
+        self.keys = [streams.key(line, kind) for kind in ("frames", "results", "dead", "published")]
         self.group, self.consumer = group, consumer
-        self.results_maxlen, self.dead_maxlen = streams.results_maxlen, streams.dead_maxlen
+        self.dead_maxlen, self.dedup_window_s = streams.dead_maxlen, streams.dedup_window_s
         self._script = r.register_script(PUBLISH_AND_ACK)
 
-    def publish(self, outcomes: list[Outcome]) -> int:
-        """Publish + ack atomically; returns how many were still ours (the rest went to another worker)."""
+    def publish(self, outcomes: list[Outcome]) -> Published:
+        """Publish + ack atomically. Idempotent: a retry after a lost reply publishes nothing twice."""
         if not outcomes:
-            return 0
-        args: list = [self.group, self.consumer, self.results_maxlen, self.dead_maxlen, len(outcomes)]
+            return Published(0, 0)
+        args: list = [self.group, self.consumer, self.dead_maxlen, self.dedup_window_s, len(outcomes)]
         for o in outcomes:
             args += [
                 o.entry_id,
@@ -83,4 +110,5 @@ class Publisher:
                 o.deliveries,
                 o.original_payload,
             ]
-        return int(self._script(keys=self.keys, args=args))
+        published, duplicates = self._script(keys=self.keys, args=args)
+        return Published(int(published), int(duplicates))

@@ -31,7 +31,14 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from crd_model.stream import Limits
 from crd_model.stream.daemon import Daemon
-from crd_model.stream.redis_streams import Backoff, connect, ensure_group, outstanding, trim_processed
+from crd_model.stream.redis_streams import (
+    Backoff,
+    connect,
+    ensure_group,
+    outstanding,
+    trim_processed,
+    trim_results,
+)
 from crd_model.stream.settings import Settings
 from workers.device import Staging, wire_maps
 from workers.models import ModelRegistry
@@ -67,6 +74,17 @@ class WorkerMetrics:
             registry=registry,
         )  # fmt: skip
         self.reclaimed = Counter("crd_worker_reclaimed_total", "Entries reclaimed from dead workers", registry=registry)
+        self.duplicates = Counter(
+            "crd_worker_duplicates_total",
+            "Entries whose frame id already had a result: acknowledged, dead-lettered as duplicate",
+            registry=registry,
+        )
+        self.results_overflow = Counter(
+            "crd_worker_results_overflow_total",
+            "Results trimmed before every consumer group had acknowledged them (results_hard_maxlen reached)",
+            ["line"],
+            registry=registry,
+        )
         self.lost_to_other = Counter(
             "crd_worker_superseded_total",
             "Results not published: another worker had reclaimed the frame",
@@ -214,8 +232,7 @@ class Worker(Daemon):
                     claim_cursor = self._reclaim(line, claim_cursor)
                 if now - last_maintain >= self.s.streams.frames_trim_every_s:
                     last_maintain = now
-                    self.metrics.lag.labels(line).set(outstanding(self.r, key, self.group, limit=100_000))
-                    trim_processed(self.r, key)
+                    self._maintain(line)
                 self._read(line)
                 backoff.reset()
             except redis.ResponseError as exc:
@@ -236,6 +253,24 @@ class Worker(Daemon):
             except Exception as exc:
                 self._fail(exc)
                 return
+
+    def _maintain(self, line: str) -> None:
+        """Backlog gauge; frames trimmed below what the group still needs; results below what every
+        results consumer group has acknowledged (never from under one, unless the hard cap forces it:
+        then counted and logged)."""
+        key, streams = self.frames_keys[line], self.s.streams
+        self.metrics.lag.labels(line).set(outstanding(self.r, key, self.group, limit=100_000))
+        trim_processed(self.r, key)
+        trim = trim_results(
+            self.r, streams.key(line, "results"), streams.results_maxlen, streams.results_retain_s,
+            streams.results_hard_maxlen,
+        )  # fmt: skip
+        if trim.overflow:
+            self.metrics.results_overflow.labels(line).inc(trim.overflow)
+            self.log.error(
+                "results_overflow", line=line, dropped=trim.overflow, lagging_groups=trim.lagging,
+                hard_maxlen=streams.results_hard_maxlen,
+            )  # fmt: skip
 
     def _read(self, line: str) -> None:
         """XREADGROUP as many entries as the intake has room for (waiting for room first)."""
@@ -410,17 +445,21 @@ class Worker(Daemon):
                 try:
                     # Idempotent: a retry after a lost reply publishes nothing twice (only entries still
                     # pending for this consumer are published, and publishing acks them).
-                    n = self.publishers[line].publish([outcomes[i] for i in idx])
+                    done_now = self.publishers[line].publish([outcomes[i] for i in idx])
                     break
                 except (redis.ConnectionError, redis.TimeoutError) as exc:
                     self.health.set_ready(False, "redis unreachable")
                     delay = backoff.sleep()
                     self.log.warning("publish_retry", line=line, error=str(exc), retry_in_s=round(delay, 2))
             self.metrics.stage("publish", time.thread_time() - c, time.perf_counter() - t, len(idx))
-            self.published += n
-            if n < len(idx):
-                self.metrics.lost_to_other.inc(len(idx) - n)
-                self.log.warning("superseded", line=line, n=len(idx) - n)
+            self.published += done_now.published
+            if done_now.duplicates:
+                self.metrics.duplicates.inc(done_now.duplicates)
+                self.log.warning("duplicates", line=line, n=done_now.duplicates)
+            lost = len(idx) - done_now.published - done_now.duplicates
+            if lost:
+                self.metrics.lost_to_other.inc(lost)
+                self.log.warning("superseded", line=line, n=lost)
         now = time.time()
         for it, o in zip(done, outcomes, strict=True):
             self.metrics.frames.labels(o.verdict).inc()

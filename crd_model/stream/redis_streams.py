@@ -208,15 +208,7 @@ def safe_trim_id(r: redis.Redis, stream: str) -> str | None:
     groups = group_states(r, stream)
     if not groups:
         return None  # nobody reads this stream yet: keep everything
-    candidates = []
-    for g in groups:
-        ms, seq = _id_tuple(g.last_delivered_id)
-        candidates.append((ms, seq + 1))
-        if g.pending:
-            summary = r.xpending(stream, g.name)
-            if summary and summary.get("min"):
-                candidates.append(_id_tuple(_s(summary["min"])))
-    ms, seq = min(candidates)
+    ms, seq = min(_group_needs(r, stream, g) for g in groups)
     return f"{ms}-{seq}"
 
 
@@ -226,6 +218,52 @@ def trim_processed(r: redis.Redis, stream: str) -> int:
     if min_id is None:
         return 0
     return int(r.xtrim(stream, minid=min_id, approximate=True))
+
+
+@dataclass
+class ResultsTrim:
+    trimmed: int  # acknowledged by every group (or beyond MAXLEN without groups): gone as planned
+    overflow: int  # dropped at the hard cap although a group had not acknowledged them
+    lagging: list[str]  # groups that had not acknowledged what was dropped
+
+
+def trim_results(r: redis.Redis, stream: str, maxlen: int, retain_s: float, hard_maxlen: int) -> ResultsTrim:
+    """Trim a results stream without taking results from under a consumer group.
+
+    With groups: XTRIM MINID ~ below what every group still needs and below `retain_s` ago. Without:
+    XTRIM MAXLEN ~ `maxlen`. Then, if the stream is still longer than `hard_maxlen` (a group stopped
+    acknowledging), trim it to that exactly and report what went unacknowledged: memory stays bounded,
+    and the loss is counted, never silent.
+    """
+    groups = group_states(r, stream)
+    if not groups:
+        return ResultsTrim(int(r.xtrim(stream, maxlen=maxlen, approximate=True)), 0, [])
+    safe = safe_trim_id(r, stream)
+    assert safe is not None
+    retain_ms = max(0, int((time.time() - retain_s) * 1000))
+    cut = min(_id_tuple(safe), (retain_ms, 0))
+    trimmed = int(r.xtrim(stream, minid=f"{cut[0]}-{cut[1]}", approximate=True))
+    if int(r.xlen(stream)) <= hard_maxlen:
+        return ResultsTrim(trimmed, 0, [])
+    # Over the cap: first the history every group has acknowledged, then (counted) what one has not.
+    trimmed += int(r.xtrim(stream, minid=safe, approximate=False))
+    dropped = int(r.xtrim(stream, maxlen=hard_maxlen, approximate=False)) if r.xlen(stream) > hard_maxlen else 0
+    if not dropped:
+        return ResultsTrim(trimmed, 0, [])
+    first = r.xrange(stream, count=1)
+    first_id = _id_tuple(_s(first[0][0])) if first else (2**63, 0)
+    lagging = [g.name for g in groups if _group_needs(r, stream, g) < first_id]
+    return ResultsTrim(trimmed, dropped if lagging else 0, lagging)
+
+
+def _group_needs(r: redis.Redis, stream: str, g: GroupState) -> tuple[int, int]:
+    """The oldest entry id group `g` still needs: its oldest pending entry, else the one after its cursor."""
+    if g.pending:
+        summary = r.xpending(stream, g.name)
+        if summary and summary.get("min"):
+            return _id_tuple(_s(summary["min"]))
+    ms, seq = _id_tuple(g.last_delivered_id)
+    return ms, seq + 1
 
 
 def entry_time(entry_id: str | bytes) -> float:

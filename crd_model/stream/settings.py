@@ -126,18 +126,37 @@ class RedisSettings(BaseModel):
 class StreamSettings(BaseModel):
     prefix: Identifier = "crd"
     group: Identifier = "inspectors"
-    # Results and dead letters are read by others: keep a bounded history (approximate MAXLEN).
-    # Sized for memory: a result is ~40 kB (its map), a dead letter holds the whole frame (~0.5 MB).
+    # Results (docs/deploy.md, "Retention"): with consumer groups on the results stream (PLC bridges),
+    # a result is trimmed only once every group has acknowledged it and it is older than
+    # `results_retain_s` (kept for readers without a group: dashboards, `crd results`); without
+    # groups, an approximate MAXLEN of `results_maxlen`. `results_hard_maxlen` bounds memory when a
+    # group stops acknowledging (a PLC outage): above it the oldest results go, counted and alarmed
+    # (crd_worker_results_overflow_total, a log error naming the lagging groups).
     results_maxlen: int = Field(10_000, ge=100)
+    results_retain_s: float = Field(3600.0, ge=0)
+    results_hard_maxlen: int = Field(100_000, ge=100)
+    # Dead letters are for people: an approximate MAXLEN (each holds the whole frame, ~0.5-1.5 MB).
     dead_maxlen: int = Field(1_000, ge=100)
-    # Frames are trimmed only below the oldest entry any consumer group still needs (MINID);
-    # this is a hard cap on top for runaway lines, applied only when nothing unprocessed is lost.
+    # Frames are trimmed only below the oldest entry any consumer group still needs (MINID).
     frames_trim_every_s: float = Field(5.0, gt=0)
+    # A frame id gets one result: a copy of a frame published within this window (a producer's retry
+    # after a lost reply, a restarted producer) is acknowledged and dead-lettered as "duplicate".
+    dedup_window_s: float = Field(900.0, gt=0)
 
-    def key(self, line: str, kind: Literal["frames", "results", "dead"]) -> str:
-        # `{line}` is a Redis Cluster hash tag: one line's three streams share a slot, which the
-        # atomic publish-and-ack script needs.
+    @model_validator(mode="after")
+    def _hard_above_soft(self) -> StreamSettings:
+        if self.results_hard_maxlen < self.results_maxlen:
+            raise ValueError("results_hard_maxlen must be >= results_maxlen")
+        return self
+
+    def key(self, line: str, kind: Literal["frames", "results", "dead", "published"]) -> str:
+        # `{line}` is a Redis Cluster hash tag: one line's keys share a slot, which the atomic
+        # publish-and-ack script needs.
         return f"{self.prefix}:{{{line}}}:{kind}"
+
+    def producer_key(self, line: str, camera: str) -> str:
+        """Where a camera's producer keeps its sequence (epoch, last confirmed seq) across restarts."""
+        return f"{self.prefix}:{{{line}}}:producer:{camera}"
 
 
 class ProducerSettings(BaseModel):
