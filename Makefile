@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-streams lint bench-quality bench-throughput bench-plc clean
+.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-plc clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -23,6 +23,10 @@ test: $(STAMP)
 test-streams: $(STAMP)
 	$(PY) -m pytest tests/test_streams.py tests/test_producer.py tests/test_worker.py tests/test_results.py \
 		tests/test_plc.py tests/test_dashboard.py
+
+# TLS end to end with Debian's redis-server --tls-port (its own server; REDIS_URL is not used).
+test-tls: $(STAMP)
+	$(PY) -m pytest tests/test_tls.py tests/test_secrets.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -6,7 +6,38 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+
+def _number(kind: Callable[[str], Any], *, at_least: float | None = None, above: float | None = None,
+            at_most: float | None = None) -> Callable[[str], Any]:  # fmt: skip
+    """An argparse type that also checks bounds, so `--count 0` is a usage error (exit 2), not a surprise."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a{'n integer' if kind is int else ' number'}: {text!r}") from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if at_least is not None and value < at_least:
+            raise argparse.ArgumentTypeError(f"must be >= {at_least:g}, got {text}")
+        if above is not None and value <= above:
+            raise argparse.ArgumentTypeError(f"must be > {above:g}, got {text}")
+        if at_most is not None and value > at_most:
+            raise argparse.ArgumentTypeError(f"must be <= {at_most:g}, got {text}")
+        return value
+
+    return parse
+
+
+_COUNT = _number(int, at_least=1)
+_SECONDS = _number(float, above=0)
+_FRACTION = _number(float, at_least=0, at_most=1)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,7 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="state-dict file (.safetensors or .pth) for the teacher, e.g. wide_resnet50_2's",
     )
-    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=256, help="a multiple of 32, >= 64")
     p.add_argument("--modality-3d", dest="representation_3d", default="normals", choices=["normals", "depth"])
     p.add_argument(
         "--plane",
@@ -115,49 +146,68 @@ def cmd_predict(a: argparse.Namespace) -> int:
     return 0
 
 
-def _drop_none(values: dict) -> dict:
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, dict):
-            v = _drop_none(v)
-            if v:
-                out[k] = v
-        elif v is not None:
-            out[k] = v
-    return out
+# Command-line flags that override a setting: argparse dest -> settings path. Each goes through the
+# same pydantic validation as the environment (Settings.with_overrides), so `--fps 0` or `--max-batch 0`
+# is refused with the flag's name, exactly like CRD_PRODUCER__FPS=0.
+_SERVICE_FLAGS: dict[str, tuple[str, ...]] = {
+    "line": ("line",),
+    "redis_url": ("redis", "url"),
+    "metrics_port": ("observability", "http_port"),
+}
+_PRODUCE_FLAGS = {
+    "fps": ("producer", "fps"),
+    "max_outstanding": ("producer", "max_outstanding"),
+    "backpressure": ("producer", "backpressure"),
+    "rgb_encoding": ("producer", "rgb_encoding"),
+    "xyz_dtype": ("producer", "xyz_dtype"),
+    "downscale": ("producer", "downscale_max_side"),
+}
+_WORK_FLAGS = {
+    "max_batch": ("worker", "max_batch"),
+    "max_wait_ms": ("worker", "max_wait_ms"),
+    "claim_idle_ms": ("worker", "claim_idle_ms"),
+    "device": ("worker", "device"),
+    "consumer": ("worker", "consumer"),
+    "decode_threads": ("worker", "decode_threads"),
+}
+_PLC_FLAGS = {
+    "protocol": ("plc", "protocol"),
+    "lines": ("plc", "lines"),
+    "group": ("plc", "group"),
+    "consumer": ("plc", "consumer"),
+    "error_is_reject": ("plc", "error_is_reject"),
+    "buffer_depth": ("plc", "buffer_depth"),
+    "ack_timeout_s": ("plc", "ack_timeout_s"),
+    "modbus_host": ("plc", "modbus", "host"),
+    "modbus_port": ("plc", "modbus", "port"),
+    "modbus_device_id": ("plc", "modbus", "device_id"),
+}
+_DASHBOARD_FLAGS = {
+    "lines": ("dashboard", "lines"),
+    "host": ("dashboard", "host"),
+    "port": ("dashboard", "port"),
+}
 
 
-def _merged(base: dict, values: dict) -> dict:
-    out = dict(base)
-    for k, v in values.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+def _settings(
+    a: argparse.Namespace,
+    flags: Mapping[str, tuple[str, ...]] | None = None,
+    extra: Mapping[tuple[str, ...], tuple[str, Any]] | None = None,
+):
+    """Settings from the environment (CRD_*), then the command line on top, all validated.
 
-
-def _validated(section, values: dict):
-    """`section` with command-line `values` on top, validated exactly like the environment is."""
-    return type(section).model_validate(_merged(section.model_dump(), values))
-
-
-def _settings(a: argparse.Namespace, **sections: dict):
-    """Settings from the environment (CRD_*), then the command line on top (validated by pydantic)."""
+    Raises SettingsError (a ValueError: `crd <cmd>: error: ...`, exit 2) naming the flag or variable.
+    """
     from crd_model.stream.logs import configure_logging
-    from crd_model.stream.settings import Settings, check_plc_group
+    from crd_model.stream.settings import Settings
 
-    s = Settings()
-    update: dict = {}
-    if getattr(a, "line", None):
-        update["line"] = a.line
-    if getattr(a, "redis_url", None):
-        update["redis"] = _validated(s.redis, {"url": a.redis_url})
-    for name, values in sections.items():
-        values = _drop_none(values)
-        if values:
-            update[name] = _validated(getattr(s, name), values)
-    if getattr(a, "metrics_port", None) is not None:
-        update["observability"] = _validated(s.observability, {"http_port": a.metrics_port})
-    s = s.model_copy(update=update)
-    check_plc_group(s)
+    overrides: dict[tuple[str, ...], tuple[str, Any]] = {}
+    for dest, path in {**_SERVICE_FLAGS, **(flags or {})}.items():
+        value = getattr(a, dest, None)
+        if value is not None:
+            overrides[path] = ("--" + dest.replace("_", "-"), value)
+    overrides.update(extra or {})
+    s = Settings.load(overrides)
     configure_logging(
         json_logs=s.observability.log_json and not getattr(a, "plain_logs", False), level=s.observability.log_level
     )
@@ -176,18 +226,7 @@ def cmd_produce(a: argparse.Namespace) -> int:
     from producers.producer import Producer
     from producers.sources import ReplaySource, SyntheticSource, WatchFolderSource
 
-    s = _settings(
-        a,
-        producer=dict(
-            fps=a.fps,
-            max_outstanding=a.max_outstanding,
-            backpressure=a.backpressure,
-            rgb_encoding=a.rgb_encoding,
-            xyz_dtype=a.xyz_dtype,
-            downscale_max_side=a.downscale,
-        ),
-    )
-    s = _named(s, f"crd-produce:{a.camera}")
+    s = _named(_settings(a, _PRODUCE_FLAGS), f"crd-produce:{a.camera}")
     producer = Producer(s, camera=a.camera)
     producer.install_signal_handlers()
     if a.source == "replay":
@@ -222,20 +261,14 @@ def cmd_work(a: argparse.Namespace) -> int:
     from workers.worker import Worker
 
     models = _parse_models(a.model)
-    s = _settings(
-        a,
-        worker=dict(
-            max_batch=a.max_batch,
-            max_wait_ms=a.max_wait_ms,
-            device=a.device,
-            claim_idle_ms=a.claim_idle_ms,
-            consumer=a.consumer,
-            models=models or None,
-            lines=[x for x in a.lines.split(",") if x] if a.lines else None,
-            decode_threads=a.decode_threads,
-            time_stages=True if a.time_stages else None,
-        ),
-    )
+    extra: dict[tuple[str, ...], tuple[str, Any]] = {}
+    if models:
+        extra[("worker", "models")] = ("--model", models)
+    if a.lines:
+        extra[("worker", "lines")] = ("--lines", [x for x in a.lines.split(",") if x])
+    if a.time_stages:
+        extra[("worker", "time_stages")] = ("--time-stages", True)
+    s = _settings(a, _WORK_FLAGS, extra)
     s = _named(s, f"crd-work:{s.worker.consumer}")
     if a.stand_in_latency_ms is not None:
         categories = list(s.worker.models) or [a.stand_in_category]
@@ -270,21 +303,11 @@ def cmd_results(a: argparse.Namespace) -> int:
 def cmd_plc(a: argparse.Namespace) -> int:
     from consumers.plc.bridge import PlcBridge
 
-    s = _settings(
-        a,
-        plc=dict(
-            protocol=a.protocol,
-            lines=a.lines,
-            group=a.group,
-            consumer=a.consumer,
-            error_is_reject=a.error_is_reject,
-            buffer_depth=a.buffer_depth,
-            ack_timeout_s=a.ack_timeout_s,
-            modbus=dict(host=a.modbus_host, port=a.modbus_port, device_id=a.modbus_device_id),
-            opcua_client=dict(endpoint=a.opcua_endpoint if a.protocol == "opcua-client" else None),
-            opcua_server=dict(endpoint=a.opcua_endpoint if a.protocol == "opcua-server" else None),
-        ),
-    )
+    extra: dict[tuple[str, ...], tuple[str, Any]] = {}
+    if a.opcua_endpoint is not None and a.protocol in ("opcua-client", "opcua-server"):
+        section = "opcua_client" if a.protocol == "opcua-client" else "opcua_server"
+        extra[("plc", section, "endpoint")] = ("--opcua-endpoint", a.opcua_endpoint)
+    s = _settings(a, _PLC_FLAGS, extra)
     bridge = PlcBridge(s)
     bridge.install_signal_handlers()
     bridge.run(max_results=a.max_results)
@@ -294,7 +317,7 @@ def cmd_plc(a: argparse.Namespace) -> int:
 def cmd_dashboard(a: argparse.Namespace) -> int:
     from consumers.dashboard.service import Dashboard
 
-    s = _settings(a, dashboard=dict(lines=a.lines, host=a.host, port=a.port))
+    s = _settings(a, _DASHBOARD_FLAGS)
     dashboard = Dashboard(s)
     dashboard.install_signal_handlers()
     dashboard.run()
@@ -314,7 +337,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--line", default=None, help="line id (default: CRD_LINE or line1)")
     p.add_argument("--redis-url", default=None, help="default: CRD_REDIS__URL, REDIS_URL, redis://127.0.0.1:6379/0")
-    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve /metrics, /healthz, /readyz (0-65535)")
     p.add_argument("--plain-logs", action="store_true", help="key=value logs instead of JSON")
 
 
@@ -337,13 +360,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--out", required=True, help="checkpoint directory")
     _add_model_args(p)
-    p.add_argument("--epochs", type=int, default=200)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--epochs", type=_COUNT, default=200)
+    p.add_argument("--batch-size", type=_COUNT, default=16)
+    p.add_argument("--lr", type=_number(float, above=0), default=0.005)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument(
         "--false-reject-rate",
-        type=float,
+        type=_FRACTION,
         default=0.01,
         help="share of validation normals allowed above the image threshold",
     )
@@ -378,9 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="replay: start over at the end")
     p.add_argument("--folder", default=None, help="watch: folder with rgb/ and xyz/ subfolders")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--anomaly-rate", type=float, default=0.2)
-    p.add_argument("--fps", type=float, default=None)
-    p.add_argument("--count", type=int, default=None, help="stop after this many frames")
+    p.add_argument("--anomaly-rate", type=_FRACTION, default=0.2)
+    p.add_argument("--fps", type=float, default=None, help="frames per second, > 0 (default: CRD_PRODUCER__FPS or 10)")
+    p.add_argument("--count", type=_COUNT, default=None, help="stop after this many frames")
     p.add_argument("--max-outstanding", type=int, default=None)
     p.add_argument("--backpressure", default=None, choices=["block", "slow"])
     p.add_argument("--rgb-encoding", default=None, choices=["png", "jpeg", "raw"])
@@ -399,11 +422,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=int, default=None)
     p.add_argument("--claim-idle-ms", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--max-frames", type=int, default=None)
-    p.add_argument("--idle-exit-s", type=float, default=None, help="exit after this long without frames")
+    p.add_argument("--max-frames", type=_COUNT, default=None)
+    p.add_argument("--idle-exit-s", type=_SECONDS, default=None, help="exit after this long without frames")
     p.add_argument(
         "--stand-in-latency-ms",
-        type=float,
+        type=_number(float, at_least=0),
         default=None,
         help="benchmarks only: a labelled fixed-latency stand-in instead of a model",
     )
@@ -420,8 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("results", help="tail a line's results live")
     _add_service_args(p)
     p.add_argument("--from-start", action="store_true")
-    p.add_argument("--count", type=int, default=None)
-    p.add_argument("--timeout-s", type=float, default=None)
+    p.add_argument("--count", type=_COUNT, default=None)
+    p.add_argument("--timeout-s", type=_SECONDS, default=None)
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("plc", help="PLC bridge: a line's results to a PLC (OPC UA server/client, Modbus TCP)")
@@ -442,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modbus-port", type=int, default=None)
     p.add_argument("--modbus-device-id", type=int, default=None)
     p.add_argument("--opcua-endpoint", default=None, help="opcua-client: the PLC's server; opcua-server: ours")
-    p.add_argument("--max-results", type=int, default=None, help="stop after this many confirmed results")
+    p.add_argument("--max-results", type=_COUNT, default=None, help="stop after this many confirmed results")
     p.set_defaults(func=cmd_plc)
 
     p = sub.add_parser("dashboard", help="live line dashboard (web, read-only)")
@@ -454,8 +477,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data -> small model -> verdicts, end to end")
     p.add_argument("--workdir", default="runs/demo")
-    p.add_argument("--frames", type=int, default=None, help="default: the whole synthetic test split (60)")
-    p.add_argument("--fps", type=float, default=5.0)
+    p.add_argument("--frames", type=_COUNT, default=None, help="default: the whole synthetic test split (60)")
+    p.add_argument("--fps", type=_number(float, above=0), default=5.0)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -464,7 +487,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (FileNotFoundError, ValueError) as exc:
+    except ValidationError as exc:  # e.g. a model configuration from flags (--image-size 100)
+        from crd_model.stream.settings import describe_errors
+
+        print(f"crd {args.command}: error: {describe_errors(exc, lambda loc: '.'.join(loc))}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ValueError) as exc:  # SettingsError, CheckpointError, WireError, ...
         print(f"crd {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

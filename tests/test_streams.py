@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 import pytest
+import redis
 
 from crd_model.stream.redis_streams import (
+    VerifiedSSLConnection,
     connect,
     ensure_group,
     group_states,
@@ -156,7 +158,9 @@ def test_auth_and_tls_reach_the_client(tmp_path):
     kw = client.connection_pool.connection_kwargs
     assert kw["username"] == "inspector" and kw["password"] == "s3cret"
     assert kw["ssl_ca_certs"] == str(ca) and kw["ssl_cert_reqs"] is not None
-    assert client.connection_pool.connection_class.__name__ == "SSLConnection"
+    # redis-py's SSLConnection, in the subclass that reports certificate failures (tests/test_tls.py).
+    assert issubclass(client.connection_pool.connection_class, redis.SSLConnection)
+    assert client.connection_pool.connection_class is VerifiedSSLConnection
     assert "s3cret" not in repr(cfg)  # secrets stay out of logs
 
 

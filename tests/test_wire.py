@@ -592,3 +592,127 @@ def test_regions_fit_result() -> None:
     regs = find_regions(_blobs(), 0.5, min_area=1)
     r = _result(regions=regs)
     assert unpack_result(pack_result(r)).regions == regs
+
+
+# ------------------------------------------------------------------------------ hostile input (issue 8)
+
+
+@pytest.mark.parametrize(
+    ("bit_depth", "colour_type", "samples"),
+    [(16, 2, 3), (16, 6, 4), (16, 4, 2), (16, 0, 1), (1, 0, 1), (2, 0, 1), (4, 0, 1)],
+    ids=["rgb16", "rgba16", "la16", "grey16", "grey1", "grey2", "grey4"],
+)
+def test_png_bit_depth_other_than_8_refused_unread(bit_depth: int, colour_type: int, samples: int) -> None:
+    """16-bit PNGs were decoded to their high byte by Pillow; now the IHDR refuses them before any pixel."""
+    row_bytes = (2 * samples * bit_depth + 7) // 8
+    honest = _png(2, 1, bit_depth, colour_type, b"\0" + bytes([0x12, 0x34] * row_bytes)[:row_bytes])
+    garbage_pixels = honest.replace(honest[33 : honest.index(b"IEND") - 4], b"\0\0\0\x04IDATjunk\0\0\0\0")
+    for data in (honest, garbage_pixels):  # same verdict whatever follows the header: refused unread
+        with pytest.raises(WireError) as ei:
+            decode_rgb(RGBImage(encoding="png", shape=(1, 2, 3), data=data))
+        assert ei.value.code == "bad_rgb" and f"{bit_depth}-bit" in str(ei.value)
+
+
+def test_png_alpha_and_small_palettes_accepted_alpha_ignored() -> None:
+    """8-bit RGBA / grey+alpha and palettes (1-8 bit indices, transparency or not): alpha is ignored."""
+    rgba = np.zeros((2, 3, 4), np.uint8)
+    rgba[..., :3] = [[10, 20, 30]]
+    rgba[0, 0] = [200, 100, 50, 0]  # fully transparent: its colour is used as it is
+    for mode, arr in (("RGBA", rgba), ("LA", rgba[..., [0, 3]])):
+        buf = io.BytesIO()
+        Image.fromarray(np.ascontiguousarray(arr), mode).save(buf, format="PNG")
+        assert buf.getvalue()[24] == 8
+        out = decode_rgb(RGBImage(encoding="png", shape=(2, 3, 3), data=buf.getvalue()))
+        assert out[0, 0].tolist() == ([200, 100, 50] if mode == "RGBA" else [200] * 3)
+    pal = Image.new("P", (3, 2), 1)
+    pal.putpalette([0, 0, 0, 200, 10, 10])
+    buf = io.BytesIO()
+    pal.save(buf, format="PNG", transparency=1)
+    assert buf.getvalue()[24] == 1  # Pillow writes a 2-colour palette with 1-bit indices
+    assert decode_rgb(RGBImage(encoding="png", shape=(2, 3, 3), data=buf.getvalue()))[1, 2].tolist() == [200, 10, 10]
+
+
+def test_map_png_must_be_8bit_grey() -> None:
+    for png in (_png(2, 1, 16, 0, b"\0" + bytes(4)), _png(2, 1, 8, 2, b"\0" + bytes(6))):
+        am = AnomalyMap(encoding="png8", shape=(1, 2), image_shape=(1, 2), scale=(0.0, 1.0), data=png)
+        assert _code(decode_map, am) == "bad_map"
+    ok = AnomalyMap(encoding="png8", shape=(1, 2), image_shape=(1, 2), data=_png(2, 1, 8, 0, b"\0\0\xff"))
+    assert decode_map(ok).tolist() == [[0.0, 1.0]]
+
+
+def test_byte_string_and_duplicate_map_keys_are_bad_msgpack() -> None:
+    d = _as_dict(pack_frame(_frame()))
+    assert _code(unpack_frame, _repack({b"v": 1, b"type": "frame"})) == "bad_msgpack"
+    d["meta"] = {b"k": 1}  # nested: a bin key deep inside is as bad
+    assert _code(unpack_frame, _repack(d)) == "bad_msgpack"
+    d["meta"] = {}
+    d["rgb"] = {**d["rgb"], b"encoding": "png"}
+    assert _code(unpack_frame, _repack(d)) == "bad_msgpack"
+    # The same key twice: other decoders disagree on which one wins, so nobody gets to choose.
+    packed = pack_frame(_frame())
+    assert packed[0] == 0x8B
+    twice = b"\x8c" + packed[1:] + msgpack.packb("frame_id") + msgpack.packb("other-id")
+    with pytest.raises(WireError) as ei:
+        unpack_frame(twice)
+    assert ei.value.code == "bad_msgpack" and "frame_id" in str(ei.value)
+    assert _code(unpack_result, b"\x82\xa1v\x01\xa1v\x01") == "bad_msgpack"
+
+
+def test_nil_equals_absent_for_fields_with_a_default() -> None:
+    d = _as_dict(pack_frame(_frame(meta={"k": 1})))
+    d["meta"] = None
+    assert unpack_frame(_repack(d)).meta == {}
+    del d["meta"]
+    assert unpack_frame(_repack(d)).meta == {}
+    r = _as_dict(pack_result(_result()))
+    for key in ("meta", "regions", "timings", "deliveries", "seq", "anomaly_map", "model_id"):
+        r[key] = None
+    r["anomaly_map"] = None
+    g = unpack_result(_repack(r))
+    assert (g.meta, g.regions, g.timings, g.deliveries, g.seq) == ({}, [], Timings(), 1, None)
+    # Never for the version and the type, and never for a required field.
+    for key, code in (("v", "invalid"), ("type", "bad_type"), ("frame_id", "invalid"), ("rgb", "invalid")):
+        d = _as_dict(pack_frame(_frame()))
+        d[key] = None
+        assert _code(unpack_frame, _repack(d)) == code
+
+
+def test_xyz_out_of_range_refused_with_its_own_code() -> None:
+    rgb, xyz = _arrays()
+    absurd = xyz * np.float32(1e30)  # finite, as the issue's sample: overflowed the model's maths
+    with pytest.raises(WireError) as ei:
+        frame_arrays(unpack_frame(pack_frame(make_frame(rgb, absurd, frame_id="f", line="L", camera="c", seq=0,
+                                                        category="disc"))))  # fmt: skip
+    assert ei.value.code == "xyz_out_of_range" and "1e+04" not in str(ei.value) and "10000 m" in str(ei.value)
+    edge = xyz.copy()
+    edge[5, 6] = [1e4, -1e4, 0.6]  # the bound itself is fine
+    edge[7, 8] = [np.nan, np.inf, -np.inf]  # non-finite = missing, passes
+    assert np.array_equal(decode_xyz(encode_xyz(edge)), edge, equal_nan=True)
+    edge[9, 10, 2] = -10000.5
+    with pytest.raises(WireError) as ei:
+        decode_xyz(encode_xyz(edge, compression="none"))
+    assert ei.value.code == "xyz_out_of_range" and "row 9, col 10" in str(ei.value)
+    assert _code(decode_xyz, encode_xyz(xyz * 100), Limits(max_xyz_abs_m=10)) == "xyz_out_of_range"
+    half = encode_xyz(np.full((4, 4, 3), 2e4, np.float32), dtype="float16")  # finite in float16 too
+    assert _code(decode_xyz, half) == "xyz_out_of_range"
+    # Beyond float16's range the value is inf on the wire, i.e. missing.
+    with np.errstate(over="ignore"):
+        beyond_half = encode_xyz(np.full((2, 2, 3), 1e6, np.float32), dtype="float16")
+    assert np.isinf(decode_xyz(beyond_half)).all()
+
+
+def test_peek_frame_id_time_is_bounded() -> None:
+    """A 32 MiB payload made of "frame_id" keys with no valid id took 6.6 s; the scan is now bounded."""
+    key = msgpack.packb("frame_id")
+    hostile = [(key + b"\xc1") * (32 * 1024 * 1024 // 10), (key + msgpack.packb("bad id")) * (32 * 1024 * 1024 // 16)]
+    for data in hostile:
+        t0 = time.perf_counter()
+        assert peek_frame_id(data) is None
+        assert time.perf_counter() - t0 < 0.5
+    # The walk still finds an id written after a big field; the byte scan only looks at the first 64 KiB.
+    late = {"v": 1, "type": "frame", "rgb": {"data": bytes(200_000)}, "frame_id": "f-late"}
+    assert peek_frame_id(_repack(late)) == "f-late"
+    broken_early = b"\x8f\xc1" + bytes(1000) + key + msgpack.packb("f-early")
+    broken_late = b"\x8f\xc1" + bytes(70 * 1024) + key + msgpack.packb("f-late")
+    assert peek_frame_id(broken_early) == "f-early" and peek_frame_id(broken_late) is None
+    assert peek_frame_id(pack_frame(_frame(frame_id="f-x"))) == "f-x"

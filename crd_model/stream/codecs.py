@@ -18,30 +18,52 @@ from PIL import Image
 from crd_model.stream.messages import DEFAULT_LIMITS, AnomalyMap, Limits, PointMap, RGBImage, WireError, check_dims
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-# Pillow modes accepted before conversion to RGB; anything else (16-bit, CMYK, 1-bit...) is refused unread.
+_IHDR = b"\x00\x00\x00\x0dIHDR"  # length 13, then the chunk type
+# PNG colour types (IHDR byte 25) accepted per payload. Samples must be 8-bit: Pillow would cut a 16-bit
+# PNG to its high byte without a word. Palette indices may be 1, 2, 4 or 8 bits (the colours are 8-bit
+# either way; Pillow itself writes small palettes with fewer bits).
+_PALETTE = 3
+_PALETTE_BIT_DEPTHS = frozenset({1, 2, 4, 8})
+_PNG_COLOUR_TYPES = {0: "grey", 2: "RGB", 3: "palette", 4: "grey+alpha", 6: "RGBA"}
+_RGB_PNG_COLOUR_TYPES = frozenset({0, 2, 3, 4, 6})
+_MAP_PNG_COLOUR_TYPES = frozenset({0})
+# Pillow modes accepted before conversion (a second line of defence behind the IHDR check for PNG).
 _RGB_MODES = {"png": frozenset({"RGB", "RGBA", "L", "LA", "P"}), "jpeg": frozenset({"RGB", "L"})}
 _PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG"}
 _XYZ_DTYPES = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2")}
 _FLOAT16_MAX = 65504.0
+_RANGE_CHUNK = 1 << 20  # values per step of the xyz range check: bounded temporaries on large frames
 
 
-def _png_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) from a PNG's IHDR, read by hand so nothing (not even Pillow's parser) runs first."""
-    if len(data) < 24 or data[:8] != _PNG_SIGNATURE or data[12:16] != b"IHDR":
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, read by hand so no parser runs first."""
+    if len(data) < 26 or data[:8] != _PNG_SIGNATURE or data[8:16] != _IHDR:
         return None
-    w, h = struct.unpack(">II", data[16:24])
-    return w, h
+    w, h, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
+    return w, h, bit_depth, colour_type
+
+
+def _check_png_header(data: bytes, h: int, w: int, colour_types: frozenset[int], code: str) -> None:
+    """Refuse a PNG whose IHDR disagrees with the declared shape or is not 8-bit of an accepted type."""
+    header = _png_header(data)
+    if header is None:
+        raise WireError(code, "not a PNG (bad signature or no IHDR)")
+    png_w, png_h, bit_depth, colour_type = header
+    if (png_w, png_h) != (w, h):
+        raise WireError(code, f"PNG header says {png_h}x{png_w} but the shape declares {h}x{w}")
+    kind = _PNG_COLOUR_TYPES.get(colour_type, f"colour type {colour_type}")
+    if colour_type not in colour_types:
+        allowed = ", ".join(_PNG_COLOUR_TYPES[c] for c in sorted(colour_types))
+        raise WireError(code, f"PNG is {kind}; accepted: {allowed}")
+    if bit_depth != 8 and not (colour_type == _PALETTE and bit_depth in _PALETTE_BIT_DEPTHS):
+        raise WireError(code, f"PNG is {bit_depth}-bit {kind}; only 8 bits per sample are accepted")
 
 
 def _open_image(data: bytes, fmt: Literal["png", "jpeg"], h: int, w: int, modes: frozenset[str],
-                target: Literal["RGB", "L"], code: str) -> np.ndarray:  # fmt: skip
+                target: Literal["RGB", "L"], code: str, png_colour_types: frozenset[int]) -> np.ndarray:  # fmt: skip
     """Decode a PNG/JPEG after checking its header size and mode against the declared ones (no global state)."""
     if fmt == "png":
-        size = _png_size(data)
-        if size is None:
-            raise WireError(code, "not a PNG (bad signature or no IHDR)")
-        if size != (w, h):
-            raise WireError(code, f"PNG header says {size[1]}x{size[0]} but the shape declares {h}x{w}")
+        _check_png_header(data, h, w, png_colour_types, code)
     try:
         # formats=[...]: only that one plugin may parse these untrusted bytes.
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
@@ -50,6 +72,7 @@ def _open_image(data: bytes, fmt: Literal["png", "jpeg"], h: int, w: int, modes:
             if im.mode not in modes:
                 raise WireError(code, f"{fmt} mode {im.mode!r} not accepted (want one of {sorted(modes)})")
             im.load()
+            # Alpha (RGBA, LA, palette transparency) is ignored: the colour channels are used as they are.
             arr = np.asarray(im if im.mode == target else im.convert(target))
     except WireError:
         raise
@@ -96,7 +119,7 @@ def decode_rgb(img: RGBImage, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
         return np.frombuffer(img.data, dtype=np.uint8).reshape(h, w, 3).copy()
     if img.encoding not in _RGB_MODES:
         raise WireError("bad_rgb", f"unknown rgb encoding {img.encoding!r}")
-    arr = _open_image(img.data, img.encoding, h, w, _RGB_MODES[img.encoding], "RGB", "bad_rgb")
+    arr = _open_image(img.data, img.encoding, h, w, _RGB_MODES[img.encoding], "RGB", "bad_rgb", _RGB_PNG_COLOUR_TYPES)
     if arr.shape != (h, w, 3) or arr.dtype != np.uint8:
         raise WireError("bad_rgb", f"decoded {arr.dtype} {arr.shape}, expected uint8 {(h, w, 3)}")
     return np.array(arr, copy=True)
@@ -142,8 +165,29 @@ def _inflate_exact(data: bytes, expected: int, code: str) -> bytes:
     return out
 
 
+def _check_xyz_range(xyz: np.ndarray, max_abs: float) -> None:
+    """Refuse a finite coordinate beyond +-max_abs metres; non-finite values mean "missing" and pass."""
+    flat = xyz.reshape(-1)
+    for start in range(0, flat.size, _RANGE_CHUNK):
+        chunk = flat[start : start + _RANGE_CHUNK]
+        lo, hi = chunk.min(), chunk.max()
+        if -max_abs <= lo and hi <= max_abs:  # the usual case: two reductions, no temporaries (False on NaN)
+            continue
+        magnitude = np.abs(chunk)
+        bad = (magnitude > max_abs) & (magnitude != np.inf)  # NaN compares False
+        if bad.any():
+            i = start + int(np.argmax(bad))
+            row, col = divmod(i // 3, xyz.shape[1])
+            raise WireError("xyz_out_of_range", f"xyz value {float(flat[i]):.6g} m at pixel (row {row}, col {col}) "
+                                                f"is beyond +-{max_abs:g} m")  # fmt: skip
+
+
 def decode_xyz(pm: PointMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
-    """Decode to a writable float32 (H, W, 3) array. Non-finite values are passed through (the model cleans)."""
+    """Decode to a writable float32 (H, W, 3) array.
+
+    Non-finite values pass (they mean "missing", like 0,0,0; the model cleans them); a finite value beyond
+    `limits.max_xyz_abs_m` metres is refused ("xyz_out_of_range").
+    """
     h, w, c = pm.shape
     check_dims(h, w, limits)
     if c != 3:
@@ -160,7 +204,9 @@ def decode_xyz(pm: PointMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
         raw = _inflate_exact(pm.data, expected, "bad_xyz")
     else:
         raise WireError("bad_xyz", f"unknown xyz compression {pm.compression!r}")
-    return np.frombuffer(raw, dtype=dt).reshape(h, w, 3).astype(np.float32)  # astype copies: writable
+    xyz = np.frombuffer(raw, dtype=dt).reshape(h, w, 3).astype(np.float32)  # astype copies: writable
+    _check_xyz_range(xyz, limits.max_xyz_abs_m)
+    return xyz
 
 
 def encode_map(amap: np.ndarray, max_side: int = 256, encoding: Literal["png8", "float16"] = "png8", *,
@@ -221,7 +267,7 @@ def decode_map(am: AnomalyMap, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
         return np.frombuffer(am.data, dtype="<f2").reshape(h, w).astype(np.float32)
     if am.encoding != "png8":
         raise WireError("bad_map", f"unknown map encoding {am.encoding!r}")
-    px = _open_image(am.data, "png", h, w, frozenset({"L"}), "L", "bad_map")
+    px = _open_image(am.data, "png", h, w, frozenset({"L"}), "L", "bad_map", _MAP_PNG_COLOUR_TYPES)
     if px.shape != (h, w) or px.dtype != np.uint8:
         raise WireError("bad_map", f"decoded {px.dtype} {px.shape}, expected uint8 {(h, w)}")
     lo, hi = am.scale

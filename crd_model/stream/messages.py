@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PositiveFloat,
     PositiveInt,
     StrictBool,
     StrictBytes,
@@ -39,8 +40,8 @@ _ID_RE = re.compile(r"[A-Za-z0-9._:-]+")  # used with fullmatch: `$` would let a
 class WireError(ValueError):
     """A message or payload that cannot be encoded/decoded; `code` is machine-readable, str(e) is for humans.
 
-    Codes: too_large, bad_msgpack, unsupported_version, bad_type, invalid, bad_rgb, bad_xyz, bad_map,
-    shape_mismatch.
+    Codes (docs/wire-format.md section 6): too_large, bad_msgpack, unsupported_version, bad_type, invalid,
+    bad_rgb, bad_xyz, xyz_out_of_range, bad_map, shape_mismatch.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -71,6 +72,9 @@ class Limits(BaseModel):
     max_meta_value_bytes: PositiveInt = 4096
     max_id_len: PositiveInt = 128
     max_regions: PositiveInt = 64
+    # Point-map coordinates are metres from the camera: a finite value beyond this is a broken camera or
+    # encoder (it would overflow the model's float32 maths), refused as "xyz_out_of_range".
+    max_xyz_abs_m: PositiveFloat = 1e4
 
 
 DEFAULT_LIMITS = Limits()
@@ -143,8 +147,23 @@ UInt = Annotated[StrictInt, Field(ge=0, le=INT64_MAX)]
 MetaValue = StrictStr | StrictBool | StrictInt | Float
 
 
+# Keys a message must carry itself: nil or absent there is "invalid"/"bad_type", never a default.
+_NEVER_DEFAULTED = frozenset({"v", "type"})
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nil_means_absent(cls, data: Any) -> Any:
+        # docs/wire-format.md section 2: an optional field may be nil or absent, with the same meaning, so a
+        # nil in a field that has a default (meta, regions, timings, deliveries, scale) takes the default.
+        if isinstance(data, dict) and any(value is None for value in data.values()):
+            fields = cls.model_fields
+            defaulted = {k for k, f in fields.items() if not f.is_required() and k not in _NEVER_DEFAULTED}
+            data = {key: value for key, value in data.items() if not (value is None and key in defaulted)}
+        return data
 
 
 def _check_hw3(v: tuple[int, int, int], info: ValidationInfo, what: str) -> tuple[int, int, int]:

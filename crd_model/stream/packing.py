@@ -52,6 +52,22 @@ def _no_ext(code: int, data: bytes) -> Any:
     raise WireError("bad_msgpack", f"msgpack extension type {code} is not allowed")
 
 
+def _string_keyed_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Every msgpack map: keys must be str (a bin key decodes to bytes) and unique.
+
+    A duplicate key is refused rather than resolved: decoders in other languages disagree on which copy
+    wins, and a message that means different things to different readers is an attack, not a message.
+    """
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not isinstance(key, str):
+            raise WireError("bad_msgpack", f"map key {_short(key)} is not a msgpack str")
+        if key in out:
+            raise WireError("bad_msgpack", f"map key {_short(key)} appears twice")
+        out[key] = value
+    return out
+
+
 def _unpack_limits(limits: Limits) -> dict[str, int]:
     # Strings are ids, meta values and error messages; arrays are shapes, scales and regions.
     return {
@@ -76,7 +92,7 @@ def _unpack(data: bytes, kind: Literal["frame", "result"], model: type[M], limit
         raise WireError("too_large", f"message is {n} bytes; limit {limits.max_message_bytes}")
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, ext_hook=_no_ext,
-                              **_unpack_limits(limits))  # fmt: skip
+                              object_pairs_hook=_string_keyed_map, **_unpack_limits(limits))  # fmt: skip
     except WireError:
         raise
     except Exception as e:  # msgpack raises ValueError subclasses, TypeError, ...: all mean "not our msgpack"
@@ -123,17 +139,21 @@ def _valid_id(v: Any) -> str | None:
 
 
 _FRAME_ID_KEY = msgpack.packb("frame_id")
+# peek_frame_id's bounds: its cost must not grow with what an attacker puts in a payload.
+PEEK_MAX_KEYS = 64  # top-level keys walked (a frame has 11)
+PEEK_SCAN_BYTES = 64 * 1024  # the byte scan looks only this far into the payload
 
 
 def peek_frame_id(data: bytes) -> str | None:
     """Best-effort frame id of a (possibly broken) frame payload, to address an error result; never raises.
 
-    Walks the top-level map key by key, so a payload truncated or corrupted after its frame_id (which
-    pack_frame writes third) still yields it; falls back to scanning the bytes for a "frame_id" key.
-    Only ids that would pass validation are returned.
+    Walks the top-level map key by key (values are skipped, not decoded), so a payload truncated or
+    corrupted after its frame_id (which pack_frame writes third) still yields it; falls back to scanning
+    the first PEEK_SCAN_BYTES bytes for a "frame_id" key. Bounded: a few milliseconds whatever the payload
+    (docs/wire-format.md section 1). Only ids that would pass validation are returned.
     """
     try:
-        buf = bytes(data[: DEFAULT_LIMITS.max_message_bytes])
+        buf = memoryview(data)[: DEFAULT_LIMITS.max_message_bytes]
     except Exception:
         return None
     try:
@@ -141,11 +161,11 @@ def peek_frame_id(data: bytes) -> str | None:
             raw=False,
             strict_map_key=False,
             ext_hook=_no_ext,
-            max_buffer_size=len(buf) + 1,
+            max_buffer_size=max(1, buf.nbytes),
             **{k: v for k, v in _unpack_limits(DEFAULT_LIMITS).items() if k != "max_ext_len"},
         )
         unpacker.feed(buf)
-        for _ in range(min(unpacker.read_map_header(), 1024)):
+        for _ in range(min(unpacker.read_map_header(), PEEK_MAX_KEYS)):
             key = unpacker.unpack()
             if key == "frame_id":
                 return _valid_id(unpacker.unpack())
@@ -153,17 +173,19 @@ def peek_frame_id(data: bytes) -> str | None:
     except Exception:
         pass
     try:
-        pos = buf.find(_FRAME_ID_KEY)
+        head = bytes(buf[:PEEK_SCAN_BYTES])
+        pos = head.find(_FRAME_ID_KEY)
         while pos >= 0:
+            value_at = pos + len(_FRAME_ID_KEY)
             try:
                 one = msgpack.Unpacker(raw=False, max_buffer_size=1024)
-                one.feed(buf[pos + len(_FRAME_ID_KEY) : pos + len(_FRAME_ID_KEY) + 512])
+                one.feed(head[value_at : value_at + 512])
                 value = one.unpack()
             except Exception:
                 value = None
             if (found := _valid_id(value)) is not None:
                 return found
-            pos = buf.find(_FRAME_ID_KEY, pos + 1)
+            pos = head.find(_FRAME_ID_KEY, pos + 1)
     except Exception:
         pass
     return None

@@ -24,6 +24,68 @@ F_PAYLOAD = b"payload"
 F_VERSION = b"v"
 
 
+class TLSVerificationError(ValueError):
+    """The server's certificate failed verification (unknown CA, wrong host name, expired).
+
+    Deliberately not a redis.ConnectionError: the daemons retry those forever, and retrying cannot fix a
+    CA file or a host name, so this one ends the command with a readable message (`crd ...: error: ...`).
+    """
+
+
+def _verification_failed(
+    exc: ssl.SSLCertVerificationError, host: str, port: int, ca: str | None
+) -> TLSVerificationError:
+    trusted = f"the CA in {ca}" if ca else "the system's CAs (no tls_ca_file set)"
+    why = str(exc.verify_message or exc.reason).rstrip(".")
+    return TLSVerificationError(
+        f"TLS: the certificate of {host}:{port} failed verification against {trusted}: {why}. "
+        "Check CRD_REDIS__TLS_CA_FILE and that the server's certificate names the host in CRD_REDIS__URL"
+    )
+
+
+class VerifiedSSLConnection(redis.SSLConnection):
+    """redis-py's TLS connection with readable, non-retried certificate failures."""
+
+    def _connect(self):  # type: ignore[no-untyped-def]
+        try:
+            return super()._connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise _verification_failed(exc, self.host, self.port, self.ca_certs) from None
+
+    def connect_check_health(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().connect_check_health(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            # With TLS 1.3 a server that requires a client certificate completes the handshake and then
+            # drops the connection (an EOF, or a certificate-required alert): say so. Still a ConnectionError
+            # (retried): a restart looks the same.
+            if self.certfile is None and isinstance(exc.__context__, ssl.SSLError | ConnectionResetError):
+                raise redis.ConnectionError(
+                    f"{exc} (the server closed the TLS connection right after the handshake; if it requires client "
+                    "certificates, set CRD_REDIS__TLS_CERT_FILE and CRD_REDIS__TLS_KEY_FILE)"
+                ) from exc
+            raise
+
+
+class VerifiedAsyncSSLConnection(redis.asyncio.SSLConnection):
+    """The asyncio twin of VerifiedSSLConnection (the plant consumers' clients)."""
+
+    async def _connect(self):  # type: ignore[no-untyped-def]
+        try:
+            return await super()._connect()
+        except ssl.SSLCertVerificationError as exc:
+            raise _verification_failed(exc, self.host, self.port, self.ssl_context.ca_certs) from None
+
+    async def connect_check_health(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return await super().connect_check_health(*args, **kwargs)
+        except redis.ConnectionError as exc:
+            # The asyncio connection wraps every exception of _connect in a ConnectionError: unwrap ours.
+            if isinstance(exc.__cause__, TLSVerificationError):
+                raise exc.__cause__ from None
+            raise
+
+
 def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
     """Auth, TLS, timeouts and health checks shared by the sync and the asyncio clients."""
     kwargs: dict = dict(
@@ -37,9 +99,15 @@ def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
         kwargs["username"] = cfg.username
     if cfg.client_name:
         kwargs["client_name"] = cfg.client_name
-    if cfg.password is not None:
-        kwargs["password"] = cfg.password.get_secret_value()
+    password = cfg.resolved_password()
+    if password is not None:
+        kwargs["password"] = password.get_secret_value()
     if cfg.url.startswith("rediss://"):
+        for setting, path in (("TLS_CA_FILE", cfg.tls_ca_file), ("TLS_CERT_FILE", cfg.tls_cert_file),
+                              ("TLS_KEY_FILE", cfg.tls_key_file)):  # fmt: skip
+            if path is not None and not path.is_file():
+                # Found now, not as a connection error retried forever.
+                raise FileNotFoundError(f"CRD_REDIS__{setting}: no such file: {path}")
         kwargs["ssl_cert_reqs"] = ssl.CERT_REQUIRED
         kwargs["ssl_check_hostname"] = cfg.tls_check_hostname
         if cfg.tls_ca_file:
@@ -52,9 +120,15 @@ def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
 
 
 def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
-    """A client with auth, TLS and retries with exponential backoff on connection errors."""
+    """A client with auth, TLS and retries with exponential backoff on connection errors.
+
+    With a rediss:// URL the server's certificate is always verified (and its host name, unless
+    tls_check_hostname is off); a failed verification raises TLSVerificationError, not retried.
+    """
     kwargs = _client_kwargs(cfg, decode_responses)
     kwargs["retry"] = Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    if cfg.url.startswith("rediss://"):
+        kwargs["connection_class"] = VerifiedSSLConnection
     return redis.Redis.from_url(cfg.url, **kwargs)
 
 
@@ -62,7 +136,12 @@ def connect_async(cfg: RedisSettings, decode_responses: bool = False) -> redis.a
     """The asyncio twin of `connect` (same auth, TLS and retries), for the asyncio consumers."""
     kwargs = _client_kwargs(cfg, decode_responses)
     kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
-    return redis.asyncio.Redis.from_url(cfg.url, **kwargs)
+    client = redis.asyncio.Redis.from_url(cfg.url, **kwargs)
+    if cfg.url.startswith("rediss://"):
+        # The asyncio pool's from_url ignores a connection_class argument for rediss://: set it on the
+        # pool before it has made any connection.
+        client.connection_pool.connection_class = VerifiedAsyncSSLConnection
+    return client
 
 
 def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
