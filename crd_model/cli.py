@@ -261,27 +261,45 @@ def cmd_work(a: argparse.Namespace) -> int:
     from workers.worker import Worker
 
     models = _parse_models(a.model)
+    shadows = _parse_models(a.shadow_model)
     extra: dict[tuple[str, ...], tuple[str, Any]] = {}
     if models:
         extra[("worker", "models")] = ("--model", models)
+    if shadows:
+        extra[("worker", "shadow_models")] = ("--shadow-model", shadows)
+    if a.models_file:
+        extra[("worker", "models_file")] = ("--models-file", Path(a.models_file))
     if a.lines:
         extra[("worker", "lines")] = ("--lines", [x for x in a.lines.split(",") if x])
     if a.time_stages:
         extra[("worker", "time_stages")] = ("--time-stages", True)
     s = _settings(a, _WORK_FLAGS, extra)
     s = _named(s, f"crd-work:{s.worker.consumer}")
-    if a.stand_in_latency_ms is not None:
-        categories = list(s.worker.models) or [a.stand_in_category]
-        registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})
-    else:
-        if not s.worker.models:
-            raise ValueError("no models: pass --model CATEGORY=CHECKPOINT_DIR (or set CRD_WORKER__MODELS)")
-        registry = ModelRegistry.load(
-            s.worker.models, s.worker.device, s.worker.bf16, s.worker.compile, max_batch=s.worker.max_batch
+    w = s.worker
+
+    def load(models: dict, shadow_models: dict) -> ModelRegistry:
+        return ModelRegistry.load(
+            models, w.device, w.bf16, w.compile, max_batch=w.max_batch, shadow_models=shadow_models
         )
-        if a.null_model:
-            registry = ModelRegistry({c: NullModelInspector(registry.get(c)) for c in registry.categories})
-    worker = Worker(s, registry)
+
+    loader = None
+    if a.stand_in_latency_ms is not None:
+        categories = list(w.models) or [a.stand_in_category]
+        registry = ModelRegistry({c: StandInInspector(a.stand_in_latency_ms) for c in categories})
+    elif w.models_file is not None:  # the models file is the source of truth, and is watched
+        from workers.rollout import ModelsFile
+
+        spec = ModelsFile(w.models_file).read()
+        registry, loader = load(spec.models, spec.shadow_models), load
+    else:
+        if not w.models:
+            raise ValueError(
+                "no models: pass --model CATEGORY=CHECKPOINT_DIR or --models-file (or set CRD_WORKER__MODELS)"
+            )
+        registry = load(w.models, w.shadow_models)
+    if a.null_model:
+        registry = ModelRegistry({c: NullModelInspector(registry.get(c)) for c in registry.categories})
+    worker = Worker(s, registry, loader=loader)
     worker.install_signal_handlers()
     worker.run(max_frames=a.max_frames, idle_exit_s=a.idle_exit_s)
     return 0
@@ -297,6 +315,19 @@ def cmd_results(a: argparse.Namespace) -> int:
     print(f"# {key}  (frame id, verdict, score/threshold, capture->result latency)", flush=True)
     for _, result in tail_results(r, key, start="0" if a.from_start else "$", count=a.count, timeout_s=a.timeout_s):
         print(format_result(result), flush=True)
+    return 0
+
+
+def cmd_shadow_report(a: argparse.Namespace) -> int:
+    from crd_model.stream.redis_streams import connect
+    from crd_model.stream.shadow_report import compare, format_report, read_results
+
+    s = _settings(a)
+    results = read_results(connect(s.redis), s.streams.key(s.line, "results"), start=a.since, count=a.count)
+    report = compare(results, s.line)
+    print(format_report(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.as_dict(), indent=2))
     return 0
 
 
@@ -436,6 +467,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="benchmarks only: the checkpoints' data path with a model that costs nothing (labelled null-model)",
     )  # fmt: skip
     p.add_argument("--lines", default=None, help="comma-separated lines to serve together (default: --line)")
+    p.add_argument(
+        "--shadow-model", action="append", default=[], metavar="CATEGORY=CHECKPOINT_DIR",
+        help="a candidate model scoring every frame beside the live one (results carry its score)",
+    )  # fmt: skip
+    p.add_argument(
+        "--models-file", default=None,
+        help='JSON {"models": {...}, "shadow_models": {...}}, watched: a change (or SIGHUP) swaps models live',
+    )  # fmt: skip
     p.add_argument("--decode-threads", type=int, default=None, help="pool for decoding and result encoding")
     p.add_argument("--time-stages", action="store_true", help="synchronise the device to time each stage")
     p.set_defaults(func=cmd_work)
@@ -446,6 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--count", type=_COUNT, default=None)
     p.add_argument("--timeout-s", type=_SECONDS, default=None)
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("shadow-report", help="compare a candidate model run in shadow mode with the live one")
+    _add_service_args(p)
+    p.add_argument("--since", default="-", help="first results-stream entry id to read (default: the oldest)")
+    p.add_argument("--count", type=_COUNT, default=None, help="at most this many results")
+    p.add_argument("--json", default=None, help="also write the report as JSON")
+    p.set_defaults(func=cmd_shadow_report)
 
     p = sub.add_parser("plc", help="PLC bridge: a line's results to a PLC (OPC UA server/client, Modbus TCP)")
     _add_service_args(p)

@@ -469,3 +469,81 @@ def test_a_clean_exit_leaves_the_group_but_a_consumer_with_pending_frames_stays(
                     ModelRegistry({"disc": StandInInspector(1)}), r=r)  # fmt: skip
     worker._leave_group(s.line)
     assert "holder" in {c["name"].decode() for c in r.xinfo_consumers(key, s.streams.group)}
+
+
+def _variant(checkpoint: Path, out: Path) -> str:
+    """A copy of a checkpoint with slightly different weights: another model id, near-identical scores."""
+    import torch
+
+    from crd_model.checkpoint import load_checkpoint, save_checkpoint
+
+    model, meta = load_checkpoint(checkpoint)
+    with torch.no_grad():
+        next(model.branches.parameters()).mul_(1.01)
+    return save_checkpoint(out, model, meta).model_id
+
+
+def test_models_roll_out_without_a_stop_and_a_candidate_scores_in_shadow(settings, r, tiny_data, tiny_checkpoint,
+                                                                          tmp_path):  # fmt: skip
+    import json
+
+    from crd_model.stream.shadow_report import compare, read_results
+
+    b_id = _variant(tiny_checkpoint, tmp_path / "b")
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps({"models": {TINY_CATEGORY: str(tiny_checkpoint)}}))
+    s = _fast(settings, max_batch=4, models_file=models_file, reload_check_s=30)
+
+    def load(models, shadow_models):
+        return ModelRegistry.load(models, "cpu", shadow_models=shadow_models)
+
+    worker = Worker(s, load({TINY_CATEGORY: tiny_checkpoint}, {}), r=r, loader=load)
+    a_id = worker.models.get(TINY_CATEGORY).model_id
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=12, idle_exit_s=60))
+    thread.start()
+    producer = Producer(s, camera="cam", r=r)
+    frames = iter(ReplaySource(tiny_data, TINY_CATEGORY, "test", loop=True))
+    sent = [producer.send(next(frames)) for _ in range(6)]
+    _wait(lambda: r.xlen(s.streams.key(s.line, "results")) >= 6, 120, "results of the first model")
+    # The new model goes live, the old one stays on as the shadow; SIGHUP (reload()) says: look now.
+    models_file.write_text(json.dumps({"models": {TINY_CATEGORY: str(tmp_path / "b")},
+                                       "shadow_models": {TINY_CATEGORY: str(tiny_checkpoint)}}))  # fmt: skip
+    worker.reload()
+    _wait(lambda: worker.metrics.model_swaps._value.get() == 1, 120, "the swap")
+    sent += [producer.send(next(frames)) for _ in range(6)]
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    results = _results(r, s)
+    assert sorted(x.frame_id for x in results) == sorted(sent)  # every frame once across the swap
+    by_id = {x.frame_id: x for x in results}
+    before, after = [by_id[f] for f in sent[:6]], [by_id[f] for f in sent[6:]]
+    assert {x.model_id for x in before} == {a_id} and all(x.shadow is None for x in before)
+    assert {x.model_id for x in after} == {b_id} and {x.shadow.model_id for x in after} == {a_id}
+    for x in after:  # the verdict is the live model's; the shadow only reports
+        assert x.verdict == ("anomalous" if x.score >= x.threshold else "ok")
+        assert x.shadow.verdict == ("anomalous" if x.shadow.score >= x.shadow.threshold else "ok")
+    report = compare(read_results(r, s.streams.key(s.line, "results")), s.line)
+    assert report.compared == 6 and report.candidate_models == {a_id: 6}
+    assert report.both_reject + report.live_only + report.candidate_only + report.both_pass == 6
+    assert report.pearson > 0.9  # near-identical weights score near-identically
+
+
+def test_a_broken_model_set_is_refused_and_the_live_models_keep_serving(settings, r, tmp_path):
+    import json
+
+    models_file = tmp_path / "models.json"
+    models_file.write_text(json.dumps({"models": {"disc": "/nonexistent"}}))
+    s = _fast(settings, max_batch=4, models_file=models_file, reload_check_s=0.1)
+
+    def load(models, shadow_models):
+        raise FileNotFoundError(f"not a checkpoint directory: {models}")
+
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r, loader=load)
+    worker.models_file.loaded_fingerprint = None  # as if the file changed after start
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=3, idle_exit_s=10))
+    thread.start()
+    _wait(lambda: worker.metrics.reload_failures._value.get() >= 1, 30, "the failed reload")
+    sent = _send(Producer(s, camera="c", r=r), 3)
+    thread.join(timeout=60)
+    assert sorted(x.frame_id for x in _results(r, s)) == sorted(sent)
+    assert {x.model_id for x in _results(r, s)} == {"stand-in-sleep-1ms"}

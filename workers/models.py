@@ -31,8 +31,14 @@ class InspectorLike(Protocol):
 
 
 class ModelRegistry:
-    def __init__(self, inspectors: Mapping[str, InspectorLike]):
+    """The live model of each category, and optionally a candidate per category scoring in shadow mode."""
+
+    def __init__(self, inspectors: Mapping[str, InspectorLike], shadows: Mapping[str, InspectorLike] | None = None):
         self._by_category = dict(inspectors)
+        self._shadows = dict(shadows or {})
+        unknown = set(self._shadows) - set(self._by_category)
+        if unknown:
+            raise ValueError(f"shadow models for categories without a live model: {sorted(unknown)}")
 
     @classmethod
     def load(
@@ -42,17 +48,30 @@ class ModelRegistry:
         bf16: bool | None = None,
         compile: bool | None = None,
         max_batch: int = 32,
+        shadow_models: Mapping[str, Path] | None = None,
     ) -> ModelRegistry:
         """Load every checkpoint up front and run every batch shape once: a worker that cannot serve a
         category fails at start, and no frame waits for compilation or autotuning after /readyz."""
         from crd_model.inspector import Inspector
 
-        inspectors = {}
-        for category, path in models.items():
+        def load_one(path: Path) -> InspectorLike:
             inspector = Inspector(path, device, bf16=bf16, compile=compile, max_batch=max_batch)
             inspector.warmup()
-            inspectors[category] = inspector
-        return cls(inspectors)
+            return inspector
+
+        live = {category: load_one(path) for category, path in models.items()}
+        shadows = {category: load_one(path) for category, path in (shadow_models or {}).items()}
+        return cls(live, shadows)
+
+    def shadow(self, category: str) -> InspectorLike | None:
+        """The candidate model scoring this category in shadow mode, if any."""
+        return self._shadows.get(category)
+
+    def model_ids(self) -> dict[str, str]:
+        """category -> live model id (and `<category>:shadow` -> candidate id): what this registry serves."""
+        ids = {c: i.model_id for c, i in self._by_category.items()}
+        ids.update({f"{c}:shadow": i.model_id for c, i in self._shadows.items()})
+        return ids
 
     def get(self, category: str) -> InspectorLike | None:
         return self._by_category.get(category)
@@ -63,7 +82,7 @@ class ModelRegistry:
 
     @property
     def devices(self) -> set[torch.device]:
-        return {i.device for i in self._by_category.values()}
+        return {i.device for i in [*self._by_category.values(), *self._shadows.values()]}
 
     def model_version(self, category: str) -> str | None:
         inspector = self._by_category.get(category)

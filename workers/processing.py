@@ -19,6 +19,7 @@ from crd_model.stream import (
     Frame,
     Limits,
     Result,
+    Shadow,
     Timings,
     WireError,
     decode_rgb,
@@ -55,6 +56,7 @@ class Item:
     score: float | None = None
     threshold: float | None = None
     wire_map: WireMap | None = None
+    shadow: Shadow | None = None
     abandoned: bool = False  # inference failed: no result now, the entry stays pending for a retry
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per stage (thread time)
 
@@ -208,6 +210,7 @@ def _build_outcome(item: Item, registry: ModelRegistry, worker: str, region_min_
         regions=regions,
         model_id=inspector.model_id if inspector is not None else None,
         model_version=registry.model_version(f.category),
+        shadow=item.shadow,
         **common,
     )
     return Outcome(item.entry_id, item.frame_id, result.verdict, pack_result(result), deliveries=item.deliveries)

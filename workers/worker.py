@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -29,7 +30,7 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from crd_model.stream import Limits
+from crd_model.stream import Limits, Shadow
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import (
     Backoff,
@@ -44,6 +45,7 @@ from workers.device import Staging, wire_maps
 from workers.models import ModelRegistry
 from workers.processing import Item, build_outcome, decode_item, unpack_item
 from workers.publish import Publisher
+from workers.rollout import ModelsFile
 
 log = structlog.get_logger("crd.worker")
 
@@ -90,6 +92,15 @@ class WorkerMetrics:
             "Results not published: another worker had reclaimed the frame",
             registry=registry,
         )
+        self.model_info = Gauge(
+            "crd_worker_model_info", "The model serving each category (1); `<category>:shadow` for a candidate",
+            ["category", "model_id"], registry=registry,
+        )  # fmt: skip
+        self.model_swaps = Counter("crd_worker_model_swaps_total", "Model sets swapped in", registry=registry)
+        self.reload_failures = Counter(
+            "crd_worker_model_reload_failures_total", "Model sets that failed to load (the old ones kept serving)",
+            registry=registry,
+        )  # fmt: skip
         self.stage_seconds = Counter(
             "crd_worker_stage_seconds_total", "Time spent per stage, CPU (thread time) and wall", ["stage", "clock"],
             registry=registry,
@@ -126,9 +137,17 @@ class _InFlight:
         return self._n
 
 
+Loader = Callable[[dict, dict], ModelRegistry]  # (models, shadow_models) -> a loaded, warmed registry
+
+
 class Worker(Daemon):
     def __init__(
-        self, settings: Settings, models: ModelRegistry, r: redis.Redis | None = None, limits: Limits | None = None
+        self,
+        settings: Settings,
+        models: ModelRegistry,
+        r: redis.Redis | None = None,
+        limits: Limits | None = None,
+        loader: Loader | None = None,
     ):
         super().__init__(settings.observability, log.bind(consumer=settings.worker.consumer))
         self.s = settings
@@ -158,6 +177,14 @@ class Worker(Daemon):
         self._fatal: BaseException | None = None
         self._readers: list[threading.Thread] = []
         self._device_done = threading.Event()
+        # Rollout: a models file watched by a thread that loads new models beside the live ones.
+        self.loader = loader
+        self.models_file = ModelsFile(self.w.models_file) if self.w.models_file and loader else None
+        if self.models_file is not None:
+            self.models_file.loaded_fingerprint = self.models_file.fingerprint()
+        self._reload_now = threading.Event()
+        self._next_models: ModelRegistry | None = None
+        self._show_models()
         self.log = self.log.bind(lines=self.lines)
 
     # -- the loop --------------------------------------------------------------------------------------
@@ -169,6 +196,8 @@ class Worker(Daemon):
         batcher = threading.Thread(target=self._batch, name="batcher")
         publisher = threading.Thread(target=self._publish_loop, name="publisher")
         threads = [*self._readers, batcher]
+        if self.models_file is not None:
+            threads.append(threading.Thread(target=self._watch_models, name="rollout", daemon=True))
         self.reading.set()
         try:
             with self.running():
@@ -181,18 +210,22 @@ class Worker(Daemon):
                     if self._should_stop_reading(max_frames, idle_exit_s):
                         self.reading.clear()
                     # Drained: nothing can arrive any more (readers gone) and nothing is in hand.
-                    if not self.reading.is_set() and not any(t.is_alive() for t in threads) and not self.in_flight.n:
+                    readers_alive = any(t.is_alive() for t in [*self._readers, batcher])
+                    if not self.reading.is_set() and not readers_alive and not self.in_flight.n:
                         break
                     try:
                         batch = self.ready.get(timeout=_POLL_S)  # poll
                     except queue.Empty:
+                        self._swap_models()  # an idle line gets its new models too
                         continue
                     items = [f.result() for f in batch.decoding]  # start: decoded on the pool meanwhile
+                    self._swap_models()  # between batches: a new model set, if one is loaded and warm
                     self._infer(items)  # run: device work, per category
                     self.outbox.put(items)  # finish: encoded, published and acked on the publisher thread
         finally:
             self.reading.clear()
             self._device_done.set()
+            self._reload_now.set()  # wakes the rollout thread, which then sees reading cleared
             for t in threads:
                 t.join()
             if publisher.is_alive():
@@ -380,7 +413,10 @@ class Worker(Daemon):
                 by_category[it.frame.category].append(it)
         for category, group in by_category.items():
             inspector = self.models.get(category)
-            assert inspector is not None
+            if inspector is None:  # the category left with a model swap after these frames were read
+                for it in group:
+                    it.fail("unknown_category", f"no model for category {category!r} any more")
+                continue
             t0 = time.perf_counter()
             try:
                 self._infer_group(inspector, group)
@@ -414,6 +450,24 @@ class Worker(Daemon):
             scores = out.pred_score.float().cpu().tolist()
         for it, wm, score in zip(group, maps, scores, strict=True):
             it.wire_map, it.score, it.threshold = wm, float(score), float(inspector.threshold)
+        candidate = self.models.shadow(group[0].frame.category)
+        if candidate is not None:
+            self._score_shadow(candidate, group, on_device)
+
+    def _score_shadow(self, candidate, group: list[Item], on_device: list) -> None:
+        """The candidate model scores the same frames; a failure there never touches the live results."""
+        try:
+            if candidate.device != on_device[0].device:
+                on_device = [t.to(candidate.device) for t in on_device]
+            scores = candidate.forward(candidate.preprocess(on_device[0::2], on_device[1::2])).pred_score
+            threshold = float(candidate.threshold)
+            for it, score in zip(group, scores.float().cpu().tolist(), strict=True):
+                verdict = "anomalous" if score >= threshold else "ok"
+                it.shadow = Shadow(
+                    model_id=candidate.model_id, score=float(score), threshold=threshold, verdict=verdict
+                )
+        except Exception as exc:
+            self.log.error("shadow_failed", model_id=candidate.model_id, n=len(group), error=repr(exc))
 
     # -- stage 4: the publisher -----------------------------------------------------------------------------
     def _publish_loop(self) -> None:
@@ -477,6 +531,54 @@ class Worker(Daemon):
         self.in_flight.add(-len(items))
         if abandoned:
             self.log.warning("left_pending_for_retry", n=abandoned)
+
+    # -- rollout -----------------------------------------------------------------------------------------------
+    def reload(self, *_: object) -> None:
+        """SIGHUP: look at the models file now."""
+        self._reload_now.set()
+
+    def _watch_models(self) -> None:
+        assert self.models_file is not None and self.loader is not None
+        while self.reading.is_set():
+            self._reload_now.wait(timeout=self.w.reload_check_s)
+            self._reload_now.clear()
+            try:
+                if not self.models_file.changed():
+                    continue
+                fingerprint = self.models_file.fingerprint()
+                spec = self.models_file.read()
+                self.log.info("models_loading", models={k: str(v) for k, v in spec.models.items()},
+                              shadow_models={k: str(v) for k, v in spec.shadow_models.items()})  # fmt: skip
+                self._next_models = self.loader(spec.models, spec.shadow_models)  # loaded and warmed
+                self.models_file.loaded_fingerprint = fingerprint
+            except Exception as exc:  # a broken checkpoint: keep serving the models in hand
+                self.metrics.reload_failures.inc()
+                self.log.error("models_reload_failed", error=f"{type(exc).__name__}: {exc}")
+                if self.models_file is not None:
+                    self.models_file.loaded_fingerprint = self._safe_fingerprint()
+
+    def _safe_fingerprint(self) -> tuple | None:
+        try:
+            return self.models_file.fingerprint() if self.models_file else None
+        except Exception:
+            return None
+
+    def _swap_models(self) -> None:
+        new, self._next_models = self._next_models, None
+        if new is None:
+            return
+        old = self.models.model_ids()
+        self.models = new
+        for device in new.devices:
+            self.staging.setdefault(device, Staging(device))
+        self.metrics.model_swaps.inc()
+        self._show_models()
+        self.log.info("models_swapped", old=old, new=new.model_ids())
+
+    def _show_models(self) -> None:
+        self.metrics.model_info.clear()
+        for category, model_id in self.models.model_ids().items():
+            self.metrics.model_info.labels(category, model_id).set(1)
 
     # -- lifecycle -------------------------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:

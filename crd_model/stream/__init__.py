@@ -30,6 +30,7 @@ from crd_model.stream.messages import (
     Region,
     Result,
     RGBImage,
+    Shadow,
     Timings,
     WireError,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "RGBImage",
     "Region",
     "Result",
+    "Shadow",
     "Timings",
     "WireError",
     "decode_map",

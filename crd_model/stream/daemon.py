@@ -8,7 +8,8 @@
                 ...                                # drain: finish what is in hand
 
 SIGTERM and SIGINT set `stopping`; the main loop notices it, finishes (drains) what it holds and
-returns, so a rolling update or Ctrl-C loses nothing.
+returns, so a rolling update or Ctrl-C loses nothing. SIGHUP calls `reload()` (the worker re-reads its
+models file).
 """
 
 from __future__ import annotations
@@ -45,6 +46,11 @@ class Daemon:
     def install_signal_handlers(self) -> None:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        signal.signal(signal.SIGHUP, self.reload)
+
+    def reload(self, *_: object) -> None:
+        """SIGHUP: re-read what can change without a restart (the worker's models); default: nothing."""
+        self.log.info("reload_ignored", reason="nothing to reload in this daemon")
 
     @contextlib.contextmanager
     def running(self) -> Iterator[None]:

@@ -310,6 +310,15 @@ class ErrorInfo(_Model):
         return cls(code=code, message=message)
 
 
+class Shadow(_Model):
+    """A candidate model's opinion of the frame in shadow mode: for comparison, never the verdict."""
+
+    model_id: Ident
+    score: Float
+    threshold: Float
+    verdict: Literal["ok", "anomalous"]
+
+
 class Result(_Message):
     """The inspection result of one frame, published by a worker."""
 
@@ -332,6 +341,7 @@ class Result(_Message):
     worker: Ident
     deliveries: Annotated[StrictInt, Field(ge=1, le=INT64_MAX)] = 1
     meta: dict[StrictStr, MetaValue] = Field(default_factory=dict)  # the frame's meta, echoed back
+    shadow: Shadow | None = None  # a candidate model's score, when a worker runs one in shadow mode
 
     @field_validator("regions")
     @classmethod

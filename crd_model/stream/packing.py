@@ -30,9 +30,15 @@ from crd_model.stream.messages import (
 M = TypeVar("M", Frame, Result)
 
 
+# Fields added within v1 are left out while unset, so consumers written before they existed (which
+# refuse unknown keys) still decode every message that does not use them (wire-format.md, section 4).
+_ADDED_IN_V1 = frozenset({"shadow"})
+
+
 def _pack(model: BaseModel, limits: Limits) -> bytes:
     # Plain dict: bytes -> msgpack bin, tuples -> arrays, None -> nil; field order puts v and type first.
-    data: bytes = msgpack.packb(model.model_dump(mode="python"), use_bin_type=True)
+    unset = {name for name in _ADDED_IN_V1 if getattr(model, name, 0) is None}
+    data: bytes = msgpack.packb(model.model_dump(mode="python", exclude=unset or None), use_bin_type=True)
     if len(data) > limits.max_message_bytes:
         raise WireError("too_large", f"message is {len(data)} bytes; limit {limits.max_message_bytes}")
     return data

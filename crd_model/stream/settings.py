@@ -199,6 +199,13 @@ class WorkerSettings(BaseModel):
     region_min_area: int = Field(16, ge=1)
     # category -> checkpoint directory; one model per category, loaded once.
     models: dict[str, Path] = {}
+    # category -> candidate checkpoint scoring every frame beside the live model (shadow mode).
+    shadow_models: dict[str, Path] = {}
+    # Rollout without a stop: a JSON file {"models": {...}, "shadow_models": {...}} that, when it
+    # changes (checked every `reload_check_s`, or at once on SIGHUP), is loaded and warmed beside the
+    # live models and swapped in between two batches. Overrides `models` / `shadow_models` when set.
+    models_file: Path | None = None
+    reload_check_s: float = Field(5.0, gt=0)
 
 
 PLC_VERDICT_CODES = {"ok": 1, "anomalous": 2, "error": 3}  # 0 = no result yet
