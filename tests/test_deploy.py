@@ -63,9 +63,9 @@ def _text_files() -> list[Path]:
 
 @functools.cache
 def _manifests() -> tuple[tuple[Path, dict], ...]:
-    """(file, document) for every YAML document under deploy/."""
+    """(file, document) for every YAML document under deploy/k8s/ (compose.yaml: tests/test_compose.py)."""
     out = []
-    for path in sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]):
+    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 out.append((path, doc))
@@ -148,7 +148,7 @@ def _argv(c: dict) -> list[str]:
 # ---- YAML --------------------------------------------------------------------------------------
 @needs_yaml
 def test_every_yaml_document_parses_and_is_a_kubernetes_object():
-    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]
+    files = [*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]
     assert len(files) >= 8
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
