@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, machine
 from crd_model.stream.local_cluster import LocalCluster, line_in_slot
+from crd_model.stream.logs import configure_logging
 from crd_model.stream.redis_streams import connect, ensure_group
 from crd_model.stream.settings import RedisSettings, Settings, StreamSettings
 from producers.producer import Producer
@@ -204,6 +205,7 @@ def main() -> None:
     ap.add_argument("--results", type=int, default=1_100, help="results published per line, MAXLEN ~ 1000")
     ap.add_argument("--dead", type=int, default=110, help="dead letters per line, MAXLEN ~ 100")
     args = ap.parse_args()
+    configure_logging(level="WARNING")
     report = measure(args)
     report["retention"] = retention(report)
     (ROOT / "bench" / "results").mkdir(exist_ok=True)
