@@ -227,6 +227,36 @@ def test_every_frame_of_lines_on_three_shards_gets_exactly_one_result(cluster):
     assert _acl_refusals(cluster) == []
 
 
+def test_one_worker_serving_lines_on_three_shards_answers_every_frame_once(cluster):
+    """A multi-line worker (CRD_WORKER__LINES) reads and publishes on three masters at once."""
+    stem = _stem()
+    lines = [Line(cluster, _line_on(node, stem), n=30, fps=300, workers=0) for node in cluster.nodes]
+    s = _settings(cluster, "crd-worker", lines[0].line, worker={"lines": [x.line for x in lines], "max_wait_ms": 5})
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(2)}))
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            worker.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    for line in lines:
+        line.start()
+    try:
+        for line in lines:
+            line.finish()
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert not errors, [f"{type(e).__name__}: {e}" for e in errors]
+    for line in lines:
+        line.check()
+    assert worker.published == 90
+
+
 @pytest.mark.parametrize("move", ["redis-cli-reshard", "migrate-key-by-key"])
 def test_exactly_once_holds_while_the_line_slot_moves_to_another_master_under_load(cluster, move):
     source = cluster.nodes[0] if move == "redis-cli-reshard" else cluster.nodes[1]
@@ -254,7 +284,7 @@ def test_a_worker_blocked_on_a_stream_whose_slot_moves_reads_again_on_the_new_ma
     """MIGRATE deletes the stream under a blocked XREADGROUP (`UNBLOCKED ...`): the worker reads again."""
     name = _line_on(cluster.nodes[1], _stem())
     slot = slot_of(name)
-    s = _settings(cluster, "crd-worker", name, worker={"block_ms": 20_000, "max_wait_ms": 0})
+    s = _settings(cluster, "crd-worker", name, worker={"block_ms": 3_000, "max_wait_ms": 0})
     admin = connect(_redis(cluster, "crd-admin"))
     frames_key = s.streams.key(name, "frames")
     ensure_group(admin, frames_key, s.streams.group)
