@@ -128,12 +128,15 @@ def measure(args: argparse.Namespace) -> dict:
     return report
 
 
-# (name, frames held, RESULTS_MAXLEN, DEAD_MAXLEN). Frames held: CRD_PRODUCER__MAX_OUTSTANDING (200)
-# plus what 2 workers of batch 16 hold (2 x 2 x 16), as in deploy/redis/README.md.
+# Frames a line's stream holds at most: the unfinished ones (lag + pending), which producers keep
+# under CRD_PRODUCER__MAX_OUTSTANDING, plus those acknowledged since the workers' last MINID trim
+# (fps x CRD_STREAMS__FRAMES_TRIM_EVERY_S). For the base: 200 + 15 fps x 5 s.
+FRAMES_HELD = 200 + 15 * 5
+# (name, RESULTS_MAXLEN, DEAD_MAXLEN)
 POLICIES = (
-    ("code defaults (RESULTS_MAXLEN 10000, DEAD_MAXLEN 1000)", 264, 10_000, 1_000),
-    ("deploy/k8s base (20000, 200)", 264, 20_000, 200),
-    ("lean (5000, 100)", 264, 5_000, 100),
+    ("code defaults (RESULTS_MAXLEN 10000, DEAD_MAXLEN 1000)", 10_000, 1_000),
+    ("deploy/k8s base (20000, 200)", 20_000, 200),
+    ("lean (5000, 100)", 5_000, 100),
 )
 
 
@@ -147,12 +150,12 @@ def retention(report: dict) -> list[dict]:
     return [
         {
             "policy": name,
-            "frames": (held, held * frame),
+            "frames": (FRAMES_HELD, FRAMES_HELD * frame),
             "results": (results, results * result),
             "dead": (dead_n, dead_n * dead),
-            "total": held * frame + results * result + dead_n * dead,
+            "total": FRAMES_HELD * frame + results * result + dead_n * dead,
         }
-        for name, held, results, dead_n in POLICIES
+        for name, results, dead_n in POLICIES
     ]
 
 
