@@ -345,3 +345,81 @@ def test_publish_waits_out_a_slot_split_between_two_masters(cluster):
     assert outcome == [1]
     assert [f[b"frame_id"] for _, f in r.xrange(results)] == [b"earlier", b"f0"]
     assert r.xpending(frames, "g")["pending"] == 0
+
+
+# ---- plant consumers (asyncio clients) -----------------------------------------------------------
+def test_the_plc_bridge_serves_lines_on_three_masters_and_follows_a_moved_slot(cluster):
+    """The PLC bridge (connect_async: the asyncio cluster client) as the ACL user crd-plc: three lines on
+    three masters through one bridge into a Modbus PLC stand-in; then one line's slot moves under it
+    (its results stream and its ledger hash, key by key) and every result still reaches the PLC once."""
+    pytest.importorskip("consumers.plc.bridge", reason="needs the plc extra")
+    from tests.plc_sims import ModbusPlc, free_port, wait_for
+    from tests.test_plc import BridgeThread, _with_plc, publish
+
+    stem = _stem()
+    lines = [_line_on(node, stem) for node in cluster.nodes]
+    modbus = {"port": free_port(), "poll_ms": 5}
+    s = _with_plc(_settings(cluster, "crd-plc", lines[0]), protocol="modbus", lines=lines, modbus=modbus)
+    admin = connect(_redis(cluster, "crd-admin"))
+    plc = ModbusPlc(lines, s.plc.modbus).start()
+    bridge = BridgeThread(s)
+    try:
+        for i in range(3):
+            for line in lines:
+                publish(admin, s, "anomalous" if i == 1 else "ok", i, line=line)
+        wait_for(lambda: len(plc.seen) == 9, 20, "three results per line at the PLC")
+        moved = lines[1]
+        cluster.move_slot_key_by_key(slot_of(moved), cluster.nodes[0], pause_s=0.3)
+        for i in range(3, 6):
+            for line in lines:
+                publish(admin, s, "ok", i, line=line)
+        wait_for(lambda: len(plc.seen) == 18, 20, "three more per line, the moved one included")
+        for line in lines:
+            assert [x.sequence for x in plc.seen if x.line == line] == [1, 2, 3, 4, 5, 6], line
+            results = s.streams.key(line, "results")
+            wait_for(lambda k=results: admin.xpending(k, s.plc.group)["pending"] == 0, 10, "acknowledged")
+        assert cluster.owner(slot_of(moved)) is cluster.nodes[0]
+        assert bridge.thread.is_alive()
+    finally:
+        bridge.stop()
+        plc.close()
+    assert _acl_refusals(cluster) == []
+
+
+def test_the_dashboard_reads_lines_on_three_masters_and_follows_a_moved_slot(cluster):
+    """The dashboard (asyncio cluster client, ACL user crd-dashboard): XREAD on three masters, then on
+    a line whose slot moved under it."""
+    pytest.importorskip("consumers.dashboard.service", reason="needs the dashboard extra")
+    from consumers.dashboard.service import Dashboard
+    from tests.plc_sims import free_port, wait_for
+    from tests.test_plc import publish
+
+    stem = _stem()
+    lines = [_line_on(node, stem) for node in cluster.nodes]
+    dashboard = {"lines": lines, "port": free_port(), "poll_s": 0.2, "frame_images": False}
+    s = _settings(cluster, "crd-dashboard", lines[0], dashboard=dashboard)
+    admin = connect(_redis(cluster, "crd-admin"))
+    for i in range(3):  # results already there when it starts (read as history: no race with its first XREAD)
+        for line in lines:
+            publish(admin, s, "anomalous" if i == 1 else "ok", i, line=line)
+    dash = Dashboard(s)
+    thread = threading.Thread(target=dash.run, daemon=True)
+    thread.start()
+
+    def shown(line: str) -> int:
+        return sum(dash.states[line].counts.values())
+
+    try:
+        wait_for(lambda: dash.health.ready, 20, "dashboard serving")
+        wait_for(lambda: all(shown(line) == 3 for line in lines), 20, "three results per line shown")
+        cluster.move_slot_key_by_key(slot_of(lines[2]), cluster.nodes[1], pause_s=0.3)
+        for i in range(3, 6):
+            for line in lines:
+                publish(admin, s, "ok", i, line=line)
+        wait_for(lambda: all(shown(line) == 6 for line in lines), 20, "three more per line, the moved one included")
+        assert all(dash.states[line].read_error == "" for line in lines)
+        assert thread.is_alive()
+    finally:
+        dash.stop()
+        thread.join(timeout=20)
+    assert _acl_refusals(cluster) == []
