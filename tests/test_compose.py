@@ -5,7 +5,7 @@ validated against the Compose Specification's JSON schema (deploy/schemas/compos
 to what tests/test_deploy.py holds the Kubernetes manifests to: every CRD_* variable a Settings
 field and every environment valid Settings, every command line one `crd` accepts, images built
 from the Dockerfiles that define their entry points, ports and health checks where the processes
-listen, Redis users from users.acl, passwords never written into the file.
+listen, Redis users from users.acl, secrets (passwords, the dashboard token) never written into the file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from crd_model.stream.settings import Settings
-from tests.test_deploy import _acl_users, _assert_cli_accepts, _clean_env, _entrypoint, _setting_exists
+from tests.test_deploy import SUBCOMMANDS, _acl_users, _assert_cli_accepts, _clean_env, _entrypoint, _setting_exists
 
 yaml = pytest.importorskip("yaml")
 jsonschema = pytest.importorskip("jsonschema")
@@ -29,7 +29,12 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "compose.yaml"
 ENV_EXAMPLE = DEPLOY / "compose.env.example"
 SCHEMA = DEPLOY / "schemas" / "compose" / "compose-spec.json"
-DOCKERFILES = {"crd-inspect-worker": "deploy/Dockerfile.worker", "crd-inspect-producer": "deploy/Dockerfile.producer"}
+DOCKERFILES = {
+    "crd-inspect-worker": "deploy/Dockerfile.worker",
+    "crd-inspect-producer": "deploy/Dockerfile.producer",
+    "crd-inspect-plc": "deploy/Dockerfile.plc",
+    "crd-inspect-dashboard": "deploy/Dockerfile.dashboard",
+}
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 
 
@@ -101,7 +106,7 @@ def test_compose_file_validates_against_the_compose_schema():
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = [f"{'.'.join(map(str, e.path))}: {e.message}" for e in validator.iter_errors(compose())]
     assert not errors, "\n".join(errors)
-    assert {"redis", "worker", "producer-cam1", "results"} <= set(services())
+    assert {"redis", "worker", "producer-cam1", "results", "plc", "dashboard"} <= set(services())
 
 
 def test_the_schema_check_catches_a_broken_file():
@@ -149,10 +154,10 @@ def test_every_environment_is_valid_settings(monkeypatch):
     assert n >= 3
 
 
-def test_passwords_come_from_the_env_file_never_from_compose_yaml():
+def test_secrets_come_from_the_env_file_never_from_compose_yaml():
     for name, service in raw()["services"].items():
         for key, value in (service.get("environment") or {}).items():
-            if "PASSWORD" in key:
+            if "PASSWORD" in key or "TOKEN" in key:
                 assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), f"{name}: {key} must be ${{VAR:?...}}"
 
 
@@ -161,7 +166,7 @@ def test_every_command_line_is_accepted_by_the_cli():
     for name, service in crd_services().items():
         _assert_cli_accepts(argv(service), f"compose service {name}")
         seen.add(argv(service)[1])
-    assert seen == {"work", "produce", "results"}
+    assert seen == set(SUBCOMMANDS)  # every daemon the CLI has runs here
 
 
 def test_images_are_built_from_the_dockerfiles_of_their_entry_points():
@@ -177,21 +182,25 @@ def test_images_are_built_from_the_dockerfiles_of_their_entry_points():
             )
 
 
-def _listen_port(service: dict) -> int:
+def _listen_ports(service: dict) -> tuple[int, set[int]]:
+    """(the metrics port, every port the process listens on: metrics, and the dashboard's page)."""
     env = service["environment"]
-    return int(env.get("CRD_OBSERVABILITY__HTTP_PORT") or 9102)
+    metrics = int(env.get("CRD_OBSERVABILITY__HTTP_PORT") or 9102)
+    return metrics, {metrics} | ({int(env["CRD_DASHBOARD__PORT"])} if "CRD_DASHBOARD__PORT" in env else set())
 
 
-def test_published_ports_and_health_checks_reach_the_metrics_server():
+def test_published_ports_and_health_checks_reach_the_processes():
     for name, service in crd_services().items():
-        port = _listen_port(service)
+        metrics, listening = _listen_ports(service)
         for mapping in service.get("ports", []):
             host_ip, _, container_port = str(mapping).split(":")
-            assert host_ip == "127.0.0.1", f"{name}: metrics only on the host's loopback"
-            assert int(container_port) == port, name
+            assert host_ip == "127.0.0.1", f"{name}: published on the host's loopback only"
+            assert int(container_port) in listening, f"{name}: nothing listens on {container_port}"
         check = " ".join(service.get("healthcheck", {}).get("test", []))
         if check:
-            assert f"127.0.0.1:{port}/healthz" in check, name
+            assert f"127.0.0.1:{metrics}/healthz" in check, name
+    host_ports = [str(m).split(":")[1] for s in services().values() for m in s.get("ports", [])]
+    assert len(host_ports) == len(set(host_ports)), f"two services on one host port: {host_ports}"
     worker = services()["worker"]
     assert worker["stop_grace_period"] == "60s"  # the drain, as terminationGracePeriodSeconds
 
