@@ -1,13 +1,16 @@
 """Redis Cluster, for real: 3 masters of real redis-server processes, deploy/redis/users.acl loaded.
 
-Producers, workers and result consumers log in as their ACL users and use the cluster client
-(`RedisSettings.cluster`); lines are picked by their hash slot so they land on different masters,
-and slots are moved under load with `redis-cli --cluster reshard` and with a key-by-key MIGRATE.
-The cluster is started once for this module (about 2 s) and needs no REDIS_URL.
+Producers, workers, result tails, the PLC bridge and the dashboard log in as their ACL users and use
+the cluster client (`RedisSettings.cluster`); lines are picked by their hash slot so they land on
+different masters, and slots are moved under load with `redis-cli --cluster reshard` and with a
+key-by-key MIGRATE. One cluster without TLS for most tests, one TLS-only cluster (throwaway CA) for
+rediss://; each is started once for this module (about 2 s) and needs no REDIS_URL. Without
+redis-server and redis-cli the tests skip, except under CI=1 (.ci/run installs them), where they fail.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import threading
@@ -21,7 +24,7 @@ import pytest
 import redis
 
 from crd_model.stream import unpack_result
-from crd_model.stream.local_cluster import LocalCluster, Node, cluster_binaries, line_in_slot, slot_of
+from crd_model.stream.local_cluster import LocalCluster, Node, TlsFiles, cluster_binaries, line_in_slot, slot_of
 from crd_model.stream.redis_streams import (
     F_PAYLOAD,
     connect,
@@ -30,13 +33,14 @@ from crd_model.stream.redis_streams import (
     outstanding,
     safe_trim_id,
     trim_processed,
+    trim_results,
 )
 from crd_model.stream.results import tail_results
 from crd_model.stream.settings import RedisSettings, Settings
 from producers.producer import Producer
 from producers.sources import SourceFrame
 from workers.models import ModelRegistry, StandInInspector
-from workers.publish import Outcome, Publisher
+from workers.publish import Outcome, Published, Publisher
 from workers.worker import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +48,14 @@ ACL_FILE = ROOT / "deploy" / "redis" / "users.acl"
 PASSWORD = "EXAMPLE-ONLY"  # the placeholder password of every user in users.acl
 ADMIN = ("crd-admin", PASSWORD)
 
-pytestmark = pytest.mark.skipif(
-    cluster_binaries() is None, reason="needs redis-server and redis-cli (Debian: apt-get install redis-server)"
-)
+
+def _require_binaries() -> None:
+    """Skip without redis-server + redis-cli, except under CI=1 (.ci/run installs them): fail there."""
+    if cluster_binaries() is None:
+        problem = "needs redis-server and redis-cli on the PATH (Debian: apt-get install redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(f"{problem}; CI is set, so they are required")
+        pytest.skip(problem)
 
 
 def _acl_for_this_server(tmp: Path) -> Path:
@@ -63,13 +72,30 @@ def _acl_for_this_server(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    _require_binaries()
     root = tmp_path_factory.mktemp("cluster")
     with LocalCluster(root, masters=3, acl_file=_acl_for_this_server(root), admin=ADMIN) as c:
         yield c
 
 
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The same, TLS only (clients and cluster bus), with a throwaway CA whose certificate names 127.0.0.1."""
+    _require_binaries()
+    pytest.importorskip("cryptography", reason="tests/servers.py makes the certificates with it")
+    from tests.servers import make_pki
+
+    root = tmp_path_factory.mktemp("tls-cluster")
+    pki = make_pki(root / "pki")
+    tls = TlsFiles(pki.ca, pki.server_cert, pki.server_key, pki.client_cert, pki.client_key)
+    with LocalCluster(root, masters=3, acl_file=_acl_for_this_server(root), admin=ADMIN, tls=tls) as c:
+        c.other_ca = pki.other_ca  # type: ignore[attr-defined]
+        yield c
+
+
 def _redis(cluster: LocalCluster, user: str, url: str | None = None) -> RedisSettings:
-    return RedisSettings(url=url or cluster.url, cluster=True, username=user, password=PASSWORD)
+    tls = {"tls_ca_file": cluster.tls.ca} if cluster.tls else {}
+    return RedisSettings(url=url or cluster.url, cluster=True, username=user, password=PASSWORD, **tls)
 
 
 def _settings(cluster: LocalCluster, user: str, line: str, **sections: dict) -> Settings:
@@ -202,12 +228,22 @@ def test_stream_helpers_on_lines_of_every_shard(cluster, protocol):
         assert outstanding(r, frames, "g", limit=100) == 6
         admin.xclaim(frames, "g", "w2", 0, [ids[3]])  # another worker took the fourth over
         pub = Publisher(r, s, line, "g", "w1")
-        assert pub.publish([Outcome(i, f"f{n}", "ok", b"r") for n, i in enumerate(ids[:4])]) == 3
+        assert pub.publish([Outcome(i, f"f{n}", "ok", b"r") for n, i in enumerate(ids[:4])]) == Published(3, 0)
         assert r.xlen(results) == 3
+        # A resent copy of f0 (a producer's retry) gets no second result: the dedup set is in the slot too.
+        again = r.xadd(frames, {b"frame_id": b"f0", b"payload": b"x"}).decode()
+        r.xreadgroup("g", "w1", {frames: ">"}, count=10)
+        pending_w1 = [p["message_id"].decode() for p in r.xpending_range(frames, "g", "-", "+", 10, "w1")]
+        outcomes = [Outcome(i, "f0" if i == again else f"x{i}", "ok", b"r") for i in pending_w1]
+        assert pub.publish(outcomes) == Published(2, 1)
+        assert [f[b"reason"] for _, f in r.xrange(s.key(line, "dead"))] == [b"duplicate"]
+        ensure_group(admin, results, "plc")  # a consumer group on the results: trimming keeps what it needs
+        assert trim_results(r, results, maxlen=100, retain_s=0, hard_maxlen=100).trimmed == 0
+        assert r.xlen(results) == 5
         assert safe_trim_id(r, frames) == ids[3]  # still pending with w2
         trim_processed(r, frames)
         r.xtrim(frames, minid=safe_trim_id(r, frames), approximate=False)
-        assert [e[0].decode() for e in r.xrange(frames)] == ids[3:]
+        assert [e[0].decode() for e in r.xrange(frames)] == [*ids[3:], again]
         claimed = r.xautoclaim(frames, "g", "w1", 0, start_id="0-0", count=10)
         assert [e[0].decode() for e in claimed[1]] == [ids[3]]
         owner = cluster.owner(slot_of(line))
@@ -280,6 +316,34 @@ def test_exactly_once_holds_while_the_line_slot_moves_to_another_master_under_lo
     assert _acl_refusals(cluster) == []
 
 
+def test_over_tls_lines_on_three_shards_get_every_frame_once_while_a_slot_moves(tls_cluster):
+    """rediss:// to every master (certificates verified, host names checked), the cluster bus and
+    MIGRATE over TLS too; one line's slot moved with redis-cli reshard under load."""
+    cluster = tls_cluster
+    cluster.refresh()
+    stem = _stem()
+    names = [_line_on(cluster.nodes[0], stem, lowest=True), *(_line_on(n, stem) for n in cluster.nodes[1:])]
+    lines = [Line(cluster, name, n=n, fps=100) for name, n in zip(names, (150, 40, 40), strict=True)]
+    for line in lines:
+        line.start()
+    _wait(lambda: lines[0].results() >= 10, 30, "the first line in full swing")
+    cluster.reshard(slot_of(names[0]), cluster.nodes[1])
+    assert lines[0].results() < lines[0].n, "the move must happen under load"
+    for line in lines:
+        line.finish()
+        line.check()
+    assert cluster.owner(slot_of(names[0])) is cluster.nodes[1]
+    assert _acl_refusals(cluster) == []
+
+
+def test_a_cluster_with_a_certificate_from_another_ca_is_refused(tls_cluster):
+    wrong = _redis(tls_cluster, "crd-producer").model_copy(
+        update={"tls_ca_file": tls_cluster.other_ca, "retry_attempts": 0}
+    )
+    with pytest.raises((redis.exceptions.RedisClusterException, redis.ConnectionError), match="certificate verify"):
+        connect(wrong).ping()
+
+
 def test_a_worker_blocked_on_a_stream_whose_slot_moves_reads_again_on_the_new_master(cluster):
     """MIGRATE deletes the stream under a blocked XREADGROUP (`UNBLOCKED ...`): the worker reads again."""
     name = _line_on(cluster.nodes[1], _stem())
@@ -331,7 +395,7 @@ def test_publish_waits_out_a_slot_split_between_two_masters(cluster):
 
     def publish() -> None:
         try:
-            outcome.append(Publisher(r, s, name, "g", "w1").publish([Outcome(entry, "f0", "ok", b"r0")]))
+            outcome.append(Publisher(r, s, name, "g", "w1").publish([Outcome(entry, "f0", "ok", b"r0")]).published)
         except BaseException as exc:
             outcome.append(exc)
 

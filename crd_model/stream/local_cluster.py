@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import NamedTuple
 
 import redis
 from redis.crc import key_slot
@@ -51,6 +52,17 @@ def line_in_slot(slot: int, stem: str) -> str:
     return f"{stem}-{n}"
 
 
+class TlsFiles(NamedTuple):
+    """PEM files of a TLS cluster: the CA, the nodes' server certificate, and a client certificate
+    (extended key usage clientAuth) that nodes present to each other on the cluster bus."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path
+    client_key: Path
+
+
 @dataclass
 class Node:
     port: int
@@ -66,7 +78,11 @@ class Node:
 
 
 class LocalCluster:
-    """`masters` primaries, no replicas, all slots covered; optionally with an ACL file loaded."""
+    """`masters` primaries, no replicas, all slots covered; optionally with an ACL file, optionally TLS only.
+
+    `tls`: every node serves TLS only (`port 0`), the cluster bus and MIGRATE too; the server
+    certificate must name 127.0.0.1 (the address the nodes announce).
+    """
 
     def __init__(
         self,
@@ -75,6 +91,7 @@ class LocalCluster:
         acl_file: Path | None = None,
         admin: tuple[str, str] | None = None,
         node_timeout_ms: int = 5000,
+        tls: TlsFiles | None = None,
     ):
         found = cluster_binaries()
         if found is None:
@@ -84,6 +101,7 @@ class LocalCluster:
         self.acl_file = acl_file
         self.admin = admin  # (user, password) for the tooling when the ACL file disables `default`
         self.node_timeout_ms = node_timeout_ms
+        self.tls = tls
         self.nodes = [Node(_free_port(), _free_port(), self.root / f"node{i}") for i in range(masters)]
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -102,7 +120,7 @@ class LocalCluster:
         for node in self.nodes:
             node.workdir.mkdir(parents=True, exist_ok=True)
             conf = [
-                f"port {node.port}",
+                *(["port 0", f"tls-port {node.port}"] if self.tls else [f"port {node.port}"]),
                 f"cluster-port {node.bus_port}",
                 "bind 127.0.0.1",
                 "cluster-enabled yes",
@@ -115,6 +133,12 @@ class LocalCluster:
             ]
             if self.acl_file is not None:
                 conf.append(f"aclfile {Path(self.acl_file).resolve()}")
+            if self.tls is not None:
+                t = self.tls
+                conf += [f"tls-ca-cert-file {t.ca}", f"tls-cert-file {t.cert}", f"tls-key-file {t.key}"]
+                # The cluster bus always asks its peers for a certificate, one allowed for client use.
+                conf += [f"tls-client-cert-file {t.client_cert}", f"tls-client-key-file {t.client_key}"]
+                conf += ["tls-cluster yes", "tls-replication yes", "tls-auth-clients no"]
             (node.workdir / "redis.conf").write_text("\n".join(conf) + "\n")
             with open(node.workdir / "server.log", "wb") as log:
                 node.process = subprocess.Popen(
@@ -138,17 +162,19 @@ class LocalCluster:
     # -- access ----------------------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"redis://{self.nodes[0].address}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{self.nodes[0].address}/0"
 
     def client(self, node: Node) -> redis.Redis:
         """A plain (single-node) admin connection to one node."""
         user, password = self.admin or (None, None)
-        return redis.Redis(port=node.port, username=user, password=password, socket_timeout=30)
+        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls else {}
+        return redis.Redis("127.0.0.1", node.port, username=user, password=password, socket_timeout=30, **tls)
 
-    def cli(self, *args: str, timeout_s: float = 120) -> str:
+    def cli(self, *args: str, timeout_s: float = 60) -> str:
         """Run redis-cli (as the admin user, if any) against the first node; its output, or an error."""
         auth = ["--user", self.admin[0], "--pass", self.admin[1], "--no-auth-warning"] if self.admin else []
-        argv = [self.cli_bin, *auth, *args]
+        tls = ["--tls", "--cacert", str(self.tls.ca)] if self.tls else []
+        argv = [self.cli_bin, *auth, *tls, *args]
         out = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
         if out.returncode != 0 or "[ERR]" in out.stdout:
             raise RuntimeError(f"{' '.join(argv)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
