@@ -1,16 +1,18 @@
 """Redis memory per line, measured on a local 3-master Redis Cluster: what the retention policy costs.
 
-    .venv/bin/python bench/cluster_memory.py [--frames 32] [--result-bytes 12278] [--results 1100]
+    .venv/bin/python bench/cluster_memory.py [--frames 32] [--result-bytes 12278] [--results 1000]
 
 One line per master. Each line gets, through the service's own code paths:
 1. frames: `Producer.send()` of synthetic-camera frames (PNG rgb, zlib float32 xyz, as in production),
    read by a consumer group and left pending (what the frames stream holds under backpressure);
-2. results: the publish-and-ack script (`Publisher`), `--results` of them with `MAXLEN ~ 1000`, each
-   payload `--result-bytes` long (default: the median measured by bench/throughput.py with the
-   real model, a png8 map of <= 256 px plus regions; Redis stores bytes as they are, so only the
-   size matters);
+   the producer's state hash comes with them;
+2. results: the publish-and-ack script (`Publisher`), `--results` of them, each payload
+   `--result-bytes` long (default: the median measured by bench/throughput.py with the real model,
+   a png8 map of <= 256 px plus regions; Redis stores bytes as they are, so only the size matters),
+   and with them the frame ids in the dedup set (`<prefix>:{line}:published`);
 3. dead letters: the same script with `MAXLEN ~ 100`, each carrying its whole frame, as they do.
-Then `MEMORY USAGE <key> SAMPLES 0` per stream and `INFO memory` per master before and after.
+Then `MEMORY USAGE <key> SAMPLES 0` per key and `INFO memory` per master before and after, and the
+memory per line under the retention policies of docs/deploy.md ("Retention").
 Needs redis-server + redis-cli on the PATH. Prints a report; writes bench/results/cluster_memory.json.
 """
 
@@ -45,7 +47,7 @@ def used_memory(cluster: LocalCluster) -> dict[int, int]:
 def fill_line(
     settings: Settings, frames: list[SourceFrame], n_results: int, result_bytes: int, n_dead: int
 ) -> dict[str, int]:
-    """Frames left pending, results and dead letters trimmed by MAXLEN ~, as a running line has them."""
+    """Frames left pending, results with their dedup entries, dead letters trimmed by MAXLEN ~."""
     r = connect(settings.redis)
     s = settings.streams
     frames_key = s.key(settings.line, "frames")
@@ -75,7 +77,7 @@ def fill_line(
             outcomes.append(
                 Outcome(
                     entry_id,
-                    f"cam1:0:{done_results + i}",
+                    f"cam1:{producer.boot}:{len(frames) + done_results + i}",  # ids as producers make them
                     "error" if dead else "ok",
                     result,
                     dead_reason="bad_rgb" if dead else "",
@@ -120,6 +122,10 @@ def measure(args: argparse.Namespace) -> dict:
                 usage = int(r.memory_usage(key, samples=0))
                 length = int(r.xlen(key))
                 per_stream[kind] = {"entries": length, "bytes": usage, "bytes_per_entry": round(usage / length)}
+            published = streams.key(line, "published")
+            usage, members = int(r.memory_usage(published, samples=0)), int(r.zcard(published))
+            per_stream["published"] = {"entries": members, "bytes": usage, "bytes_per_entry": round(usage / members)}
+            sizes["producer_state_bytes"] = int(r.memory_usage(streams.producer_key(line, "cam1"), samples=0))
             lines.append({"line": line, "port": node.port, **sizes, "streams": per_stream})
         time.sleep(0.2)
         after = used_memory(cluster)
@@ -128,32 +134,39 @@ def measure(args: argparse.Namespace) -> dict:
     return report
 
 
+FPS = 15
 # Frames a line's stream holds at most: the unfinished ones (lag + pending), which producers keep
 # under CRD_PRODUCER__MAX_OUTSTANDING, plus those acknowledged since the workers' last MINID trim
 # (fps x CRD_STREAMS__FRAMES_TRIM_EVERY_S). For the base: 200 + 15 fps x 5 s.
-FRAMES_HELD = 200 + 15 * 5
-# (name, RESULTS_MAXLEN, DEAD_MAXLEN)
+FRAMES_HELD = 200 + FPS * 5
+# Frame ids in the dedup set: fps x CRD_STREAMS__DEDUP_WINDOW_S (900 s).
+DEDUP_HELD = FPS * 900
+# (name, results held, DEAD_MAXLEN). Results (docs/deploy.md, "Retention"): without a consumer group
+# on the results stream, MAXLEN ~ RESULTS_MAXLEN; with one (the PLC bridge of the base), everything
+# newer than RESULTS_RETAIN_S (3600 s x fps), and at most RESULTS_HARD_MAXLEN while a group lags.
 POLICIES = (
-    ("code defaults (RESULTS_MAXLEN 10000, DEAD_MAXLEN 1000)", 10_000, 1_000),
-    ("deploy/k8s base (20000, 200)", 20_000, 200),
-    ("lean (5000, 100)", 5_000, 100),
+    ("no group on results, code defaults (RESULTS_MAXLEN 10 000, DEAD_MAXLEN 1 000)", 10_000, 1_000),
+    ("no group on results, deploy/k8s values (RESULTS_MAXLEN 20 000, DEAD_MAXLEN 200)", 20_000, 200),
+    ("a PLC bridge group, steady (RESULTS_RETAIN_S 3600 s at 15 fps, DEAD_MAXLEN 200)", 3600 * FPS, 200),
+    ("a PLC bridge group lagging: the bound (RESULTS_HARD_MAXLEN 100 000, DEAD_MAXLEN 200)", 100_000, 200),
 )
 
 
 def per_entry(report: dict, kind: str) -> float:
-    """Measured bytes per entry of a stream kind, averaged over the lines."""
+    """Measured bytes per entry of a key kind, averaged over the lines."""
     return sum(x["streams"][kind]["bytes_per_entry"] for x in report["lines"]) / len(report["lines"])
 
 
 def retention(report: dict) -> list[dict]:
-    frame, result, dead = (per_entry(report, k) for k in ("frames", "results", "dead"))
+    frame, result, dead, dedup = (per_entry(report, k) for k in ("frames", "results", "dead", "published"))
     return [
         {
             "policy": name,
             "frames": (FRAMES_HELD, FRAMES_HELD * frame),
             "results": (results, results * result),
             "dead": (dead_n, dead_n * dead),
-            "total": FRAMES_HELD * frame + results * result + dead_n * dead,
+            "published": (DEDUP_HELD, DEDUP_HELD * dedup),
+            "total": FRAMES_HELD * frame + results * result + dead_n * dead + DEDUP_HELD * dedup,
         }
         for name, results, dead_n in POLICIES
     ]
@@ -161,42 +174,40 @@ def retention(report: dict) -> list[dict]:
 
 def render(report: dict) -> str:
     out = [f"server: Redis {report['server']}, 3 masters; {report['machine']}", ""]
-    out.append("| line (master) | stream | entries | MEMORY USAGE | bytes per entry | payload bytes |")
+    out.append("| line (master) | key | entries | MEMORY USAGE | bytes per entry | payload bytes |")
     out.append("|---|---|---|---|---|---|")
     for x in report["lines"]:
         payloads = {"frames": x["frame_payload_bytes_median"], "results": report["result_bytes"]}
-        payloads["dead"] = x["dead_payload_bytes"]
+        payloads |= {"dead": x["dead_payload_bytes"], "published": len("cam1:1795714912295:1234")}
         for kind, st in x["streams"].items():
             out.append(
                 f"| {x['line']} (:{x['port']}) | {kind} | {st['entries']} | {st['bytes'] / MiB:.2f} MiB "
                 f"| {st['bytes_per_entry']:,} | {payloads[kind]:,} |"
             )
     deltas = ", ".join(f"{v / MiB:.1f} MiB" for v in report["used_memory_delta_per_master"].values())
-    most_results = max(x["streams"]["results"]["entries"] for x in report["lines"])
     most_dead = max(x["streams"]["dead"]["entries"] for x in report["lines"])
+    state = max(x["producer_state_bytes"] for x in report["lines"])
     out += [
         "",
         f"INFO memory used_memory grew by {deltas} on the three masters (one line each).",
-        f"MAXLEN ~ 1000 left at most {most_results} results, MAXLEN ~ 100 at most {most_dead} dead letters.",
+        f"MAXLEN ~ 100 kept at most {most_dead} dead letters; a producer's state hash: {state} bytes.",
         "",
-        "| retention policy | frames held | results | dead letters | per line |",
-        "|---|---|---|---|---|",
+        f"Per line at {FPS} fps: {FRAMES_HELD} frames held, {DEDUP_HELD:,} frame ids in the dedup set.",
+        "",
+        "| retention | frames | results | dead letters | dedup set | per line |",
+        "|---|---|---|---|---|---|",
     ]
     rows = retention(report)
     for row in rows:
-        cells = [
-            f"{n:,} x {b / n / unit:.1f} {name} = {b / MiB:,.0f} MiB"
-            for (n, b), unit, name in (
-                (row["frames"], 1024, "KiB"),
-                (row["results"], 1024, "KiB"),
-                (row["dead"], 1024, "KiB"),
-            )
-        ]
+        cells = [f"{n:,} x {b / n / 1024:.1f} KiB = {b / MiB:,.0f} MiB" for n, b in (row[k] for k in
+                 ("frames", "results", "dead"))]  # fmt: skip
+        dedup_n, dedup_b = row["published"]
+        cells.append(f"{dedup_n:,} x {dedup_b / dedup_n:.0f} B = {dedup_b / MiB:,.1f} MiB")
         out.append(f"| {row['policy']} | {' | '.join(cells)} | **{row['total'] / MiB:,.0f} MiB** |")
-    base = rows[1]["total"]
+    bound = rows[-1]["total"]
     out.append(
-        f"\nLines per master with maxmemory 8 GiB (deploy/redis/redis.conf), k8s base policy: "
-        f"{math.floor(8 * 1024 * MiB / base)} ({base / MiB:,.0f} MiB each)."
+        f"\nLines per master with maxmemory 8 GiB (deploy/redis/redis.conf), sized for the bound: "
+        f"{math.floor(8 * 1024 * MiB / bound)} ({bound / MiB:,.0f} MiB each)."
     )
     return "\n".join(out)
 
@@ -205,7 +216,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--frames", type=int, default=32, help="synthetic frames per line, left pending")
     ap.add_argument("--result-bytes", type=int, default=12_278, help="result payload size (bench/throughput.py)")
-    ap.add_argument("--results", type=int, default=1_100, help="results published per line, MAXLEN ~ 1000")
+    ap.add_argument("--results", type=int, default=1_000, help="results published per line")
     ap.add_argument("--dead", type=int, default=110, help="dead letters per line, MAXLEN ~ 100")
     args = ap.parse_args()
     configure_logging(level="WARNING")
