@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-plc clean
+.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-plc bench-cluster-memory clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -40,6 +40,10 @@ bench-throughput: $(STAMP)
 
 bench-plc: $(STAMP)
 	$(PY) bench/plc.py
+
+# Redis memory per line on a local 3-master cluster (needs redis-server and redis-cli; ~10 s).
+bench-cluster-memory: $(STAMP)
+	$(PY) bench/cluster_memory.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -13,7 +13,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
 from crd_model.stream.daemon import Daemon
-from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, F_VERSION, Backoff, connect, ensure_group, outstanding
+from crd_model.stream.redis_streams import (
+    F_FRAME_ID,
+    F_PAYLOAD,
+    F_VERSION,
+    Backoff,
+    RedisClient,
+    connect,
+    ensure_group,
+    outstanding,
+)
 from crd_model.stream.settings import Settings
 from producers.sources import SourceFrame
 
@@ -53,7 +62,7 @@ class ProducerMetrics:
 
 
 class Producer(Daemon):
-    def __init__(self, settings: Settings, camera: str, r: redis.Redis | None = None):
+    def __init__(self, settings: Settings, camera: str, r: RedisClient | None = None):
         super().__init__(settings.observability, log.bind(line=settings.line, camera=camera))
         self.s, self.p = settings, settings.producer
         self.camera = camera

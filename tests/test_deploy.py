@@ -41,7 +41,12 @@ ACL_FILE = DEPLOY / "redis" / "users.acl"
 REDIS_CONF = DEPLOY / "redis" / "redis.conf"
 
 # Files under deploy/k8s that kustomization.yaml must NOT apply (placeholders, on-demand, alternatives).
-NOT_APPLIED = {"secret.example.yaml", "results-tail-job.yaml", "worker-hpa-fallback.yaml"}
+NOT_APPLIED = {
+    "secret.example.yaml",
+    "results-tail-job.yaml",
+    "worker-hpa-fallback.yaml",
+    "worker-keda-scaledobject-cluster.yaml",
+}
 # Image name -> the Dockerfile whose ENTRYPOINT runs in that image.
 IMAGES = {
     "crd-inspect-worker": "Dockerfile.worker",
@@ -63,9 +68,9 @@ def _text_files() -> list[Path]:
 
 @functools.cache
 def _manifests() -> tuple[tuple[Path, dict], ...]:
-    """(file, document) for every YAML document under deploy/."""
+    """(file, document) for every YAML document under deploy/k8s/ (compose.yaml: tests/test_compose.py)."""
     out = []
-    for path in sorted([*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]):
+    for path in sorted([*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc is not None:
                 out.append((path, doc))
@@ -148,7 +153,7 @@ def _argv(c: dict) -> list[str]:
 # ---- YAML --------------------------------------------------------------------------------------
 @needs_yaml
 def test_every_yaml_document_parses_and_is_a_kubernetes_object():
-    files = [*DEPLOY.rglob("*.yaml"), *DEPLOY.rglob("*.yml")]
+    files = [*K8S.rglob("*.yaml"), *K8S.rglob("*.yml")]
     assert len(files) >= 8
     for path in files:
         docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
@@ -513,6 +518,25 @@ def test_keda_trigger_reads_the_stream_and_group_the_workers_use():
     assert {t["metadata"]["name"] for t in _docs("TriggerAuthentication", _applied())} == {
         trigger["authenticationRef"]["name"]
     }
+
+
+@needs_yaml
+def test_the_redis_cluster_scaledobject_differs_from_the_applied_one_only_in_its_trigger():
+    cluster_file = {"worker-keda-scaledobject-cluster.yaml"}
+    (base,) = _docs("ScaledObject", _applied())
+    (cluster,) = _docs("ScaledObject", cluster_file)
+    assert _docs("TriggerAuthentication", cluster_file) == _docs("TriggerAuthentication", _applied())
+    (base_trigger,) = base["spec"]["triggers"]
+    (cluster_trigger,) = cluster["spec"]["triggers"]
+    assert (base_trigger["type"], cluster_trigger["type"]) == ("redis-streams", "redis-cluster-streams")
+    # Same stream, group, lag target and authentication; a node list instead of one address and database.
+    common = {k: v for k, v in base_trigger["metadata"].items() if k not in {"address", "databaseIndex"}}
+    assert {k: v for k, v in cluster_trigger["metadata"].items() if k != "addresses"} == common
+    for address in cluster_trigger["metadata"]["addresses"].split(","):
+        assert re.fullmatch(r"[a-z0-9.-]+:\d+", address.strip()), address
+    assert cluster_trigger["authenticationRef"] == base_trigger["authenticationRef"]
+    without_triggers = [{**d, "spec": {k: v for k, v in d["spec"].items() if k != "triggers"}} for d in (base, cluster)]
+    assert without_triggers[0] == without_triggers[1]
 
 
 @needs_yaml

@@ -150,6 +150,21 @@ def test_settings_from_environment(monkeypatch):
     assert Settings().redis.url == "rediss://cache:6380/0"
 
 
+def test_cluster_setting_from_the_environment(monkeypatch):
+    monkeypatch.delenv("CRD_REDIS__URL", raising=False)
+    monkeypatch.setenv("CRD_REDIS__CLUSTER", "true")
+    monkeypatch.setenv("REDIS_URL", "rediss://redis-cluster:6379/0")
+    s = Settings()
+    assert s.redis.cluster and s.redis.url == "rediss://redis-cluster:6379/0"
+    # A cluster has database 0 only: refused at start, whichever variable carries the URL.
+    monkeypatch.setenv("REDIS_URL", "redis://redis-cluster:6379/3")
+    with pytest.raises(ValueError, match="database 0 only"):
+        Settings()
+    monkeypatch.setenv("CRD_REDIS__URL", "redis://redis-cluster:6379/1")
+    with pytest.raises(ValueError, match="database 0 only"):
+        Settings()
+
+
 def test_auth_and_tls_reach_the_client(tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("not used until connect")

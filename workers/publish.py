@@ -5,11 +5,16 @@ This is the worker's exactly-once guarantee: see `PUBLISH_AND_ACK`.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import redis
+import structlog
+from redis.exceptions import ClusterError, TryAgainError
 
 from crd_model.stream.settings import StreamSettings
+
+log = structlog.get_logger("crd.publish")
 
 # Publish the results of a batch and acknowledge its frames in one atomic step. An entry is only
 # published if it is still pending for *this* consumer: if another worker reclaimed it meanwhile
@@ -87,8 +92,17 @@ class Published:
 
 
 class Publisher:
-    def __init__(self, r: redis.Redis, streams: StreamSettings, line: str, group: str, consumer: str):
+    def __init__(
+        self,
+        r: redis.Redis | redis.RedisCluster,
+        streams: StreamSettings,
+        line: str,
+        group: str,
+        consumer: str,
+        slot_move_wait_s: float = 30.0,
+    ):
         self.r = r
+        self.slot_move_wait_s = slot_move_wait_s
         self.keys = [streams.key(line, kind) for kind in ("frames", "results", "dead", "published")]
         self.group, self.consumer = group, consumer
         self.dead_maxlen, self.dedup_window_s = streams.dead_maxlen, streams.dedup_window_s
@@ -110,5 +124,19 @@ class Publisher:
                 o.deliveries,
                 o.original_payload,
             ]
-        published, duplicates = self._script(keys=self.keys, args=args)
-        return Published(int(published), int(duplicates))
+        # Redis Cluster, while this line's slot migrates: until all of its keys are on one node the
+        # script is refused with TRYAGAIN (the client retries that for ~0.4 s, then raises
+        # ClusterError). It did nothing then, and it only ever publishes what is still pending for
+        # us, so sending it again is safe: wait for the migration rather than drop the batch.
+        deadline = time.monotonic() + self.slot_move_wait_s
+        delay = 0.05
+        while True:
+            try:
+                published, duplicates = self._script(keys=self.keys, args=args)
+                return Published(int(published), int(duplicates))
+            except (TryAgainError, ClusterError) as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.info("slot_migrating", stream=self.keys[0], error=str(exc), retry_in_s=delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 1.0)

@@ -37,6 +37,7 @@ from crd_model.stream.redis_streams import (
     connect,
     ensure_group,
     outstanding,
+    read_interrupted_by_slot_move,
     trim_processed,
     trim_results,
 )
@@ -314,9 +315,14 @@ class Worker(Daemon):
             room += 1
         try:
             t, c = time.perf_counter(), time.thread_time()
-            resp = self.r.xreadgroup(
-                self.group, self.consumer, {self.frames_keys[line]: ">"}, count=room, block=self.w.block_ms
-            )
+            try:
+                resp = self.r.xreadgroup(
+                    self.group, self.consumer, {self.frames_keys[line]: ">"}, count=room, block=self.w.block_ms
+                )
+            except redis.ResponseError as exc:
+                if not read_interrupted_by_slot_move(exc):
+                    raise
+                resp = None  # Redis Cluster moved the stream while we waited: nothing delivered, read again
             entries = _entries(resp)
             if entries:
                 self.metrics.stage("read", time.thread_time() - c, time.perf_counter() - t, len(entries))

@@ -24,7 +24,9 @@ from crd_model.stream.redis_streams import connect_async
 from crd_model.stream.settings import Settings
 
 log = structlog.get_logger("crd.dashboard")
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# ClusterError (Redis Cluster): redis-py gave up following a slot that is being migrated ("TTL
+# exhausted") or the cluster is failing over: as transient as a dropped connection, so retried alike.
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
 ACTIVE_MS = 60_000  # a worker that touched the group within a minute counts as running
 
 

@@ -25,12 +25,14 @@ from consumers.plc.gaps import GapTracker
 from consumers.plc.ledger import Ledger
 from consumers.plc.records import PlcResult, record_from_entry
 from crd_model.stream.daemon import Daemon
-from crd_model.stream.redis_streams import connect_async, entry_time
+from crd_model.stream.redis_streams import connect_async, entry_time, read_interrupted_by_slot_move
 from crd_model.stream.settings import Settings, check_plc_group
 
 log = structlog.get_logger("crd.plc")
 T = TypeVar("T")
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# ClusterError (Redis Cluster): redis-py gave up following a slot that is being migrated ("TTL
+# exhausted") or the cluster is failing over: as transient as a dropped connection, so retried alike.
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
 
 
 class Stopped(Exception):
@@ -208,6 +210,12 @@ class PlcBridge(Daemon):
                 if not self.health.ready and self.ledgers and self._plc_up:
                     self.health.set_ready(True)
                 return out
+            except redis.ResponseError as exc:
+                if not read_interrupted_by_slot_move(exc):
+                    raise
+                # Redis Cluster moved the results stream under a blocked XREADGROUP: nothing was
+                # delivered; read again (the client follows the stream to its new node).
+                self.log.info("slot_moved", error=str(exc))
             except REDIS_ERRORS as exc:
                 self.health.set_ready(False, "redis unreachable")
                 self.health.beat()

@@ -119,23 +119,45 @@ def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
     return kwargs
 
 
-def connect(cfg: RedisSettings, decode_responses: bool = False) -> redis.Redis:
+# Either client: every helper here and every daemon takes one or the other (`RedisSettings.cluster`).
+RedisClient = redis.Redis | redis.RedisCluster
+
+
+def connect(cfg: RedisSettings, decode_responses: bool = False) -> RedisClient:
     """A client with auth, TLS and retries with exponential backoff on connection errors.
 
     With a rediss:// URL the server's certificate is always verified (and its host name, unless
     tls_check_hostname is off); a failed verification raises TLSVerificationError, not retried.
+
+    With `cfg.cluster` it is redis-py's cluster client: it reads the slot map from the node in the
+    URL, sends each command to the node holding its key's slot, and follows MOVED/ASK redirections
+    while slots move; auth and TLS settings apply to every node it connects to (certificates are
+    verified there too, with redis-py's own TLS connection: a failure is a retried connection error).
     """
     kwargs = _client_kwargs(cfg, decode_responses)
     kwargs["retry"] = Retry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    if cfg.cluster:
+        # Node connections do not retry by themselves here (redis-py drops retry_on_error and the
+        # health checks for them): the cluster client re-reads the slot map and resends the command,
+        # up to retry_attempts times. The URL's host stays the discovery address instead of being
+        # replaced by the node addresses it lists, so a Service name keeps working when pods move.
+        kwargs.pop("retry_on_error")
+        kwargs.pop("health_check_interval")
+        return redis.RedisCluster.from_url(cfg.url, dynamic_startup_nodes=False, **kwargs)
     if cfg.url.startswith("rediss://"):
         kwargs["connection_class"] = VerifiedSSLConnection
     return redis.Redis.from_url(cfg.url, **kwargs)
 
 
-def connect_async(cfg: RedisSettings, decode_responses: bool = False) -> redis.asyncio.Redis:
-    """The asyncio twin of `connect` (same auth, TLS and retries), for the asyncio consumers."""
+def connect_async(
+    cfg: RedisSettings, decode_responses: bool = False
+) -> redis.asyncio.Redis | redis.asyncio.RedisCluster:
+    """The asyncio twin of `connect` (same auth, TLS, retries and cluster setting), for the asyncio consumers."""
     kwargs = _client_kwargs(cfg, decode_responses)
     kwargs["retry"] = AsyncRetry(ExponentialBackoff(cap=5.0, base=0.1), cfg.retry_attempts)
+    if cfg.cluster:
+        # As in `connect`: the URL's host stays the discovery address (a Service name survives pod moves).
+        return redis.asyncio.RedisCluster.from_url(cfg.url, dynamic_startup_nodes=False, **kwargs)
     client = redis.asyncio.Redis.from_url(cfg.url, **kwargs)
     if cfg.url.startswith("rediss://"):
         # The asyncio pool's from_url ignores a connection_class argument for rediss://: set it on the
@@ -144,13 +166,23 @@ def connect_async(cfg: RedisSettings, decode_responses: bool = False) -> redis.a
     return client
 
 
-def ensure_group(r: redis.Redis, stream: str, group: str) -> None:
+def ensure_group(r: RedisClient, stream: str, group: str) -> None:
     """Create the consumer group (and the stream) if missing; idempotent across pods."""
     try:
         r.xgroup_create(stream, group, id="0", mkstream=True)
     except redis.ResponseError as exc:
         if "BUSYGROUP" not in str(exc):
             raise
+
+
+def read_interrupted_by_slot_move(exc: redis.ResponseError) -> bool:
+    """A blocked XREADGROUP ended with `UNBLOCKED the stream key no longer exists`.
+
+    Redis Cluster moves a slot's keys with MIGRATE, which deletes them on the old node; a consumer
+    blocked there on the stream gets this error. Nothing was delivered, so the read can simply be
+    sent again: the client then follows the stream to its new node (ASK/MOVED).
+    """
+    return str(exc).startswith("UNBLOCKED")
 
 
 def _s(v: object) -> str:
@@ -170,7 +202,7 @@ class GroupState:
     lag: int | None  # None: Redis < 7 could not tell and we did not count
 
 
-def group_states(r: redis.Redis, stream: str) -> list[GroupState]:
+def group_states(r: RedisClient, stream: str) -> list[GroupState]:
     try:
         infos = r.xinfo_groups(stream)
     except redis.ResponseError:
@@ -185,7 +217,7 @@ def group_states(r: redis.Redis, stream: str) -> list[GroupState]:
     return out
 
 
-def outstanding(r: redis.Redis, stream: str, group: str, limit: int) -> int:
+def outstanding(r: RedisClient, stream: str, group: str, limit: int) -> int:
     """Entries of `stream` the group has not finished: undelivered (lag) + pending (not acked).
 
     Counting stops a little past `limit` on servers without the `lag` field (Redis 6.2), so the
@@ -201,7 +233,7 @@ def outstanding(r: redis.Redis, stream: str, group: str, limit: int) -> int:
     return int(r.xlen(stream))  # no group yet: everything is outstanding
 
 
-def safe_trim_id(r: redis.Redis, stream: str) -> str | None:
+def safe_trim_id(r: RedisClient, stream: str) -> str | None:
     """The oldest entry id any consumer group still needs; everything older may go.
 
     A group needs its pending entries (delivered, not acked: a crashed worker's frames are
@@ -214,7 +246,7 @@ def safe_trim_id(r: redis.Redis, stream: str) -> str | None:
     return f"{ms}-{seq}"
 
 
-def trim_processed(r: redis.Redis, stream: str) -> int:
+def trim_processed(r: RedisClient, stream: str) -> int:
     """XTRIM MINID ~ <safe id>: frames no group still needs; approximate, so it never over-trims."""
     min_id = safe_trim_id(r, stream)
     if min_id is None:
@@ -229,7 +261,7 @@ class ResultsTrim:
     lagging: list[str]  # groups that had not acknowledged what was dropped
 
 
-def trim_results(r: redis.Redis, stream: str, maxlen: int, retain_s: float, hard_maxlen: int) -> ResultsTrim:
+def trim_results(r: RedisClient, stream: str, maxlen: int, retain_s: float, hard_maxlen: int) -> ResultsTrim:
     """Trim a results stream without taking results from under a consumer group.
 
     With groups: XTRIM MINID ~ below what every group still needs and below `retain_s` ago. Without:
@@ -258,7 +290,7 @@ def trim_results(r: redis.Redis, stream: str, maxlen: int, retain_s: float, hard
     return ResultsTrim(trimmed, dropped if lagging else 0, lagging)
 
 
-def _group_needs(r: redis.Redis, stream: str, g: GroupState) -> tuple[int, int]:
+def _group_needs(r: RedisClient, stream: str, g: GroupState) -> tuple[int, int]:
     """The oldest entry id group `g` still needs: its oldest pending entry, else the one after its cursor."""
     if g.pending:
         summary = r.xpending(stream, g.name)

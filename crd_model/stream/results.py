@@ -9,14 +9,12 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import redis
-
 from crd_model.stream import Limits, Result, WireError, unpack_result
-from crd_model.stream.redis_streams import F_PAYLOAD
+from crd_model.stream.redis_streams import F_PAYLOAD, RedisClient
 
 
 def tail_results(
-    r: redis.Redis,
+    r: RedisClient,
     key: str,
     start: str = "$",
     count: int | None = None,

@@ -87,6 +87,10 @@ class RedisSettings(BaseModel):
     retry_attempts: int = Field(5, ge=0)  # per command, with exponential backoff, before an error surfaces
     # Shown in CLIENT LIST (operators, fault injection); the daemons default it to their role and name.
     client_name: str | None = Field(None, pattern=r"^[A-Za-z0-9._:-]{1,64}$")
+    # Redis Cluster: `url` names one node, or better a name that reaches any of them (a Service over
+    # all nodes); the client discovers the others, sends each line's commands to the node that
+    # holds its slot and follows the slot when it moves (MOVED/ASK). Cluster has database 0 only.
+    cluster: bool = False
 
     @field_validator("url")
     @classmethod
@@ -106,6 +110,12 @@ class RedisSettings(BaseModel):
             raise ValueError("tls_cert_file and tls_key_file go together (mutual TLS needs both)")
         if self.password is not None and self.password_file is not None:
             raise ValueError("password and password_file are both set: set one")
+        if self.cluster:
+            parts = urlsplit(self.url)
+            if parts.scheme not in ("redis", "rediss"):
+                raise ValueError(f"a cluster is reached over redis:// or rediss://, not {parts.scheme}://")
+            if parts.path.strip("/") not in ("", "0"):
+                raise ValueError(f"Redis Cluster has database 0 only, the URL asks for {parts.path.strip('/')!r}")
         return self
 
     def resolved_password(self) -> SecretStr | None:
