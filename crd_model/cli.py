@@ -273,8 +273,17 @@ def cmd_work(a: argparse.Namespace) -> int:
         extra[("worker", "lines")] = ("--lines", [x for x in a.lines.split(",") if x])
     if a.time_stages:
         extra[("worker", "time_stages")] = ("--time-stages", True)
+    if a.devices:
+        extra[("worker", "devices")] = ("--devices", [x for x in a.devices.split(",") if x])
     s = _settings(a, _WORK_FLAGS, extra)
     s = _named(s, f"crd-work:{s.worker.consumer}")
+    if s.worker.devices:
+        from workers.supervisor import resolve_devices, supervise
+
+        devices = resolve_devices(s.worker.devices)
+        if len(devices) > 1:
+            return supervise(s, devices, a.argv[1:])
+        s = s.model_copy(update={"worker": s.worker.model_copy(update={"device": devices[0]})})
     w = s.worker
 
     def load(models: dict, shadow_models: dict) -> ModelRegistry:
@@ -468,6 +477,10 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--lines", default=None, help="comma-separated lines to serve together (default: --line)")
     p.add_argument(
+        "--devices", default=None,
+        help="one worker process per device: 'all' (every GPU) or e.g. cuda:0,cuda:1 (a supervisor starts them)",
+    )  # fmt: skip
+    p.add_argument(
         "--shadow-model", action="append", default=[], metavar="CATEGORY=CHECKPOINT_DIR",
         help="a candidate model scoring every frame beside the live one (results carry its score)",
     )  # fmt: skip
@@ -530,7 +543,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # the supervisor of `crd work --devices` hands it on to its children
     try:
         return int(args.func(args) or 0)
     except ValidationError as exc:  # e.g. a model configuration from flags (--image-size 100)

@@ -46,6 +46,7 @@ NOT_APPLIED = {
     "results-tail-job.yaml",
     "worker-hpa-fallback.yaml",
     "worker-keda-scaledobject-cluster.yaml",
+    "worker-deployment-multigpu.yaml",
 }
 # Image name -> the Dockerfile whose ENTRYPOINT runs in that image.
 IMAGES = {

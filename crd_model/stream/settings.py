@@ -201,6 +201,8 @@ class WorkerSettings(BaseModel):
     claim_every_s: float = Field(5.0, gt=0)
     max_deliveries: int = Field(3, ge=1)
     device: str | None = None
+    # Several devices (or ["all"]): one worker process per device under a supervisor (workers/supervisor.py).
+    devices: list[str] = []
     bf16: bool | None = Field(None, description="bf16 autocast; None = on CUDA")
     compile: bool | None = Field(None, description="torch.compile with static batch shapes; None = on CUDA")
     time_stages: bool = Field(False, description="synchronise the device between stages to time each (benchmarks)")

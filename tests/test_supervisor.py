@@ -1,0 +1,62 @@
+"""`crd work --devices`: one worker process per device under a supervisor."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+
+from crd_model.stream import unpack_result
+from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group
+from producers.producer import Producer
+from producers.sources import SourceFrame
+from tests.plc_sims import free_port
+from workers.supervisor import _without
+
+
+def test_one_worker_per_device_under_a_supervisor(settings, r):
+    ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)
+    port = free_port()
+    env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1")
+    env.pop("CRD_REDIS__URL", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "crd_model.cli", "work", "--devices", "cpu,cpu", "--consumer", "node7",
+         "--stand-in-latency-ms", "20", "--max-wait-ms", "5", "--metrics-port", str(port), "--plain-logs"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and not ready:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as resp:
+                    ready = resp.status == 200
+            except OSError:
+                time.sleep(0.3)
+        assert ready, "the supervisor never reported both workers ready"
+        consumers = {c["name"].decode() for c in r.xinfo_consumers(settings.streams.key(settings.line, "frames"),
+                                                                    settings.streams.group)}  # fmt: skip
+        assert consumers == {"node7-0", "node7-1"}
+        producer = Producer(settings, camera="c", r=r)
+        rgb, xyz = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32)
+        sent = [producer.send(SourceFrame(rgb, xyz, "disc")) for _ in range(40)]
+        key = settings.streams.key(settings.line, "results")
+        while r.xlen(key) < 40 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        results = [unpack_result(f[F_PAYLOAD]) for _, f in r.xrange(key)]
+        assert sorted(x.frame_id for x in results) == sorted(sent)
+        assert {x.worker for x in results} == {"node7-0", "node7-1"}  # both devices did work
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 0, out[-3000:]
+
+
+def test_children_get_the_command_line_without_the_supervisors_own_flags():
+    argv = ["--devices", "all", "--model", "disc=/m", "--consumer=n", "--metrics-port", "9102", "--max-batch", "8"]
+    assert _without(argv, ("--devices", "--consumer", "--metrics-port")) == ["--model", "disc=/m", "--max-batch", "8"]

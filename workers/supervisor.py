@@ -1,0 +1,142 @@
+"""One worker per device on a node with several GPUs: `crd work --devices all` (or `cuda:0,cuda:1`).
+
+The supervisor starts one `crd work` process per device, each pinned to its device, with its own
+consumer name (`<consumer>-<index>`) and, when a metrics port is set, its own port (`port + 1 +
+index`). Separate processes keep each GPU's worker independent (its own CUDA context, allocator,
+compiled graphs and GIL), which is how a CUDA application scales over devices; one process feeding
+several GPUs would share one GIL between their host-side stages. The supervisor restarts a child
+that dies (with backoff), forwards SIGTERM so every child drains, and serves its own `/healthz`
+(alive) and `/readyz` (every child ready) on the metrics port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Sequence
+
+import structlog
+from prometheus_client import Gauge
+
+from crd_model.stream.daemon import Daemon
+from crd_model.stream.redis_streams import Backoff
+from crd_model.stream.settings import Settings
+
+log = structlog.get_logger("crd.supervisor")
+
+
+def resolve_devices(devices: Sequence[str]) -> list[str]:
+    """`all` -> every visible CUDA device (or the CPU if there is none); else the list as given."""
+    if list(devices) == ["all"]:
+        import torch
+
+        n = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    return list(devices)
+
+
+class Child:
+    def __init__(self, index: int, device: str, argv: list[str], port: int | None):
+        self.index, self.device, self.argv, self.port = index, device, argv, port
+        self.proc: subprocess.Popen | None = None
+        self.backoff = Backoff(base=1.0, cap=30.0)
+        self.started_at = 0.0
+
+    def start(self) -> None:
+        # CRD_WORKER__DEVICES cleared: a child is one device's worker, never a supervisor again.
+        self.proc = subprocess.Popen(self.argv, env=dict(os.environ, CRD_WORKER__DEVICES="[]"))
+        self.started_at = time.monotonic()
+
+    def ready(self) -> bool:
+        if self.port is None:
+            return self.proc is not None and self.proc.poll() is None
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+
+class Supervisor(Daemon):
+    def __init__(self, settings: Settings, devices: Sequence[str], child_args: list[str]):
+        super().__init__(settings.observability, log.bind(devices=list(devices)))
+        base_port = settings.observability.http_port
+        self.children = []
+        for i, device in enumerate(devices):
+            port = None if base_port is None else base_port + 1 + i
+            argv = [sys.executable, "-m", "crd_model.cli", "work", *child_args, "--device", device,
+                    "--consumer", f"{settings.worker.consumer}-{i}"]  # fmt: skip
+            if port is not None:
+                argv += ["--metrics-port", str(port)]
+            self.children.append(Child(i, device, argv, port))
+        self.up = Gauge("crd_supervisor_children_ready", "Worker processes ready, one per device",
+                        registry=self.registry)  # fmt: skip
+        self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
+                              registry=self.registry)  # fmt: skip
+        self._restarts = 0
+
+    def run(self) -> int:
+        with self.running():
+            for child in self.children:
+                child.start()
+                self.log.info("child_started", index=child.index, device=child.device, pid=child.proc.pid)
+            while not self.stopping.is_set():
+                self.health.beat()
+                ready = 0
+                for child in self.children:
+                    if child.proc is not None and child.proc.poll() is not None:
+                        self.log.error("child_died", index=child.index, device=child.device,
+                                       code=child.proc.returncode)  # fmt: skip
+                        if time.monotonic() - child.started_at < 60:
+                            child.backoff.sleep()  # it died soon after starting: do not spin
+                        else:
+                            child.backoff.reset()
+                        child.start()
+                        self._restarts += 1
+                        self.restarts.set(self._restarts)
+                    ready += child.ready()
+                self.up.set(ready)
+                self.health.set_ready(ready == len(self.children), f"{ready}/{len(self.children)} workers ready")
+                self.stopping.wait(1.0)
+            self.log.info("stopping_children")
+            for child in self.children:
+                if child.proc is not None and child.proc.poll() is None:
+                    child.proc.send_signal(signal.SIGTERM)
+            codes = []
+            for child in self.children:
+                if child.proc is not None:
+                    try:
+                        codes.append(child.proc.wait(timeout=120))
+                    except subprocess.TimeoutExpired:
+                        child.proc.kill()
+                        codes.append(child.proc.wait())
+        return 0 if all(c == 0 for c in codes) else 1
+
+
+def supervise(settings: Settings, devices: Sequence[str], argv: Sequence[str]) -> int:
+    """Run one worker per device; `argv` is this command line without --devices (children inherit it)."""
+    child_args = _without(list(argv), ("--devices", "--device", "--consumer", "--metrics-port"))
+    sup = Supervisor(settings, devices, child_args)
+    sup.install_signal_handlers()
+    signal.signal(signal.SIGHUP, lambda *_: [c.proc.send_signal(signal.SIGHUP) for c in sup.children if c.proc])
+    threading.current_thread().name = "supervisor"
+    return sup.run()
+
+
+def _without(argv: list[str], flags: tuple[str, ...]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
