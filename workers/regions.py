@@ -44,7 +44,11 @@ def find_regions(
     big_h, big_w = image_shape or a.shape
     sy, sx = big_h / a.shape[0], big_w / a.shape[1]
     areas = np.ceil(np.bincount(labels.ravel(), minlength=n + 1)[1:] * (sy * sx) - 1e-9).astype(np.int64)
-    peaks = np.asarray(ndimage.maximum(a, labels, np.arange(1, n + 1)), dtype=np.float64).reshape(n)
+    # Per-label maxima over the labelled pixels only (ndimage.maximum argsorts the whole map).
+    inside = labels > 0
+    peaks = np.full(n + 1, -np.inf)
+    np.maximum.at(peaks, labels[inside], a[inside])
+    peaks = peaks[1:]
     peaks = np.clip(peaks, -np.finfo(np.float64).max, np.finfo(np.float64).max)
     keep = np.flatnonzero(areas >= max(1, min_area))
     # Peak descending, then area descending, then label (raster order of first pixel): deterministic ties.
