@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-plc bench-cluster-memory clean
+.PHONY: demo test test-streams test-tls lint bench-quality bench-throughput bench-wire bench-faults bench-soak bench-plc bench-cluster-memory clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH (or make PYTHON=/path/to/python3.11)"; exit 1; }
@@ -37,6 +37,17 @@ bench-quality: $(STAMP)
 
 bench-throughput: $(STAMP)
 	$(PY) bench/throughput.py
+
+bench-wire: $(STAMP)
+	$(PY) bench/wire.py
+
+# 1,000 faults against producers, workers and their own server (~30 minutes).
+bench-faults: $(STAMP)
+	$(PY) bench/faults.py
+
+# 10 minutes at a fixed rate with faults now and then: memory growth, latency drift, losses.
+bench-soak: $(STAMP)
+	$(PY) bench/soak.py
 
 bench-plc: $(STAMP)
 	$(PY) bench/plc.py
