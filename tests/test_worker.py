@@ -528,3 +528,16 @@ def test_a_broken_model_set_is_refused_and_the_live_models_keep_serving(settings
     thread.join(timeout=60)
     assert sorted(x.frame_id for x in _results(r, s)) == sorted(sent)
     assert {x.model_id for x in _results(r, s)} == {"stand-in-sleep-1ms"}
+
+
+def test_a_frame_over_the_workers_pixel_bound_is_refused_before_decoding(settings, r):
+    s = _fast(settings, max_batch=4, max_frame_pixels=32 * 32)
+    producer = Producer(s, camera="c", r=r)
+    small = producer.send(SourceFrame(np.zeros((32, 32, 3), np.uint8), np.zeros((32, 32, 3), np.float32), "disc"))
+    big = producer.send(SourceFrame(np.zeros((40, 50, 3), np.uint8), np.zeros((40, 50, 3), np.float32), "disc"))
+    worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
+    assert worker.run(max_frames=2, idle_exit_s=3) == 2
+    by_id = {x.frame_id: x for x in _results(r, s)}
+    assert by_id[small].verdict == "ok"
+    assert by_id[big].verdict == "error" and by_id[big].error.code == "too_large"
+    assert "max_frame_pixels" in by_id[big].error.message

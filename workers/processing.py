@@ -93,6 +93,7 @@ def unpack_item(
     registry: ModelRegistry,
     limits: Limits,
     max_deliveries: int,
+    max_frame_pixels: int | None = None,
 ) -> Item:
     """Parse and validate one entry's message (no payload decoded yet)."""
     t = time.thread_time()
@@ -110,6 +111,11 @@ def unpack_item(
             raise WireError(
                 "unknown_category",
                 f"no model for category {item.frame.category!r} (serving: {', '.join(registry.categories)})",
+            )
+        h, w = item.frame.rgb.shape[:2]
+        if max_frame_pixels is not None and h * w > max_frame_pixels:  # this worker's bound, before decoding
+            raise WireError(
+                "too_large", f"frame of {h}x{w} pixels is over this worker's max_frame_pixels ({max_frame_pixels})"
             )
         if item.frame.rgb.shape[:2] != item.frame.xyz.shape[:2]:  # before anything is decoded
             raise WireError(

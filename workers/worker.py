@@ -364,7 +364,14 @@ class Worker(Daemon):
         for eid, fields in entries:
             entry_id = eid.decode() if isinstance(eid, bytes) else eid
             item = unpack_item(
-                line, entry_id, fields, deliveries.get(entry_id, 1), self.models, self.limits, self.w.max_deliveries
+                line,
+                entry_id,
+                fields,
+                deliveries.get(entry_id, 1),
+                self.models,
+                self.limits,
+                self.w.max_deliveries,
+                self.w.max_frame_pixels,
             )
             self.metrics.stage("unpack", item.cpu["unpack"])
             self.intake.put(item)

@@ -194,6 +194,9 @@ class WorkerSettings(BaseModel):
     block_ms: int = Field(1000, ge=1)
     decode_threads: int = Field(2, ge=1, description="pool that decodes payloads and encodes results")
     prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
+    # Bounds one frame's cost (decoding a 40 Mpx frame takes seconds and gigabytes): larger frames
+    # become `too_large` error results before anything is decoded. The wire's own bound is Limits.
+    max_frame_pixels: int = Field(4096 * 4096, ge=64)
     max_batch_decoded_mb: float = Field(
         512.0, gt=0, description="decoded bytes one batch may hold; a larger frame is inspected alone"
     )
