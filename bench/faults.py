@@ -273,13 +273,27 @@ class Harness:
         self.faults[kind] += 1
 
     # -- the run
-    def run(self) -> dict:
+    def start_all(self) -> float:
+        """The producers and workers; returns the start time."""
         t0 = time.time()
         for i in range(self.a.producers):
             self.start_producer(f"cam{i}")
         for _ in range(self.a.workers):
             self.start_worker()
         time.sleep(3.0)  # workers load and join
+        return t0
+
+    def stop_producers(self) -> None:
+        """SIGTERM the producers (not restarted any more) and wait for them."""
+        self.producers_done = True
+        for proc in self.producers.values():
+            proc.send_signal(signal.SIGTERM)
+        for camera, proc in self.producers.items():
+            if proc.wait(timeout=60) != 0:
+                self.unexpected_exits.append(f"producer {camera} exited with {proc.returncode} on SIGTERM")
+
+    def run(self) -> dict:
+        t0 = self.start_all()
         # Every kind at least once (when there are that many faults), the rest at random, shuffled.
         schedule = list(FAULTS)[: self.a.faults] + [self.rng.choice(FAULTS) for _ in range(self.a.faults - len(FAULTS))]
         self.rng.shuffle(schedule)
@@ -287,12 +301,7 @@ class Harness:
             time.sleep(self.rng.uniform(self.a.gap_s * 0.5, self.a.gap_s * 1.5))
             self.inject(kind)
             self.check_processes()
-        self.producers_done = True
-        for proc in self.producers.values():
-            proc.send_signal(signal.SIGTERM)
-        for camera, proc in self.producers.items():
-            if proc.wait(timeout=60) != 0:
-                self.unexpected_exits.append(f"producer {camera} exited with {proc.returncode} on SIGTERM")
+        self.stop_producers()
         self.drain()
         for proc in self.workers.values():
             proc.send_signal(signal.SIGTERM)

@@ -41,12 +41,7 @@ class Soak(Harness):
     def run(self) -> dict:
         from crd_model.stream import unpack_result
 
-        t0 = time.time()
-        for i in range(self.a.producers):
-            self.start_producer(f"cam{i}")
-        for _ in range(self.a.workers):
-            self.start_worker()
-        time.sleep(3.0)
+        t0 = self.start_all()
         end = t0 + 60 * self.a.minutes
         next_fault = time.time() + self.a.fault_every_s
         memory: dict[str, list[tuple[float, float]]] = {}
@@ -60,11 +55,7 @@ class Soak(Harness):
                 self.inject(self.rng.choice(FAULTS))
                 next_fault = time.time() + self.a.fault_every_s
             self.check_processes()
-        self.producers_done = True
-        for proc in self.producers.values():
-            proc.terminate()
-        for proc in self.producers.values():
-            proc.wait(timeout=60)
+        self.stop_producers()
         self.drain()
         for proc in self.workers.values():
             proc.terminate()
