@@ -187,8 +187,8 @@ class Harness:
         env = dict(os.environ, PYTHONUNBUFFERED="1", CRD_LINE=self.line, REDIS_URL=self.server.url)
         env.pop("CRD_REDIS__URL", None)
         env.update({
-            "CRD_REDIS__SOCKET_TIMEOUT_S": "2", "CRD_REDIS__CONNECT_TIMEOUT_S": "1",
-            "CRD_WORKER__CLAIM_EVERY_S": "0.5", "CRD_WORKER__BLOCK_MS": "2000",
+            "CRD_REDIS__SOCKET_TIMEOUT_S": "3", "CRD_REDIS__CONNECT_TIMEOUT_S": "1",
+            "CRD_WORKER__CLAIM_EVERY_S": "0.5", "CRD_WORKER__BLOCK_MS": "1500",
             "CRD_STREAMS__FRAMES_TRIM_EVERY_S": "1", "CRD_STREAMS__DEAD_MAXLEN": "1000000",
         })  # fmt: skip
         return env
@@ -292,7 +292,21 @@ class Harness:
             if proc.wait(timeout=60) != 0:
                 self.unexpected_exits.append(f"producer {camera} exited with {proc.returncode} on SIGTERM")
 
+    def shutdown(self) -> None:
+        """Whatever happened, no process or server of this harness outlives it."""
+        for proc in [*self.producers.values(), *self.workers.values()]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        self.server.stop()
+
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.shutdown()
+
+    def _run(self) -> dict:
         t0 = self.start_all()
         # Every kind at least once (when there are that many faults), the rest at random, shuffled.
         schedule = list(FAULTS)[: self.a.faults] + [self.rng.choice(FAULTS) for _ in range(self.a.faults - len(FAULTS))]

@@ -38,7 +38,7 @@ def rss_mb(pid: int) -> float | None:
 
 
 class Soak(Harness):
-    def run(self) -> dict:
+    def _run(self) -> dict:
         from crd_model.stream import unpack_result
 
         t0 = self.start_all()

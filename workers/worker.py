@@ -156,6 +156,9 @@ class Worker(Daemon):
         self.models = models
         self.r = r or connect(settings.redis)
         self.lines = list(self.w.lines) or [settings.line]
+        # A blocking read must return before the client's socket timeout, or every idle read would end
+        # in a TimeoutError (and a reconnect) instead of an empty answer.
+        self.block_ms = max(1, min(self.w.block_ms, int(settings.redis.socket_timeout_s * 1000 * 0.8)))
         self.group = settings.streams.group
         self.consumer = self.w.consumer
         self.limits = limits or Limits()
