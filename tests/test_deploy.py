@@ -636,7 +636,7 @@ def acl_server(tmp_path: Path) -> Iterator[int]:
     try:
         import redis
 
-        admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY")
+        admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY", driver_info=None)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -670,7 +670,7 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
 
     _clean_env(monkeypatch)
     port, line, n = acl_server, "acltest", 3
-    admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY")
+    admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY", driver_info=None)
     assert admin.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
     assert admin.config_get("appendonly")["appendonly"] == "yes"
 
@@ -685,7 +685,7 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
     assert [r.verdict for _, r in got] == ["ok"] * n
 
     frames_key = results_settings.streams.key(line, "frames")
-    keda = redis.Redis(port=port, username="crd-keda", password="EXAMPLE-ONLY")
+    keda = redis.Redis(port=port, username="crd-keda", password="EXAMPLE-ONLY", driver_info=None)
     assert int(keda.info()["redis_version"].split(".")[0]) >= 7  # KEDA's lag trigger checks this
     assert keda.xinfo_groups(frames_key)[0]["lag"] == 0 and keda.xlen(frames_key) >= 0
 
@@ -693,7 +693,7 @@ def test_acl_users_can_do_their_jobs_and_nothing_else(acl_server: int, monkeypat
     assert admin.execute_command("ACL", "LOG") == [], admin.execute_command("ACL", "LOG")
 
     def refused(user: str, *command: str) -> bool:
-        c = redis.Redis(port=port, username=user, password="EXAMPLE-ONLY")
+        c = redis.Redis(port=port, username=user, password="EXAMPLE-ONLY", driver_info=None)
         try:
             c.execute_command(*command)
         except redis.exceptions.NoPermissionError:
@@ -729,7 +729,7 @@ def test_acl_plant_consumers_can_do_their_jobs_and_the_dashboard_writes_nothing(
 
     _clean_env(monkeypatch)
     port, line = acl_server, "aclplant"
-    admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY")
+    admin = redis.Redis(port=port, username="crd-admin", password="EXAMPLE-ONLY", driver_info=None)
     keys = {k: StreamSettings().key(line, k) for k in ("frames", "results", "dead")}
     admin.xgroup_create(keys["frames"], "inspectors", id="$", mkstream=True)
     modbus = ModbusSettings(port=free_port(), poll_ms=5)
@@ -766,7 +766,7 @@ def test_acl_plant_consumers_can_do_their_jobs_and_the_dashboard_writes_nothing(
         plc.close()
 
     def refused(user: str, *command: str) -> bool:
-        c = redis.Redis(port=port, username=user, password="EXAMPLE-ONLY")
+        c = redis.Redis(port=port, username=user, password="EXAMPLE-ONLY", driver_info=None)
         try:
             c.execute_command(*command)
         except redis.exceptions.NoPermissionError:

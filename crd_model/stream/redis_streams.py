@@ -6,6 +6,7 @@ XINFO GROUPS (7.0+) is used when present and computed with a bounded XRANGE othe
 
 from __future__ import annotations
 
+import inspect
 import ssl
 import time
 from dataclasses import dataclass
@@ -86,6 +87,14 @@ class VerifiedAsyncSSLConnection(redis.asyncio.SSLConnection):
             raise
 
 
+# redis-py >= 7 takes `driver_info=None`; older versions `lib_name=None, lib_version=None`.
+_NO_CLIENT_SETINFO: dict = (
+    {"driver_info": None}
+    if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
+    else {"lib_name": None, "lib_version": None}
+)
+
+
 def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
     """Auth, TLS, timeouts and health checks shared by the sync and the asyncio clients."""
     kwargs: dict = dict(
@@ -99,6 +108,9 @@ def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
         kwargs["username"] = cfg.username
     if cfg.client_name:
         kwargs["client_name"] = cfg.client_name
+    # No CLIENT SETINFO on connect: Redis < 7.2 does not know it, and an ACL file that grants it
+    # (`+client|setinfo`) does not load there at all.
+    kwargs.update(_NO_CLIENT_SETINFO)
     password = cfg.resolved_password()
     if password is not None:
         kwargs["password"] = password.get_secret_value()
