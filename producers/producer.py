@@ -6,7 +6,6 @@ import time
 from collections.abc import Iterable
 
 import numpy as np
-import redis
 import structlog
 from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -17,6 +16,7 @@ from crd_model.stream.redis_streams import (
     F_FRAME_ID,
     F_PAYLOAD,
     F_VERSION,
+    TRANSIENT_ERRORS,
     Backoff,
     RedisClient,
     connect,
@@ -100,7 +100,7 @@ class Producer(Daemon):
                 result = fn()
                 self.health.set_ready(True)
                 return result
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 self.metrics.reconnects.inc()
                 self.health.set_ready(False, "redis unreachable")
                 self.health.beat()  # alive and retrying: readiness, not liveness, reports the outage
@@ -198,7 +198,7 @@ class Producer(Daemon):
                     next_at = max(next_at + period, time.monotonic() - period)
                     try:
                         self.send(sf)
-                    except (redis.ConnectionError, redis.TimeoutError):
+                    except TRANSIENT_ERRORS:
                         break  # stopped while disconnected: the frame was not sent and is not marked sent
                     self.health.beat()
                     if max_frames is not None and self.sent >= max_frames:

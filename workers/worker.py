@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from crd_model.stream import Limits, Shadow
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import (
+    TRANSIENT_ERRORS,
     Backoff,
     connect,
     ensure_group,
@@ -280,7 +281,7 @@ class Worker(Daemon):
                 ready = False
                 self.health.set_ready(False, "consumer group missing")
                 self.log.warning("group_missing", line=line, error=str(exc))
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
+            except TRANSIENT_ERRORS as exc:
                 # What is in hand stays pending on the server; it is finished after reconnecting (or
                 # reclaimed by another worker if this one never comes back).
                 self.health.set_ready(False, "redis unreachable")
@@ -517,7 +518,7 @@ class Worker(Daemon):
                     # pending for this consumer are published, and publishing acks them).
                     done_now = self.publishers[line].publish([outcomes[i] for i in idx])
                     break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                except TRANSIENT_ERRORS as exc:
                     self.health.set_ready(False, "redis unreachable")
                     delay = backoff.sleep()
                     self.log.warning("publish_retry", line=line, error=str(exc), retry_in_s=round(delay, 2))

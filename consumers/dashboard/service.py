@@ -20,13 +20,13 @@ from consumers.dashboard.app import create_app
 from consumers.dashboard.state import GroupInfo, LineState
 from crd_model.stream import Limits
 from crd_model.stream.daemon import Daemon
-from crd_model.stream.redis_streams import connect_async
+from crd_model.stream.redis_streams import TRANSIENT_ERRORS, connect_async
 from crd_model.stream.settings import Settings
 
 log = structlog.get_logger("crd.dashboard")
 # ClusterError (Redis Cluster): redis-py gave up following a slot that is being migrated ("TTL
 # exhausted") or the cluster is failing over: as transient as a dropped connection, so retried alike.
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+REDIS_ERRORS = TRANSIENT_ERRORS  # back off and retry
 ACTIVE_MS = 60_000  # a worker that touched the group within a minute counts as running
 
 

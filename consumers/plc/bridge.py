@@ -25,14 +25,14 @@ from consumers.plc.gaps import GapTracker
 from consumers.plc.ledger import Ledger
 from consumers.plc.records import PlcResult, record_from_entry
 from crd_model.stream.daemon import Daemon
-from crd_model.stream.redis_streams import connect_async, entry_time, read_interrupted_by_slot_move
+from crd_model.stream.redis_streams import TRANSIENT_ERRORS, connect_async, entry_time, read_interrupted_by_slot_move
 from crd_model.stream.settings import Settings, check_plc_group
 
 log = structlog.get_logger("crd.plc")
 T = TypeVar("T")
 # ClusterError (Redis Cluster): redis-py gave up following a slot that is being migrated ("TTL
 # exhausted") or the cluster is failing over: as transient as a dropped connection, so retried alike.
-REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.ClusterError)
+REDIS_ERRORS = TRANSIENT_ERRORS  # back off and retry
 
 
 class Stopped(Exception):

@@ -95,6 +95,17 @@ _NO_CLIENT_SETINFO: dict = (
 )
 
 
+# Errors after which the same command may simply be tried again (the server or a shard is away for a
+# moment, a slot is moving): daemons back off and retry instead of failing.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    redis.ConnectionError,
+    redis.TimeoutError,
+    redis.exceptions.ClusterError,
+    redis.exceptions.RedisClusterException,
+    redis.exceptions.TryAgainError,
+)
+
+
 def _client_kwargs(cfg: RedisSettings, decode_responses: bool) -> dict:
     """Auth, TLS, timeouts and health checks shared by the sync and the asyncio clients."""
     kwargs: dict = dict(
