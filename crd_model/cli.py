@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--false-reject-rate",
         type=_FRACTION,
         default=0.01,
-        help="share of validation normals allowed above the image threshold",
+        help="share of good parts the threshold may reject (held-out validation images set it)",
     )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)

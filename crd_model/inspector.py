@@ -154,6 +154,14 @@ class Inspector:
         parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.branch_maps, rgb, x3d))
         return {name: torch.cat([maps[name][:m].float() for maps, m in parts]) for name in parts[0][0]}
 
+    def scale_maps(self, inputs: ModelInput) -> dict[str, list[torch.Tensor]]:
+        """Diagnostics (bench/quality.py): each branch's per-scale (1 - cos) maps, through the same path."""
+        parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.scale_maps, rgb, x3d))
+        return {
+            name: [torch.cat([maps[name][k][:m].float() for maps, m in parts]) for k in range(len(scales))]
+            for name, scales in parts[0][0].items()
+        }
+
     def _in_buckets(self, inputs: ModelInput, fn):
         """[(fn's output, rows that are real)] over the batch, padded to the buckets when there are any."""
         if not self.buckets:
