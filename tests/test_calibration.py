@@ -212,7 +212,9 @@ def test_crd_calibrate_recalibrates_from_a_folder_without_touching_the_weights(
     chosen = [by_name[n] for n in cal.source.threshold_images]
     rgbs, xyzs = [read_rgb(s.rgb_path) for s in chosen], [read_xyz(s.xyz_path) for s in chosen]
     for batch in (1, 5, len(chosen)):
-        results = [r for i in range(0, len(chosen), batch) for r in inspector.inspect(rgbs[i : i + batch], xyzs[i : i + batch])]  # fmt: skip
+        results = []
+        for i in range(0, len(chosen), batch):
+            results += inspector.inspect(rgbs[i : i + batch], xyzs[i : i + batch])
         scores = np.array([r.score for r in results])
         np.testing.assert_allclose(scores, cal.source.threshold_scores, rtol=1e-6)
         assert all(r.verdict == "ok" for r in results)
