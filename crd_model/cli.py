@@ -107,8 +107,14 @@ def cmd_train(a: argparse.Namespace) -> int:
         teacher_weights=a.teacher_weights,
     )
     meta = train_category(a.data, a.category, a.out, config, options)
-    assert meta.calibration is not None
-    print(f"saved {a.out}  model_id={meta.model_id}  threshold={meta.calibration.threshold:.4f}")
+    assert meta.calibration is not None and meta.training is not None
+    t, cal = meta.training, meta.calibration
+    print(
+        f"saved {a.out}  model_id={meta.model_id}  threshold={cal.threshold:.4f}  "
+        f"({t.seconds:.0f}s in all, {t.seconds_per_epoch:.2f}s per epoch on {t.device}{', bf16' if t.bf16 else ''})"
+    )
+    for w in cal.warnings:
+        print(f"  warning: {w}")
     return 0
 
 

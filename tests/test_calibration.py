@@ -280,3 +280,16 @@ def test_eval_reports_the_threshold_a_target_detection_rate_needs(tiny_data: Pat
     assert lo <= v["false_reject_rate"] <= hi
     text = format_report(report)
     assert "for a detection rate >= 0.8" in text and "good parts rejected (95 % CI" in text
+
+
+def test_crd_train_says_how_long_a_category_took_and_warns(tiny_data: Path, tmp_path: Path, capsys):
+    out = tmp_path / "ckpt"
+    args = ["train", "--data", str(tiny_data), "--category", TINY_CATEGORY, "--out", str(out), "--image-size", "64",
+            "--epochs", "2", "--batch-size", "8", "--seed", "1"]  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    training = read_meta(out).training
+    assert training.device == "cpu" and training.bf16 is False and training.epochs == 2
+    assert training.seconds_per_epoch > 0 and 0 < training.fit_seconds <= training.seconds
+    assert f"{training.seconds_per_epoch:.2f}s per epoch on cpu" in printed and "s in all" in printed
+    assert "warning: 6 threshold images are too few for a false-reject rate of 0.01" in printed
