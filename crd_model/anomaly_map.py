@@ -35,6 +35,17 @@ def branch_anomaly_map(teacher: list[torch.Tensor], student: list[torch.Tensor],
     return total[:, 0]
 
 
+def scale_anomaly_maps(
+    teacher: list[torch.Tensor], student: list[torch.Tensor], size: tuple[int, int]
+) -> list[torch.Tensor]:
+    """Each scale's (1 - cos) map upsampled bilinearly to `size`, (B, H, W) each (diagnostics)."""
+    out = []
+    for t, s in zip(teacher, student, strict=True):
+        d = cosine_distance_map(t.float(), s.float()).unsqueeze(1)
+        out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0])
+    return out
+
+
 def gaussian_kernel1d(sigma: float, device: torch.device | None = None, truncate: float = 4.0) -> torch.Tensor:
     radius = max(int(truncate * sigma + 0.5), 1)
     x = torch.arange(-radius, radius + 1, device=device, dtype=torch.float32)
@@ -121,4 +132,5 @@ __all__ = [
     "gaussian_blur",
     "image_scores",
     "resize_map",
+    "scale_anomaly_maps",
 ]

@@ -107,18 +107,45 @@ def cmd_train(a: argparse.Namespace) -> int:
         teacher_weights=a.teacher_weights,
     )
     meta = train_category(a.data, a.category, a.out, config, options)
-    assert meta.calibration is not None
-    print(f"saved {a.out}  model_id={meta.model_id}  threshold={meta.calibration.threshold:.4f}")
+    assert meta.calibration is not None and meta.training is not None
+    t, cal = meta.training, meta.calibration
+    print(
+        f"saved {a.out}  model_id={meta.model_id}  threshold={cal.threshold:.4f}  "
+        f"({t.seconds:.0f}s in all, {t.seconds_per_epoch:.2f}s per epoch on {t.device}{', bf16' if t.bf16 else ''})"
+    )
+    for w in cal.warnings:
+        print(f"  warning: {w}")
     return 0
 
 
 def cmd_eval(a: argparse.Namespace) -> int:
     from crd_model.evaluate import evaluate, format_report
 
-    report = evaluate(a.checkpoint, a.data, a.category, device=a.device)
+    report = evaluate(a.checkpoint, a.data, a.category, device=a.device, target_detection=a.target_detection)
     print(format_report(report))
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_calibrate(a: argparse.Namespace) -> int:
+    from crd_model.recalibrate import recalibrate
+    from crd_model.stream.logs import configure_logging
+
+    configure_logging()
+    meta = recalibrate(a.checkpoint, a.folder, a.false_reject_rate, out=a.out, device=a.device, batch_size=a.batch_size)
+    cal = meta.calibration
+    assert cal is not None and cal.source is not None and cal.false_reject_rate_interval is not None
+    lo, hi = cal.false_reject_rate_interval
+    print(
+        f"calibrated {a.out or a.checkpoint}  model_id={meta.model_id}  threshold "
+        f"{cal.source.previous_threshold:.4f} -> {cal.threshold:.4f}\n"
+        f"  {cal.source.n_images} good images: statistics from {cal.n_statistics}, threshold from {cal.n_threshold}; "
+        f"requested false-reject rate {cal.false_reject_rate:g}, expected {cal.expected_false_reject_rate:.3f} "
+        f"(90 % of calibration sets {lo:.3f}-{hi:.3f})"
+    )
+    for w in cal.warnings:
+        print(f"  warning: {w}")
     return 0
 
 
@@ -408,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--false-reject-rate",
         type=_FRACTION,
         default=0.01,
-        help="share of validation normals allowed above the image threshold",
+        help="share of good parts the threshold may reject (held-out validation images set it)",
     )
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
@@ -419,7 +446,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--category", required=True)
     p.add_argument("--out", default=None, help="write the full report as JSON")
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--target-detection",
+        type=_FRACTION,
+        default=0.95,
+        help="also report the threshold this detection rate needs on the test split, and its false-reject rate",
+    )
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "calibrate", help="new statistics and threshold for a checkpoint from a folder of good parts (no retraining)"
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--folder", required=True, help="good parts: rgb/*.png + xyz/*.tiff pairs (as predict --folder)")
+    p.add_argument(
+        "--false-reject-rate",
+        type=_FRACTION,
+        default=None,
+        help="share of good parts the threshold may reject (default: the checkpoint's own)",
+    )
+    p.add_argument("--out", default=None, help="write the recalibrated checkpoint here (default: in place)")
+    p.add_argument("--batch-size", type=_COUNT, default=16)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="scores, verdicts, anomaly maps and overlays")
     p.add_argument("--checkpoint", required=True)

@@ -71,17 +71,51 @@ class BranchStats(BaseModel):
     std: float = Field(gt=0)
 
 
+class CalibrationSource(BaseModel):
+    """Where and when a calibration was measured (a checkpoint can be recalibrated without retraining)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["validation", "folder"]  # a training run's validation split, or `crd calibrate --folder`
+    path: str  # the split or folder that held the good parts
+    n_images: int = Field(ge=1)
+    calibrated_at: str  # ISO 8601, UTC
+    crd_inspect_version: str
+    device: str | None = None  # scores were computed on this device type (cpu, cuda): verdicts repeat there
+    previous_threshold: float | None = None  # the threshold this calibration replaced (recalibration)
+    batch_size: int | None = None  # threshold images were scored in batches of this size, in this order
+    statistics_images: list[str] = []  # paths (relative to `path`) the branch statistics came from
+    threshold_images: list[str] = []  # the held-out images whose scores set the threshold ...
+    threshold_scores: list[float] = []  # ... and those scores, as inference computes them
+
+
 class Calibration(BaseModel):
-    """What turns raw maps into a verdict: map standardisation and the image threshold."""
+    """What turns raw maps into a verdict: map standardisation and the image threshold.
+
+    The first six fields are those of every checkpoint; the rest came with held-out calibration
+    (statistics and threshold from disjoint images, the order-statistic uncertainty) and are optional,
+    so config.json files written before them still load.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     branch_stats: dict[str, BranchStats]
     threshold: float
-    false_reject_rate: float = Field(ge=0, le=1)
-    n_validation: int = Field(ge=1)
-    validation_score_max: float
+    false_reject_rate: float = Field(ge=0, le=1)  # the requested rate
+    n_validation: int = Field(ge=1)  # good images calibration read (statistics + threshold)
+    validation_score_max: float  # over the threshold images' scores
     validation_score_median: float
+    # --- held-out calibration (absent in older checkpoints) ---
+    method: Literal["held-out", "same-images"] | None = None  # None: written before the split existed
+    n_statistics: int | None = Field(None, ge=1)  # images the branch mean/std came from
+    n_threshold: int | None = Field(None, ge=1)  # other images whose scores set the threshold
+    threshold_rank: int | None = Field(None, ge=1)  # the threshold sits just above this order statistic
+    expected_false_reject_rate: float | None = Field(None, ge=0, le=1)  # on unseen good parts, (n+1-k)/(n+1)
+    false_reject_rate_interval: tuple[float, float] | None = None  # 90 % of calibration sets land in here
+    score_tolerance: float | None = Field(None, ge=0)  # guard above the order statistic (score repeatability)
+    score_repeat_error: float | None = Field(None, ge=0)  # largest score change measured at another batch size
+    warnings: list[str] = []
+    source: CalibrationSource | None = None
 
     def statistics(self) -> dict[str, tuple[float, float]]:
         """Per-branch (mean, std), as the model's scoring head takes them."""
@@ -103,6 +137,12 @@ class TrainingInfo(BaseModel):
     created_at: str
     crd_inspect_version: str
     torch_version: str
+    # Optional (absent in older checkpoints): where training ran and how long the epochs took.
+    device: str | None = None
+    bf16: bool | None = None
+    loss: str | None = None
+    seconds_per_epoch: float | None = None
+    fit_seconds: float | None = None
 
 
 class CheckpointMeta(BaseModel):

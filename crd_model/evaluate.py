@@ -14,7 +14,7 @@ import numpy as np
 
 from crd_model.dataset import LoadedSplit, load_split
 from crd_model.inspector import Inspector
-from crd_model.metrics import summarise
+from crd_model.metrics import clopper_pearson, summarise, threshold_for_detection_rate
 
 METRICS = ("i_auroc", "p_auroc", "aupro_30", "aupro_01")
 
@@ -39,6 +39,7 @@ def evaluate_loaded(
     test: LoadedSplit,
     groups: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
+    target_detection: float = 0.95,
 ) -> dict:
     """Metrics overall, per defect type (its images + all good ones), and per named group of types."""
     assert test.gt is not None
@@ -61,12 +62,41 @@ def evaluate_loaded(
         report["per_group"] = {
             g: subset(good | np.isin(types, list(ts))) for g, ts in groups.items() if np.isin(types, list(ts)).any()
         }
-    predicted = scores >= inspector.threshold
-    report["verdicts"] = {
-        "false_reject_rate": float(predicted[good].mean()) if good.any() else float("nan"),
-        "detection_rate": float(predicted[~good].mean()) if (~good).any() else float("nan"),
-    }
+    report["verdicts"] = verdict_rates(scores, good, inspector.threshold)
+    if (~good).any():
+        target = threshold_for_detection_rate(scores[~good], target_detection)
+        report["at_target_detection"] = {"target_detection_rate": target_detection, "threshold": target,
+                                         **verdict_rates(scores, good, target)}  # fmt: skip
+    cal = inspector.meta.calibration if inspector.meta is not None else None
+    if cal is not None:
+        report["calibration"] = {
+            "false_reject_rate": cal.false_reject_rate,
+            "method": cal.method,
+            "n_statistics": cal.n_statistics,
+            "n_threshold": cal.n_threshold,
+            "expected_false_reject_rate": cal.expected_false_reject_rate,
+            "false_reject_rate_interval": cal.false_reject_rate_interval,
+            "warnings": cal.warnings,
+        }
     return report
+
+
+def verdict_rates(scores: np.ndarray, good: np.ndarray, threshold: float) -> dict:
+    """False-reject and detection rates at `threshold` (score >= threshold rejects), with counts and exact
+    95 % intervals: a test split of 20 good parts measures a false-reject rate only to about +-15 %."""
+    rejected = scores >= threshold
+    n_good, n_bad = int(good.sum()), int((~good).sum())
+    false_rejects, detections = int(rejected[good].sum()), int(rejected[~good].sum())
+    return {
+        "false_reject_rate": false_rejects / n_good if n_good else float("nan"),
+        "detection_rate": detections / n_bad if n_bad else float("nan"),
+        "false_rejects": false_rejects,
+        "n_good": n_good,
+        "detections": detections,
+        "n_anomalous": n_bad,
+        "false_reject_rate_ci95": clopper_pearson(false_rejects, n_good),
+        "detection_rate_ci95": clopper_pearson(detections, n_bad),
+    }
 
 
 def evaluate(
@@ -76,10 +106,11 @@ def evaluate(
     device: str | None = None,
     groups: Mapping[str, Sequence[str]] | None = None,
     batch_size: int = 16,
+    target_detection: float = 0.95,
 ) -> dict:
     inspector = Inspector(checkpoint, device)
     test = load_split(data_root, category, "test", inspector.config, device=inspector.device)
-    report = evaluate_loaded(inspector, test, groups, batch_size)
+    report = evaluate_loaded(inspector, test, groups, batch_size, target_detection)
     report["category"] = category
     return report
 
@@ -102,4 +133,31 @@ def format_report(report: dict) -> str:
         f"threshold {report['threshold']:.4f}: false-reject rate {v['false_reject_rate']:.3f}, "
         f"detection rate {v['detection_rate']:.3f}"
     )
+    lines.append(f"  (stored threshold) {_rates(v)}")
+    cal = report.get("calibration")
+    if cal and cal.get("expected_false_reject_rate") is not None:
+        lo, hi = cal["false_reject_rate_interval"]
+        lines.append(
+            f"  calibrated for a false-reject rate of {cal['false_reject_rate']:g} on {cal['n_threshold']} held-out "
+            f"good images (statistics from {cal['n_statistics']} others): "
+            f"expected {cal['expected_false_reject_rate']:.3f}, "
+            f"90 % of calibration sets {lo:.3f}-{hi:.3f}"
+        )
+    for w in (cal or {}).get("warnings", []):
+        lines.append(f"  warning: {w}")
+    t = report.get("at_target_detection")
+    if t:
+        lines.append(
+            f"threshold {t['threshold']:.4f} for a detection rate >= {t['target_detection_rate']:g}: "
+            f"false-reject rate {t['false_reject_rate']:.3f}, detection rate {t['detection_rate']:.3f}"
+        )
+        lines.append(f"  (target detection) {_rates(t)}")
     return "\n".join(lines)
+
+
+def _rates(v: dict) -> str:
+    (flo, fhi), (dlo, dhi) = v["false_reject_rate_ci95"], v["detection_rate_ci95"]
+    return (
+        f"{v['false_rejects']}/{v['n_good']} good parts rejected (95 % CI {flo:.3f}-{fhi:.3f}), "
+        f"{v['detections']}/{v['n_anomalous']} defective parts caught (95 % CI {dlo:.3f}-{dhi:.3f})"
+    )

@@ -22,6 +22,7 @@ import torch
 
 from crd_model.anomaly_map import InferenceBatch, resize_map
 from crd_model.checkpoint import load_checkpoint
+from crd_model.config import CheckpointMeta, CRDConfig
 from crd_model.inputs import PreparedFrame, check_pair
 from crd_model.preprocessing import ModelInput, Preprocessor
 from crd_model.torch_model import CRDModel
@@ -70,15 +71,53 @@ class Inspector:
         """`bf16`, `compile` (static shapes): None = on where they pay off (CUDA). `buckets`: batch sizes
         every batch is padded up to (None = powers of two up to `max_batch` on CUDA; none on a CPU, where
         padding only costs)."""
-        self.device = torch.device(device) if device is not None else default_device()
-        cuda = self.device.type == "cuda"
-        model, meta = load_checkpoint(checkpoint, self.device)
+        device = torch.device(device) if device is not None else default_device()
+        model, meta = load_checkpoint(checkpoint, device)
         if meta.calibration is None:
             raise ValueError(f"checkpoint {checkpoint} is not calibrated: it has no threshold")
-        self.meta = meta
-        self.config = meta.config
+        self._setup(model, meta.config, device, bf16, compile, channels_last, buckets, max_batch)
+        self.meta: CheckpointMeta | None = meta
         self.threshold = float(meta.calibration.threshold)
         self.model_id = meta.model_id
+
+    @classmethod
+    def from_model(
+        cls,
+        model: CRDModel,
+        device: str | torch.device | None = None,
+        *,
+        threshold: float = float("nan"),
+        model_id: str = "in-memory",
+        bf16: bool | None = None,
+        compile: bool | None = None,
+        channels_last: bool = True,
+        buckets: Sequence[int] | None = None,
+        max_batch: int = 32,
+    ) -> Inspector:
+        """An Inspector around a model in memory (training's calibration): the same device path, settings
+        and defaults as one loaded from a checkpoint, so it computes the same scores."""
+        self = cls.__new__(cls)
+        device = torch.device(device) if device is not None else default_device()
+        self._setup(model.to(device).eval(), model.config, device, bf16, compile, channels_last, buckets, max_batch)
+        self.meta = None
+        self.threshold = float(threshold)
+        self.model_id = model_id
+        return self
+
+    def _setup(
+        self,
+        model: CRDModel,
+        config: CRDConfig,
+        device: torch.device,
+        bf16: bool | None,
+        compile: bool | None,
+        channels_last: bool,
+        buckets: Sequence[int] | None,
+        max_batch: int,
+    ) -> None:
+        self.device = device
+        self.config = config
+        cuda = self.device.type == "cuda"
         self._bf16 = cuda if bf16 is None else (bf16 and cuda)  # bf16 autocast: CUDA only
         self._channels_last = channels_last
         if channels_last:
@@ -102,22 +141,45 @@ class Inspector:
 
     def forward(self, inputs: ModelInput) -> InferenceBatch:
         """Fused maps (B, S, S) and scores (B,), float32, on the device."""
-        n = len(inputs)
+        parts = self._in_buckets(inputs, self._run)
+        if len(parts) == 1 and len(parts[0][0].pred_score) == parts[0][1]:
+            return parts[0][0]  # one unpadded batch: no copies
+        return InferenceBatch(
+            torch.cat([out.anomaly_map[:m] for out, m in parts]), torch.cat([out.pred_score[:m] for out, m in parts])
+        )
+
+    def branch_maps(self, inputs: ModelInput) -> dict[str, torch.Tensor]:
+        """Raw (unstandardised) map per branch, (B, S, S), through the same device path as `forward`
+        (memory format, autocast, batch buckets): what calibration measures the statistics on."""
+        parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.branch_maps, rgb, x3d))
+        return {name: torch.cat([maps[name][:m].float() for maps, m in parts]) for name in parts[0][0]}
+
+    def scale_maps(self, inputs: ModelInput) -> dict[str, list[torch.Tensor]]:
+        """Diagnostics (bench/quality.py): each branch's per-scale (1 - cos) maps, through the same path."""
+        parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.scale_maps, rgb, x3d))
+        return {
+            name: [torch.cat([maps[name][k][:m].float() for maps, m in parts]) for k in range(len(scales))]
+            for name, scales in parts[0][0].items()
+        }
+
+    def _in_buckets(self, inputs: ModelInput, fn):
+        """[(fn's output, rows that are real)] over the batch, padded to the buckets when there are any."""
         if not self.buckets:
-            return self._run(inputs.rgb, inputs.x3d)
-        maps, scores = [], []
+            return [(fn(inputs.rgb, inputs.x3d), len(inputs))]
+        parts = []
         top = self.buckets[-1]
-        for start in range(0, n, top):
+        for start in range(0, len(inputs), top):
             rgb = None if inputs.rgb is None else inputs.rgb[start : start + top]
             x3d = None if inputs.x3d is None else inputs.x3d[start : start + top]
             m = len(rgb if rgb is not None else x3d)
             size = next(b for b in self.buckets if b >= m)
-            out = self._run(_pad(rgb, size), _pad(x3d, size))
-            maps.append(out.anomaly_map[:m])
-            scores.append(out.pred_score[:m])
-        return InferenceBatch(torch.cat(maps), torch.cat(scores))
+            parts.append((fn(_pad(rgb, size), _pad(x3d, size)), m))
+        return parts
 
     def _run(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> InferenceBatch:
+        return self._context_run(self._forward, rgb, x3d)
+
+    def _context_run(self, fn, rgb: torch.Tensor | None, x3d: torch.Tensor | None):
         def ready(t: torch.Tensor | None) -> torch.Tensor | None:
             if t is None:
                 return None
@@ -130,7 +192,7 @@ class Inspector:
             else contextlib.nullcontext()
         )
         with torch.inference_mode(), autocast:
-            return self._forward(ready(rgb), ready(x3d))
+            return fn(ready(rgb), ready(x3d))
 
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
         """Run every batch shape once before serving, so no frame pays for lazy initialisation, cudnn

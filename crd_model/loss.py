@@ -11,9 +11,22 @@ def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 1.0 - F.cosine_similarity(a, b, dim=1)
 
 
-def distillation_loss(predicted: list[torch.Tensor], target: list[torch.Tensor]) -> torch.Tensor:
-    """Sum over scales of the mean over positions of (1 - cos)."""
-    return sum(
-        (cosine_distance_map(p, t).mean() for p, t in zip(predicted, target, strict=True)),
-        start=torch.zeros((), device=target[0].device),
-    )
+def distillation_loss(
+    predicted: list[torch.Tensor], target: list[torch.Tensor], kind: str = "position"
+) -> torch.Tensor:
+    """Sum over scales of a cosine loss.
+
+    - "position": mean over positions of (1 - cos) between feature vectors (what inference scores);
+    - "global": 1 - cos between each image's whole flattened feature map, averaged over the batch
+      (RD4AD's and TRD's `loss_distil`): large-norm positions weigh more.
+    """
+    if kind == "position":
+        terms = (cosine_distance_map(p, t).mean() for p, t in zip(predicted, target, strict=True))
+    elif kind == "global":
+        terms = (
+            (1.0 - F.cosine_similarity(p.flatten(1), t.flatten(1), dim=1)).mean()
+            for p, t in zip(predicted, target, strict=True)
+        )
+    else:
+        raise ValueError(f"unknown loss {kind!r}; expected 'position' or 'global'")
+    return sum(terms, start=torch.zeros((), device=target[0].device))

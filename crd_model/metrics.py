@@ -22,11 +22,13 @@ from sklearn.metrics import roc_auc_score
 __all__ = [
     "Scores",
     "aupro",
+    "clopper_pearson",
     "image_auroc",
     "pixel_auroc",
     "pro_curve",
     "summarise",
     "threshold_at_false_reject_rate",
+    "threshold_for_detection_rate",
     "trapezoid",
 ]
 
@@ -151,6 +153,30 @@ def threshold_at_false_reject_rate(normal_scores: ArrayLike, rate: float) -> flo
     q = np.quantile(s, 1.0 - rate, method="higher")
     dtype = s.dtype.type
     return float(np.nextafter(dtype(q), dtype(np.inf)))
+
+
+def threshold_for_detection_rate(anomalous_scores: ArrayLike, rate: float) -> float:
+    """The highest threshold that still catches (score >= threshold) at least `rate` of `anomalous_scores`:
+    the ceil(rate * n)-th largest score (rate 0: just above the highest, catching none)."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    s = np.sort(np.asarray(anomalous_scores, dtype=np.float64).ravel())[::-1]
+    if s.size == 0:
+        raise ValueError("need at least one anomalous score")
+    k = int(np.ceil(round(rate * s.size, 9)))
+    return float(np.nextafter(s[0], np.inf)) if k == 0 else float(s[k - 1])
+
+
+def clopper_pearson(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided interval for a binomial rate observed as successes / n."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    alpha = 1.0 - confidence
+    lo = 0.0 if successes == 0 else float(beta.ppf(alpha / 2, successes, n - successes + 1))
+    hi = 1.0 if successes == n else float(beta.ppf(1 - alpha / 2, successes + 1, n - successes))
+    return lo, hi
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crd_model.anomaly_map import AnomalyMapGenerator, InferenceBatch, branch_anomaly_map
+from crd_model.anomaly_map import AnomalyMapGenerator, InferenceBatch, branch_anomaly_map, scale_anomaly_maps
 from crd_model.backbones import Teacher
 from crd_model.components.bottleneck import OneClassBottleneck
 from crd_model.components.crossmodal_amplifier import CrossmodalAmplifier
@@ -41,13 +41,13 @@ class BranchOutput:
     filtered: Features | None = None
     amplified: Features | None = None
 
-    def loss_terms(self) -> dict[str, torch.Tensor]:
-        terms = {"decoder": distillation_loss(self.decoded, self.target)}
+    def loss_terms(self, kind: str = "position") -> dict[str, torch.Tensor]:
+        terms = {"decoder": distillation_loss(self.decoded, self.target, kind)}
         if self.filtered is not None:
-            terms["filter"] = distillation_loss(self.filtered, self.target)
+            terms["filter"] = distillation_loss(self.filtered, self.target, kind)
         if self.amplified is not None:
-            terms["amplifier"] = distillation_loss(self.amplified, self.target)
-            terms["output"] = distillation_loss(self.mixed, self.target)
+            terms["amplifier"] = distillation_loss(self.amplified, self.target, kind)
+            terms["output"] = distillation_loss(self.mixed, self.target, kind)
         return terms
 
 
@@ -150,6 +150,13 @@ class CRDModel(nn.Module):
         size = tuple((rgb if rgb is not None else x3d).shape[-2:])
         outputs = self.run_branches(self.encode(rgb, x3d))
         return {name: branch_anomaly_map(o.target, o.mixed, size) for name, o in outputs.items()}
+
+    def scale_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, list[torch.Tensor]]:
+        """Diagnostics: each branch's per-scale (1 - cos) maps, (B, H, W) at the input resolution, shallow
+        scale first. Their sum is `branch_maps` (up to float summation order)."""
+        size = tuple((rgb if rgb is not None else x3d).shape[-2:])
+        outputs = self.run_branches(self.encode(rgb, x3d))
+        return {name: scale_anomaly_maps(o.target, o.mixed, size) for name, o in outputs.items()}
 
     def set_calibration(self, stats: dict[str, tuple[float, float]]) -> None:
         """Per-branch (mean, std) that standardise the raw maps before they are fused."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +21,11 @@ import torch
 from tqdm import tqdm
 
 import crd_model
+from crd_model.calibration import calibrate_frames
 from crd_model.checkpoint import save_checkpoint
-from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
+from crd_model.config import Calibration, CheckpointMeta, CRDConfig, TrainingInfo
 from crd_model.dataset import LoadedSplit, load_split
-from crd_model.inspector import default_device
-from crd_model.metrics import threshold_at_false_reject_rate
+from crd_model.inspector import Inspector, default_device
 from crd_model.torch_model import CRDModel
 
 log = structlog.get_logger(__name__)
@@ -45,6 +45,8 @@ class TrainOptions:
     teacher_weights: str | None = None  # None: the backbone's bundled offline weights
     progress: bool = True
     workers: int | None = None
+    bf16: bool | None = None  # bf16 autocast of the students' forward/backward; None = on CUDA only
+    loss: str = "position"  # "position" (mean over positions of 1 - cos) or "global" (TRD's flattened cosine)
 
 
 def seed_everything(seed: int) -> None:
@@ -64,6 +66,11 @@ def _features_nbytes(model: CRDModel, n: int, config: CRDConfig) -> int:
 
 def _to_device(a: np.ndarray | None, device: torch.device) -> torch.Tensor | None:
     return None if a is None else torch.from_numpy(a).to(device)
+
+
+def bf16_enabled(options: TrainOptions, device: torch.device) -> bool:
+    """bf16 autocast for the students: on CUDA by default, never on a CPU (slow there, and float32 is exact)."""
+    return device.type == "cuda" and (options.bf16 is None or options.bf16)
 
 
 def fit(
@@ -99,6 +106,11 @@ def fit(
         name: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=options.lr_decay) for name, opt in optimisers.items()
     }
     generator = torch.Generator().manual_seed(options.seed)
+    # bf16 autocast on CUDA only: the students' convolutions run in bf16, the cosine loss in float32
+    # (autocast's float32 list), and the parameters and Adam's state stay float32, so no loss scaling is
+    # needed (bf16 has float32's exponent range). CPUs train in float32.
+    use_bf16 = bf16_enabled(options, device)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
     last: dict[str, float] = {}
     bar = tqdm(range(options.epochs), desc="train", unit="epoch", disable=not options.progress, leave=False)
     for epoch in bar:
@@ -122,8 +134,9 @@ def fit(
                 feats = {m: [f.clone() for f in fs] for m, fs in feats.items()}
             # Separate optimisers, stepped one after the other (the branches share no parameters).
             for name in branches:
-                out = model.run_branch(feats, name)
-                loss = sum(out.loss_terms().values())
+                with autocast:
+                    out = model.run_branch(feats, name)
+                    loss = sum(out.loss_terms(options.loss).values())
                 optimisers[name].zero_grad(set_to_none=True)
                 loss.backward()
                 optimisers[name].step()
@@ -140,44 +153,45 @@ def fit(
 
 
 def calibrate(
-    model: CRDModel, validation: LoadedSplit, device: torch.device, false_reject_rate: float, batch_size: int = 16
+    model: CRDModel,
+    validation: LoadedSplit,
+    device: torch.device,
+    false_reject_rate: float,
+    batch_size: int = 16,
+    *,
+    statistics_images: Sequence[int] | None = None,
+    threshold_images: Sequence[int] | None = None,
+    source_path: str = "",
 ) -> Calibration:
-    """Per-branch map mean/std over all validation pixels, then the image threshold.
+    """Branch statistics from one share of the validation images, the threshold from the others' scores.
 
-    The scores come from the model's own scoring head, with the statistics just measured set on it:
-    the path `eval`, `predict` and the workers take.
+    Everything is computed through an `Inspector` around this model (the serving path: memory format,
+    autocast, buckets), so inference scores a validation image exactly as calibration did. See
+    crd_model/calibration.py. `statistics_images` / `threshold_images` override the seeded split.
     """
-    model.eval()
-    raw: dict[str, list[torch.Tensor]] = {}
-    n = len(validation.frames)
-    with torch.inference_mode():
-        for i in range(0, n, batch_size):
-            idx = list(range(i, min(n, i + batch_size)))
-            maps = model.branch_maps(
-                _to_device(validation.stack("rgb", idx), device), _to_device(validation.stack("x3d", idx), device)
-            )
-            for k, v in maps.items():
-                raw.setdefault(k, []).append(v.float())
-    stats = {}
-    for k, chunks in raw.items():
-        allmaps = torch.cat(chunks)
-        stats[k] = BranchStats(mean=float(allmaps.mean()), std=max(float(allmaps.std()), 1e-8))
-    model.set_calibration({k: (s.mean, s.std) for k, s in stats.items()})
-    with torch.inference_mode():  # scores from the maps already computed
-        chunks = range(len(next(iter(raw.values()))))
-        val_scores = (
-            torch.cat([model.anomaly_map_generator({k: raw[k][c] for k in raw}).pred_score for c in chunks])
-            .cpu()
-            .numpy()
-        )
-    return Calibration(
-        branch_stats=stats,
-        threshold=threshold_at_false_reject_rate(val_scores, false_reject_rate),
-        false_reject_rate=false_reject_rate,
-        n_validation=n,
-        validation_score_max=float(val_scores.max()),
-        validation_score_median=float(np.median(val_scores)),
+    inspector = Inspector.from_model(model, device)
+    root = Path(source_path) if source_path else None
+    names = [_relative(s.rgb_path, root) for s in validation.samples] if validation.samples else None
+    return calibrate_frames(
+        inspector,
+        validation.frames,
+        false_reject_rate,
+        batch_size=batch_size,
+        names=names,
+        statistics_idx=statistics_images,
+        threshold_idx=threshold_images,
+        source_kind="validation",
+        source_path=source_path,
     )
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    if root is None:
+        return str(path)
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
 
 
 def train_category(
@@ -208,11 +222,24 @@ def train_category(
         trainable_parameters=model.trainable_parameters(),
     )
 
-    def report(epoch: int, losses: dict[str, float]) -> None:
-        tqdm.write(f"epoch {epoch + 1}/{options.epochs} " + " ".join(f"loss_{k}={v:.5f}" for k, v in losses.items()))
+    epoch_started = [time.perf_counter()]
 
+    def report(epoch: int, losses: dict[str, float]) -> None:
+        now = time.perf_counter()
+        took, epoch_started[0] = now - epoch_started[0], now
+        tqdm.write(
+            f"epoch {epoch + 1}/{options.epochs} "
+            + " ".join(f"loss_{k}={v:.5f}" for k, v in losses.items())
+            + f" ({took:.1f}s)"
+        )
+
+    t_fit = time.perf_counter()
     final = fit(model, train, options, device, on_epoch=report if options.progress else None)
-    calibration = calibrate(model, validation, device, options.false_reject_rate, options.batch_size)
+    fit_seconds = time.perf_counter() - t_fit
+    validation_dir = Path(data_root) / category / "validation"
+    calibration = calibrate(
+        model, validation, device, options.false_reject_rate, options.batch_size, source_path=str(validation_dir)
+    )
     seconds = time.perf_counter() - t0
     meta = CheckpointMeta(
         model_id="pending",
@@ -231,8 +258,23 @@ def train_category(
             created_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             crd_inspect_version=crd_model.__version__,
             torch_version=torch.__version__,
+            device=device.type,
+            bf16=bf16_enabled(options, device),
+            loss=options.loss,
+            seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 3),
+            fit_seconds=round(fit_seconds, 2),
         ),
     )
     meta = save_checkpoint(out_dir, model, meta)
-    log.info("trained", model_id=meta.model_id, seconds=round(seconds, 1), threshold=round(calibration.threshold, 4))
+    log.info(
+        "trained",
+        category=category,
+        model_id=meta.model_id,
+        device=device.type,
+        bf16=bf16_enabled(options, device),
+        seconds=round(seconds, 1),
+        fit_seconds=round(fit_seconds, 1),
+        seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 2),
+        threshold=round(calibration.threshold, 4),
+    )
     return meta

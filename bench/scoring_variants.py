@@ -1,0 +1,114 @@
+"""Scoring variants on trained checkpoints, without retraining (the evaluation-only part of issue 10's tuning).
+
+    .venv/bin/python bench/scoring_variants.py --checkpoints runs/tune/baseline --categories tile block
+
+For each `<checkpoints>/<category>/crd-seed<seed>` trained by bench/quality.py, scores the test split
+with other ways of turning the per-scale (1 - cos) maps into a map and a score: the blur's sigma, the
+maximum of the two blurred branch maps instead of their sum, standardisation per (branch, scale), and
+subsets of the scales. Statistics come from the checkpoint's own calibration statistics images. Prints
+I-AUROC (overall, RGB-only and 3D-only defects) and AUPRO@30% per variant; writes them to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT
+from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visibility_groups
+
+
+def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
+    from crd_model.dataset import load_split
+    from crd_model.inspector import Inspector
+    from crd_model.metrics import aupro, image_auroc
+
+    inspector = Inspector(ckpt, "cpu")
+    cal = inspector.meta.calibration
+    test = load_split(data, category, "test", inspector.config)
+    val = load_split(data, category, "validation", inspector.config)
+    t_maps, v_maps = _raw_scale_maps(inspector, test), _raw_scale_maps(inspector, val)
+    names = [str(s.rgb_path.relative_to(data / category / "validation")) for s in val.samples]
+    stats_idx = np.array([names.index(n) for n in cal.source.statistics_images])
+    types = np.array([s.defect_type for s in test.samples])
+    good = types == "good"
+    groups = visibility_groups()
+    sigma = inspector.config.effective_blur_sigma
+
+    def score(blurred: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+        row = {"i_auroc": image_auroc(test.labels, scores), "aupro_30": aupro(test.gt, blurred, 0.3)}
+        for g in ("rgb", "3d"):
+            sel = good | np.isin(types, groups[g])
+            row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
+        return row
+
+    def per_branch(scales: list[int]) -> np.ndarray:
+        fused = 0.0
+        for b in t_maps:
+            m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in scales]))
+            fused = fused + (_branch_sum([t_maps[b][k] for k in scales]) - np.float32(m)) / np.float32(s)
+        return fused
+
+    def per_scale(scales: list[int]) -> np.ndarray:
+        fused = 0.0
+        for b in t_maps:
+            for k in scales:
+                m, s = _stats(v_maps[b][k][stats_idx])
+                fused = fused + (t_maps[b][k] - np.float32(m)) / np.float32(s)
+        return fused
+
+    everything = list(range(len(next(iter(t_maps.values())))))
+    model = per_branch(everything)
+    out = {"model: branch-standardised sum, all scales": score(*_blur_max(model, sigma))}
+    for s in (0.5 * sigma, 1.5 * sigma, 2.0 * sigma):
+        out[f"blur sigma {s:g} px"] = score(*_blur_max(model, s))
+    branch_blurred = []
+    for b in t_maps:
+        m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in everything]))
+        branch_blurred.append(_blur_max((_branch_sum(t_maps[b]) - np.float32(m)) / np.float32(s), sigma))
+    out["max of the blurred branch maps"] = score(
+        np.maximum.reduce([bb[0] for bb in branch_blurred]), np.maximum.reduce([bb[1] for bb in branch_blurred])
+    )
+    out["branch-standardised, scales 1-2"] = score(*_blur_max(per_branch(everything[:2]), sigma))
+    out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
+    out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
+    out["scale 1 only"] = score(*_blur_max(per_scale(everything[:1]), sigma))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoints", default=str(ROOT / "runs" / "tune" / "baseline"))
+    ap.add_argument("--data", default=str(ROOT / "runs" / "bench-data-v2"))
+    ap.add_argument("--categories", nargs="*", default=["tile", "block"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
+    a = ap.parse_args()
+    from crd_model.stream.logs import configure_logging
+
+    configure_logging(level="WARNING")
+    results = {}
+    for c in a.categories:
+        results[c] = variants_for(Path(a.checkpoints) / c / f"crd-seed{a.seed}", Path(a.data), c)
+        for name, r in results[c].items():
+            print(f"{c:>8} {name:<46} I-AUROC {r['i_auroc']:.3f} (RGB-only {r['i_auroc_rgb']:.3f}, "
+                  f"3D-only {r['i_auroc_3d']:.3f})  AUPRO@30% {r['aupro_30']:.3f}", flush=True)  # fmt: skip
+    names = list(next(iter(results.values())))
+    print("\nmean over categories:")
+    for name in names:
+        i = np.mean([results[c][name]["i_auroc"] for c in results])
+        p = np.mean([results[c][name]["aupro_30"] for c in results])
+        print(f"  {name:<46} I-AUROC {i:.3f}  AUPRO@30% {p:.3f}")
+    command = "bench/scoring_variants.py " + " ".join(sys.argv[1:])
+    Path(a.json).write_text(json.dumps({"command": command, "args": vars(a), "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Calibration: branch statistics and an image threshold that hold on good parts the model has not seen.
+
+Two rules, and why:
+
+1. **Statistics and threshold come from different images.** The per-branch map mean/std (which
+   standardise the raw maps before they are fused) are measured on one share of the good images
+   (`STATISTICS_SHARE`, a seeded random pick); the threshold is set on the scores of the others. The
+   threshold images' scores are then honest held-out draws of the very function inference computes
+   (same statistics, same code path), so the order-statistic guarantees below apply. K-fold
+   cross-fitting was not used: it would set the threshold on scores computed with per-fold statistics
+   that inference never uses, so calibration and inference would not compute the same number.
+2. **The threshold is an order statistic, and its uncertainty is stated.** With m held-out scores and a
+   requested false-reject rate a, the threshold sits just above the k-th smallest score,
+   k = ceil((m + 1)(1 - a)) (split-conformal rank). For continuous scores the false-reject rate on new
+   good parts is then a Beta(m + 1 - k, k) random variable over calibration sets: its mean,
+   (m + 1 - k) / (m + 1), is at most a, and its 5 %-95 % quantiles are stored as the interval. When the
+   95 % bound exceeds `ENOUGH_FACTOR` x a the set is too small for the rate: calibration still stores a
+   threshold but logs and records a warning naming how many images would do (a 1 % rate needs about
+   100 threshold images for a 3 % bound).
+
+Scores are computed through the same `Inspector` path that serves (channels_last, autocast, batch
+buckets), so a threshold image scored again by `Inspector.inspect`/`infer` or a worker gives the number
+calibration saw: bit for bit in the same batch, and to float rounding in any other. That rounding (a
+batch of one takes different convolution kernels than a batch of eight) is measured: the top scores are
+scored again one at a time, and the threshold keeps a guard of four times the largest change (at least
+8 float32 ulps) above the order statistic, so a good part calibrated at rate 0 is not rejected by a
+different batch size.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import structlog
+import torch
+from scipy import stats as sps
+
+import crd_model
+from crd_model.config import BranchStats, Calibration, CalibrationSource
+from crd_model.inputs import PreparedFrame
+from crd_model.preprocessing import ModelInput
+
+log = structlog.get_logger(__name__)
+
+STATISTICS_SHARE = 0.25  # of the good images; the rest set the threshold
+MAX_STATISTICS_IMAGES = 64  # the mean/std of millions of pixels settle long before this
+SPLIT_SEED = 0
+INTERVAL = (0.05, 0.95)  # quantiles of the false-reject rate over calibration sets
+ENOUGH_FACTOR = 3.0  # a set is big enough when the 95 % bound is within this factor of the rate
+REPEAT_CHECK_IMAGES = 16  # top-scoring threshold images scored again one at a time
+GUARD_FACTOR = 4.0
+MIN_GUARD_ULPS = 8
+
+
+def split_for_calibration(n: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """(statistics indices, threshold indices): disjoint, seeded, spread over the whole set.
+
+    A single image cannot be split: it serves both (the calibration record then says so).
+    """
+    if n < 1:
+        raise ValueError("calibration needs at least one good image")
+    if n == 1:
+        return [0], [0]
+    n_stats = min(MAX_STATISTICS_IMAGES, max(1, round(n * STATISTICS_SHARE)))
+    order = np.random.default_rng(seed).permutation(n)
+    return sorted(int(i) for i in order[:n_stats]), sorted(int(i) for i in order[n_stats:])
+
+
+def threshold_rank(n: int, rate: float) -> int:
+    """Rank k (1-based) of the order statistic the threshold sits above: ceil((n + 1)(1 - rate)), at most n."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"rate must be in [0, 1], got {rate}")
+    k = math.ceil(round((n + 1) * (1.0 - rate), 9))  # round: 100 * 0.99 must be 99, not 99.00000000000001
+    return min(max(k, 1), n)
+
+
+@dataclass(frozen=True)
+class FalseRejectBound:
+    """What a threshold at the k-th of n held-out scores implies for the false-reject rate on new good parts."""
+
+    n: int
+    rank: int
+    expected: float  # mean over calibration sets: (n + 1 - k) / (n + 1)
+    interval: tuple[float, float]  # INTERVAL quantiles of Beta(n + 1 - k, k)
+
+    @property
+    def upper(self) -> float:
+        return self.interval[1]
+
+
+def false_reject_bound(n: int, rank: int) -> FalseRejectBound:
+    if not 1 <= rank <= n:
+        raise ValueError(f"rank must be in 1..{n}, got {rank}")
+    above = n + 1 - rank
+    lo, hi = (float(sps.beta.ppf(q, above, rank)) for q in INTERVAL)
+    return FalseRejectBound(n, rank, above / (n + 1), (lo, hi))
+
+
+def images_needed(rate: float, factor: float = ENOUGH_FACTOR, limit: int = 100_000) -> int | None:
+    """Fewest threshold images for which the 95 % bound on the false-reject rate is <= factor x rate.
+
+    None for rate 0 (no finite set bounds it at 0) or when `limit` images would not do.
+    """
+    if rate <= 0:
+        return None
+    n = np.arange(1, limit + 1)
+    k = np.minimum(np.ceil(np.round((n + 1) * (1.0 - rate), 9)), n)
+    upper = sps.beta.ppf(INTERVAL[1], n + 1 - k, k)
+    ok = np.flatnonzero(upper <= factor * rate)
+    return int(n[ok[0]]) if ok.size else None
+
+
+def threshold_above(score: float, tolerance: float) -> float:
+    """The smallest float32 >= score + tolerance that is strictly above `score` in float32 (scores are float32)."""
+    q = np.float32(score)
+    t = np.float32(float(q) + tolerance)
+    while t <= q:
+        t = np.nextafter(t, np.float32(np.inf))
+    return float(t)
+
+
+def repeat_guard(score: float, repeat_error: float) -> float:
+    """Guard above the order statistic: GUARD_FACTOR x the measured repeat error, at least MIN_GUARD_ULPS ulps."""
+    ulp = float(np.spacing(np.float32(abs(score)) or np.float32(1.0)))
+    return max(GUARD_FACTOR * repeat_error, MIN_GUARD_ULPS * ulp)
+
+
+def frames_input(frames: Sequence[PreparedFrame], device: torch.device) -> ModelInput:
+    rgb = None if frames[0].rgb is None else torch.from_numpy(np.stack([f.rgb for f in frames])).to(device)
+    x3d = None if frames[0].x3d is None else torch.from_numpy(np.stack([f.x3d for f in frames])).to(device)
+    return ModelInput(rgb, x3d)
+
+
+def branch_statistics(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> dict[str, BranchStats]:
+    """Mean and (unbiased) std of each branch's raw map over every pixel of `frames`, in float64.
+
+    Accumulated per image in float64, so the numbers do not depend on how the images were batched.
+    """
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    maps: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(frames), batch_size):
+        for name, m in inspector.branch_maps(frames_input(frames[i : i + batch_size], inspector.device)).items():
+            m = m.detach().to("cpu", torch.float64)
+            maps.setdefault(name, []).append(m)
+            sums[name] = sums.get(name, 0.0) + float(m.sum())
+            counts[name] = counts.get(name, 0) + m.numel()
+    out = {}
+    for name, chunks in maps.items():
+        mean = sums[name] / counts[name]
+        sq = sum(float(((c - mean) ** 2).sum()) for c in chunks)  # two passes: no cancellation
+        std = math.sqrt(sq / max(counts[name] - 1, 1))
+        out[name] = BranchStats(mean=mean, std=max(std, 1e-8))
+    return out
+
+
+def score_frames(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> np.ndarray:
+    """Image scores (float32) through the inspector's serving path, in batches of `batch_size`."""
+    scores = [
+        inspector.forward(frames_input(frames[i : i + batch_size], inspector.device)).pred_score.float().cpu()
+        for i in range(0, len(frames), batch_size)
+    ]
+    return torch.cat(scores).numpy()
+
+
+def calibrate_frames(
+    inspector,
+    frames: Sequence[PreparedFrame],
+    false_reject_rate: float,
+    *,
+    batch_size: int = 16,
+    names: Sequence[str] | None = None,
+    statistics_idx: Sequence[int] | None = None,
+    threshold_idx: Sequence[int] | None = None,
+    source_kind: str = "validation",
+    source_path: str = "",
+    previous_threshold: float | None = None,
+) -> Calibration:
+    """Measure branch statistics on one share of `frames`, set them on the model, and set the threshold
+    from the other share's scores (see the module docstring). `inspector` is an `Inspector` (loaded or
+    `Inspector.from_model`); its model keeps the new statistics.
+
+    `statistics_idx` / `threshold_idx` override the seeded split (tests, and the pre-split protocol when
+    both name the same images: then the record says so and warns).
+    """
+    n = len(frames)
+    if n == 0:
+        raise ValueError("calibration needs at least one good image")
+    if not 0.0 <= false_reject_rate <= 1.0:
+        raise ValueError(f"false_reject_rate must be in [0, 1], got {false_reject_rate}")
+    default_stats, default_thr = split_for_calibration(n)
+    s_idx = list(default_stats if statistics_idx is None else statistics_idx)
+    t_idx = list(default_thr if threshold_idx is None else threshold_idx)
+    if not s_idx or not t_idx:
+        raise ValueError("calibration needs at least one statistics image and one threshold image")
+    shared = sorted(set(s_idx) & set(t_idx))
+    warnings: list[str] = []
+    if shared:
+        warnings.append(
+            f"{len(shared)} image(s) served both the map statistics and the threshold: the threshold is not "
+            "set on held-out scores (give more good images)"
+        )
+
+    stats = branch_statistics(inspector, [frames[i] for i in s_idx], batch_size)
+    inspector.model.set_calibration({k: (s.mean, s.std) for k, s in stats.items()})
+
+    thr_frames = [frames[i] for i in t_idx]
+    scores = score_frames(inspector, thr_frames, batch_size)
+    # The same images one at a time (the top scores, where a flip would matter): how far a score moves
+    # when only the batch around it changes.
+    top = np.argsort(scores)[::-1][:REPEAT_CHECK_IMAGES]
+    alone = np.array([score_frames(inspector, [thr_frames[int(i)]], 1)[0] for i in top], dtype=np.float32)
+    repeat_error = float(np.max(np.abs(alone.astype(np.float64) - scores[top].astype(np.float64)), initial=0.0))
+
+    m = len(scores)
+    rank = threshold_rank(m, false_reject_rate)
+    ordered = np.sort(scores)
+    q = float(ordered[rank - 1])
+    guard = repeat_guard(q, repeat_error)
+    threshold = threshold_above(q, guard)
+    bound = false_reject_bound(m, rank)
+    needed = images_needed(false_reject_rate)
+    if false_reject_rate == 0:
+        warnings.append(
+            f"a false-reject rate of 0 cannot be guaranteed by any finite set: the threshold is above the highest "
+            f"of {m} held-out scores, which still rejects about 1/(m+1) = {bound.expected:.3f} of new good parts"
+        )
+    elif bound.upper > ENOUGH_FACTOR * false_reject_rate:
+        warnings.append(
+            f"{m} threshold images are too few for a false-reject rate of {false_reject_rate:g}: on new good parts "
+            f"expect {bound.expected:.3f} (90 % of calibration sets: {bound.interval[0]:.3f}-{bound.interval[1]:.3f}); "
+            f"about {needed} threshold images (~{_total_for(needed)} good images in all) bring the 95 % bound "
+            f"within {ENOUGH_FACTOR:g}x the rate"
+        )
+    for w in warnings:
+        log.warning("calibration_warning", warning=w, n_threshold=m, false_reject_rate=false_reject_rate)
+
+    def name(i: int) -> str:
+        return names[i] if names is not None else str(i)
+
+    source = CalibrationSource(
+        kind=source_kind,  # type: ignore[arg-type]
+        path=source_path,
+        n_images=n,
+        calibrated_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        crd_inspect_version=crd_model.__version__,
+        device=inspector.device.type,
+        previous_threshold=previous_threshold,
+        statistics_images=[name(i) for i in s_idx],
+        threshold_images=[name(i) for i in t_idx],
+        threshold_scores=[float(s) for s in scores],
+        batch_size=batch_size,
+    )
+    calibration = Calibration(
+        branch_stats=stats,
+        threshold=threshold,
+        false_reject_rate=false_reject_rate,
+        n_validation=len(set(s_idx) | set(t_idx)),
+        validation_score_max=float(scores.max()),
+        validation_score_median=float(np.median(scores)),
+        method="same-images" if shared else "held-out",
+        n_statistics=len(s_idx),
+        n_threshold=m,
+        threshold_rank=rank,
+        expected_false_reject_rate=bound.expected,
+        false_reject_rate_interval=bound.interval,
+        score_tolerance=threshold - q,
+        score_repeat_error=repeat_error,
+        warnings=warnings,
+        source=source,
+    )
+    log.info(
+        "calibrated",
+        n_statistics=len(s_idx),
+        n_threshold=m,
+        rank=rank,
+        threshold=round(threshold, 5),
+        expected_false_reject_rate=round(bound.expected, 4),
+        false_reject_rate_interval=[round(x, 4) for x in bound.interval],
+        score_repeat_error=repeat_error,
+    )
+    return calibration
+
+
+def _total_for(n_threshold: int | None) -> str:
+    if n_threshold is None:
+        return "?"
+    return str(math.ceil(n_threshold / (1 - STATISTICS_SHARE)))
+
+
+__all__ = [
+    "ENOUGH_FACTOR",
+    "STATISTICS_SHARE",
+    "FalseRejectBound",
+    "branch_statistics",
+    "calibrate_frames",
+    "false_reject_bound",
+    "images_needed",
+    "score_frames",
+    "split_for_calibration",
+    "threshold_above",
+    "threshold_rank",
+]

@@ -1,0 +1,74 @@
+"""`crd calibrate`: new branch statistics and threshold for a checkpoint from a folder of good parts.
+
+The weights, and so the model id, stay as they are: the statistics are non-persistent buffers set from
+config.json at load, and the threshold lives there too. Only config.json is (re)written, with a record of
+when and from what the calibration was measured (`calibration.source`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import structlog
+
+from crd_model.calibration import calibrate_frames
+from crd_model.checkpoint import META, WEIGHTS, read_meta
+from crd_model.config import CheckpointMeta
+from crd_model.data.mvtec3d import list_pairs
+from crd_model.dataset import load_samples
+from crd_model.inspector import Inspector
+
+log = structlog.get_logger(__name__)
+
+
+def recalibrate(
+    checkpoint: str | Path,
+    folder: str | Path,
+    false_reject_rate: float | None = None,
+    out: str | Path | None = None,
+    device: str | None = None,
+    batch_size: int = 16,
+) -> CheckpointMeta:
+    """Calibrate `checkpoint` on the good parts in `folder` (rgb/*.png + xyz/*.tiff pairs, as
+    `crd predict --folder` reads them) and write config.json to `out` (default: in place).
+
+    `false_reject_rate` None keeps the checkpoint's own requested rate.
+    """
+    checkpoint, folder = Path(checkpoint), Path(folder)
+    inspector = Inspector(checkpoint, device)
+    meta = inspector.meta
+    assert meta is not None and meta.calibration is not None  # Inspector refuses uncalibrated checkpoints
+    rate = meta.calibration.false_reject_rate if false_reject_rate is None else false_reject_rate
+    samples = list_pairs(folder)
+    if not samples:
+        raise ValueError(f"{folder}: no rgb/xyz pairs of good parts found (expected rgb/*.png + xyz/*.tiff)")
+    loaded = load_samples(samples, inspector.config, with_gt=False, device=inspector.device)
+    calibration = calibrate_frames(
+        inspector,
+        loaded.frames,
+        rate,
+        batch_size=batch_size,
+        names=[s.relpath for s in samples],
+        source_kind="folder",
+        source_path=str(folder),
+        previous_threshold=meta.calibration.threshold,
+    )
+    new_meta = meta.model_copy(update={"calibration": calibration})
+    target = checkpoint if out is None else Path(out)
+    target.mkdir(parents=True, exist_ok=True)
+    if target.resolve() != checkpoint.resolve():
+        shutil.copy2(checkpoint / WEIGHTS, target / WEIGHTS)  # same bytes, same digest, same model id
+    tmp = target / (META + ".tmp")
+    tmp.write_text(new_meta.model_dump_json(indent=2))
+    tmp.replace(target / META)  # atomic: a worker watching config.json never reads half a file
+    written = read_meta(target)
+    log.info(
+        "recalibrated",
+        checkpoint=str(target),
+        model_id=written.model_id,
+        previous_threshold=meta.calibration.threshold,
+        threshold=calibration.threshold,
+        n_images=len(samples),
+    )
+    return written
