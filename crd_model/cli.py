@@ -300,6 +300,8 @@ def cmd_work(a: argparse.Namespace) -> int:
         extra[("worker", "lines")] = ("--lines", [x for x in a.lines.split(",") if x])
     if a.time_stages:
         extra[("worker", "time_stages")] = ("--time-stages", True)
+    if a.batch_buckets:
+        extra[("worker", "batch_buckets")] = ("--batch-buckets", [int(x) for x in a.batch_buckets.split(",") if x])
     if a.devices:
         extra[("worker", "devices")] = ("--devices", [x for x in a.devices.split(",") if x])
     s = _settings(a, _WORK_FLAGS, extra)
@@ -315,8 +317,9 @@ def cmd_work(a: argparse.Namespace) -> int:
 
     def load(models: dict, shadow_models: dict) -> ModelRegistry:
         return ModelRegistry.load(
-            models, w.device, w.bf16, w.compile, max_batch=w.max_batch, shadow_models=shadow_models
-        )
+            models, w.device, w.bf16, w.compile, max_batch=w.max_batch, shadow_models=shadow_models,
+            buckets=w.batch_buckets or None,
+        )  # fmt: skip
 
     loader = None
     if a.stand_in_latency_ms is not None:
@@ -509,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     p.add_argument("--max-batch", type=int, default=None)
     p.add_argument("--max-wait-ms", type=int, default=None)
+    p.add_argument(
+        "--batch-buckets", default=None, help="comma-separated batch shapes run on CUDA (default: powers of two)"
+    )
     p.add_argument("--claim-idle-ms", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--max-frames", type=_COUNT, default=None)

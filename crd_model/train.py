@@ -169,7 +169,9 @@ def calibrate(
     autocast, buckets), so inference scores a validation image exactly as calibration did. See
     crd_model/calibration.py. `statistics_images` / `threshold_images` override the seeded split.
     """
-    inspector = Inspector.from_model(model, device)
+    # Eager, not compiled: compiling every batch shape would add minutes to a GPU training run, and a
+    # compiled graph differs from eager only by bf16 rounding, which the threshold's repeat guard covers.
+    inspector = Inspector.from_model(model, device, compile=False)
     root = Path(source_path) if source_path else None
     names = [_relative(s.rgb_path, root) for s in validation.samples] if validation.samples else None
     return calibrate_frames(

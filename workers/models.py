@@ -49,13 +49,14 @@ class ModelRegistry:
         compile: bool | None = None,
         max_batch: int = 32,
         shadow_models: Mapping[str, Path] | None = None,
+        buckets: Sequence[int] | None = None,
     ) -> ModelRegistry:
         """Load every checkpoint up front and run every batch shape once: a worker that cannot serve a
         category fails at start, and no frame waits for compilation or autotuning after /readyz."""
         from crd_model.inspector import Inspector
 
         def load_one(path: Path) -> InspectorLike:
-            inspector = Inspector(path, device, bf16=bf16, compile=compile, max_batch=max_batch)
+            inspector = Inspector(path, device, bf16=bf16, compile=compile, max_batch=max_batch, buckets=buckets)
             inspector.warmup()
             return inspector
 

@@ -190,6 +190,10 @@ class WorkerSettings(BaseModel):
     # across lines; results go to each line's own results stream). Empty: the top-level `line`.
     lines: list[Identifier] = []
     max_batch: int = Field(16, ge=1, le=1024)
+    # The batch shapes the model runs (each compiled and warmed before ready); a batch is padded up to
+    # the next one. Empty: powers of two up to max_batch on CUDA, unpadded on CPU. Fewer shapes start
+    # faster (one compilation each) and pad more.
+    batch_buckets: list[Annotated[int, Field(ge=1, le=1024)]] = []
     max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill")
     block_ms: int = Field(1000, ge=1)
     decode_threads: int = Field(2, ge=1, description="pool that decodes payloads and encodes results")
