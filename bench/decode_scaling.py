@@ -1,0 +1,105 @@
+"""Frame decoding across cores: threads against processes (not a test).
+
+    .venv/bin/python bench/decode_scaling.py --data DIR [--frames 512] [--side 200] [--workers 1 2 4 8 12]
+
+The worker decodes each frame (msgpack unpack, PNG RGB, zlib point map, range checks) in a pool. Which
+pool scales with cores is a measurement, not a belief: this decodes the same payloads with a thread
+pool and with a process pool of each size. Processes are measured twice: sending the arrays back
+(pickled through a pipe, what a plain process pool costs) and sending nothing back (the bound a
+shared-memory handoff could reach). Payloads are the synthetic test split under --data (category disc),
+resized to --side. Prints a table; writes bench/results/decode_scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import ROOT, machine
+from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
+from crd_model.stream import make_frame, pack_frame
+from crd_model.stream.codecs import decode_rgb, decode_xyz
+from crd_model.stream.packing import unpack_frame
+
+
+def decode(payload: bytes) -> tuple[np.ndarray, np.ndarray]:
+    frame = unpack_frame(payload)
+    return decode_rgb(frame.rgb), decode_xyz(frame.xyz)
+
+
+def decode_discard(payload: bytes) -> int:
+    rgb, xyz = decode(payload)
+    return rgb.nbytes + xyz.nbytes
+
+
+def rate(pool, fn, payloads: list[bytes]) -> float:
+    list(pool.map(fn, payloads[:32]))  # warm: imports, first allocations
+    t = time.perf_counter()
+    list(pool.map(fn, payloads, chunksize=1))
+    return len(payloads) / (time.perf_counter() - t)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--frames", type=int, default=512)
+    ap.add_argument("--side", type=int, default=200)
+    ap.add_argument("--xyz-dtype", default="float32", choices=["float32", "float16"])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 12])
+    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "decode_scaling.json"))
+    a = ap.parse_args()
+
+    from bench.throughput import enlarge
+
+    samples = list_samples(Path(a.data), "disc", "test")[:16]
+    images = [enlarge(read_rgb(s.rgb_path), read_xyz(s.xyz_path), a.side) for s in samples]
+    payloads = [
+        pack_frame(
+            make_frame(
+                *images[i % len(images)],
+                frame_id=f"d:{i}",
+                line="L",
+                camera="c",
+                seq=i,
+                category="disc",
+                xyz_dtype=a.xyz_dtype,
+            )
+        )
+        for i in range(a.frames)
+    ]
+    rows = []
+    for k in a.workers:
+        row = {"workers": k}
+        with ThreadPoolExecutor(k) as pool:
+            row["threads_fps"] = rate(pool, decode, payloads)
+        with ProcessPoolExecutor(k, mp_context=mp.get_context("fork")) as pool:
+            row["processes_fps"] = rate(pool, decode, payloads)
+            row["processes_no_return_fps"] = rate(pool, decode_discard, payloads)
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    out = {"machine": machine(), "side": a.side, "xyz_dtype": a.xyz_dtype, "frames": a.frames,
+           "payload_bytes_median": int(np.median([len(p) for p in payloads])), "rows": rows}  # fmt: skip
+    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.json).write_text(json.dumps(out, indent=2))
+    print(f"\nMachine: {out['machine']}; {a.side}x{a.side} frames, xyz {a.xyz_dtype}, "
+          f"{out['payload_bytes_median']:,} B each; frames/s decoded\n")  # fmt: skip
+    print("| pool size | threads | processes (arrays back by pipe) | processes (nothing back) |\n|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['workers']} | {r['threads_fps']:.0f} | {r['processes_fps']:.0f} | "
+            f"{r['processes_no_return_fps']:.0f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
