@@ -301,7 +301,7 @@ def cmd_work(a: argparse.Namespace) -> int:
     if a.time_stages:
         extra[("worker", "time_stages")] = ("--time-stages", True)
     if a.batch_buckets:
-        extra[("worker", "batch_buckets")] = ("--batch-buckets", [int(x) for x in a.batch_buckets.split(",") if x])
+        extra[("worker", "batch_buckets")] = ("--batch-buckets", [x for x in a.batch_buckets.split(",") if x])
     if a.devices:
         extra[("worker", "devices")] = ("--devices", [x for x in a.devices.split(",") if x])
     s = _settings(a, _WORK_FLAGS, extra)

@@ -37,6 +37,8 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["work", "--stand-in-latency-ms", "1", "--max-batch", "5000"], "--max-batch"),
         (["work", "--stand-in-latency-ms", "1", "--max-wait-ms", "-1"], "--max-wait-ms"),
         (["work", "--stand-in-latency-ms", "1", "--claim-idle-ms", "5"], "--claim-idle-ms"),
+        (["work", "--stand-in-latency-ms", "1", "--batch-buckets", "0,64"], "--batch-buckets"),
+        (["work", "--stand-in-latency-ms", "1", "--batch-buckets", "16,many"], "--batch-buckets"),
         (["work", "--stand-in-latency-ms", "1", "--consumer", "gpu 0"], "--consumer"),
         (["work", "--stand-in-latency-ms", "1", "--metrics-port", "70000"], "--metrics-port"),
         (["results", "--line", "a{b}"], "--line"),

@@ -175,6 +175,15 @@ def test_padding_to_batch_buckets_changes_no_score(tiny_data: Path, tiny_checkpo
     assert batch_buckets(16) == (1, 2, 4, 8, 16) and batch_buckets(24) == (1, 2, 4, 8, 16, 24)
 
 
+def test_the_workers_batch_buckets_setting_reaches_its_models(tiny_checkpoint: Path):
+    from workers.models import ModelRegistry
+
+    registry = ModelRegistry.load({TINY_CATEGORY: tiny_checkpoint}, "cpu", max_batch=8, buckets=[2, 8])
+    assert registry.get(TINY_CATEGORY).buckets == (2, 8)
+    # Unset: a CPU worker runs its batches unpadded.
+    assert ModelRegistry.load({TINY_CATEGORY: tiny_checkpoint}, "cpu", max_batch=8).get(TINY_CATEGORY).buckets == ()
+
+
 def test_a_saved_checkpoint_scores_exactly_as_the_model_did_before_saving(tmp_path: Path):
     import torch
 

@@ -514,8 +514,9 @@ def _namer(overrides: Mapping[tuple[str, ...], tuple[str, Any]]) -> Any:
     def name_of(loc: tuple[str, ...]) -> str:
         if not loc:  # a check across sections (e.g. plc.group vs streams.group): the message says which
             return "settings"
-        if loc in flags:
-            return flags[loc]
+        for n in range(len(loc), 0, -1):  # the flag itself, or one holding this item (a list's element)
+            if tuple(loc[:n]) in flags:
+                return flags[tuple(loc[:n])]
         inside = [flag for path, flag in flags.items() if path[: len(loc)] == loc]  # a section-level error
         return " / ".join([*inside, _env_name(loc) + ("__*" if len(loc) == 1 and loc[0] != "line" else "")])
 
