@@ -76,9 +76,18 @@ def main() -> int:
                     help="compile only these (compiling every combination takes minutes each)")  # fmt: skip
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: merge the rows of these result files and write the section")  # fmt: skip
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "sizing.json"))
     a = ap.parse_args()
 
+    if a.render:
+        parts = [json.loads(Path(f).read_text()) for f in a.render]
+        text = render({"machine": parts[0]["machine"], "rows": [r for p in parts for r in p["rows"]]})
+        print(text)
+        if not a.no_write:
+            write_section("sizing", text)
+        return 0
     rows = []
     # Modes outermost, compiled last: a time-boxed run keeps every eager figure.
     for mode in a.modes:
