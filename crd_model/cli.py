@@ -411,9 +411,17 @@ def _add_service_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plain-logs", action="store_true", help="key=value logs instead of JSON")
 
 
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags: `--batch 8` must be an error, not a silent `--batch-buckets 8`."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crd", description=__doc__.split("\n")[0] if __doc__ else None)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="crd", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = parser.add_subparsers(dest="command", required=True)  # subcommands' parsers are _Parsers too
 
     p = sub.add_parser("synth", help="generate synthetic data in the MVTec 3D-AD layout")
     p.add_argument("--out", required=True)

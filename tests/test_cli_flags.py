@@ -109,3 +109,13 @@ def test_good_flags_reach_the_running_producer(settings, r, capsys: pytest.Captu
 
     first = unpack_frame(r.xrange(key)[0][1][b"payload"])
     assert first.rgb.encoding == "raw" and first.line == settings.line
+
+
+@pytest.mark.parametrize("argv", [["work", "--batch", "8"], ["train", "--data", "d", "--category", "c", "--out", "o",
+                                  "--epoch", "3"]])  # fmt: skip
+def test_abbreviated_flags_are_refused_not_guessed(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    # `--batch` would otherwise be taken for `--batch-buckets`, and `--epoch` for `--epochs`.
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "unrecognized arguments" in capsys.readouterr().err
