@@ -19,7 +19,7 @@ if [ "${SCALE:-full}" = tiny ]; then
 else
   size=256 epochs=3 frames=2048 batch=64 buckets=64 threads=12
   sizing="--sizes 256 384 --batches 32 128 --compile-only efficientnet_lite0@256 --iters 3"
-  t_train=100 t_200=280 t_sizing=110 t_800=120 sides800=800
+  t_train=100 t_200=330 t_sizing=100 t_800=100 sides800=800
 fi
 log "start"; nvidia-smi -L 2>/dev/null | tee -a "$OUT/steps.log"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/steps.log"
