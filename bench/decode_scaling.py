@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, machine
+from bench.throughput import enlarge
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.stream import make_frame, pack_frame
 from crd_model.stream.codecs import decode_rgb, decode_xyz
@@ -57,8 +58,6 @@ def main() -> int:
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 12])
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "decode_scaling.json"))
     a = ap.parse_args()
-
-    from bench.throughput import enlarge
 
     samples = list_samples(Path(a.data), "disc", "test")[:16]
     images = [enlarge(read_rgb(s.rgb_path), read_xyz(s.xyz_path), a.side) for s in samples]

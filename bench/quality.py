@@ -93,11 +93,9 @@ def ensure_data(data: Path, categories: Sequence[str], a: argparse.Namespace) ->
 
 def _raw_scale_maps(inspector, split, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
     """branch -> per-scale raw maps, each (N, S, S) float32, for every image of `split`."""
-    from crd_model.calibration import frames_input
-
     out: dict[str, list[list[np.ndarray]]] = {}
     for i in range(0, len(split.frames), batch_size):
-        maps = inspector.scale_maps(frames_input(split.frames[i : i + batch_size], inspector.device))
+        maps = inspector.scale_maps(inspector.stack(split.frames[i : i + batch_size]))
         for name, scales in maps.items():
             slot = out.setdefault(name, [[] for _ in scales])
             for k, m in enumerate(scales):

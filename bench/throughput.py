@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT, machine, write_section
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
+from crd_model.inputs import PreparedFrame
 from crd_model.inspector import Inspector
 from crd_model.preprocessing import ModelInput
 from crd_model.stream import WIRE_VERSION, make_frame, pack_frame
@@ -136,8 +137,6 @@ def in_process(inspector: Inspector, rgbs: list, xyzs: list, batch: int) -> dict
     ]
     frames_prepared = []
     for p, c in zip(host, chunks, strict=True):
-        from crd_model.inputs import PreparedFrame
-
         for k, i in enumerate(c):
             frames_prepared.append(
                 PreparedFrame(

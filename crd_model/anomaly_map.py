@@ -7,6 +7,8 @@ buffers), sum the branches, blur, and take the maximum as the image score.
 
 from __future__ import annotations
 
+import functools
+import operator
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -26,13 +28,7 @@ class InferenceBatch(NamedTuple):
 
 def branch_anomaly_map(teacher: list[torch.Tensor], student: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
     """Sum over scales of (1 - cos), each upsampled bilinearly to `size`: (B, H, W)."""
-    total = None
-    for t, s in zip(teacher, student, strict=True):
-        d = cosine_distance_map(t.float(), s.float()).unsqueeze(1)
-        d = F.interpolate(d, size=size, mode="bilinear", align_corners=False)
-        total = d if total is None else total + d
-    assert total is not None
-    return total[:, 0]
+    return functools.reduce(operator.add, scale_anomaly_maps(teacher, student, size))  # shallow scale first
 
 
 def scale_anomaly_maps(

@@ -42,7 +42,6 @@ from scipy import stats as sps
 import crd_model
 from crd_model.config import BranchStats, Calibration, CalibrationSource
 from crd_model.inputs import PreparedFrame
-from crd_model.preprocessing import ModelInput
 
 log = structlog.get_logger(__name__)
 
@@ -129,31 +128,21 @@ def repeat_guard(score: float, repeat_error: float) -> float:
     return max(GUARD_FACTOR * repeat_error, MIN_GUARD_ULPS * ulp)
 
 
-def frames_input(frames: Sequence[PreparedFrame], device: torch.device) -> ModelInput:
-    rgb = None if frames[0].rgb is None else torch.from_numpy(np.stack([f.rgb for f in frames])).to(device)
-    x3d = None if frames[0].x3d is None else torch.from_numpy(np.stack([f.x3d for f in frames])).to(device)
-    return ModelInput(rgb, x3d)
-
-
 def branch_statistics(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> dict[str, BranchStats]:
     """Mean and (unbiased) std of each branch's raw map over every pixel of `frames`, in float64.
 
     Accumulated per image in float64, so the numbers do not depend on how the images were batched.
     """
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
     maps: dict[str, list[torch.Tensor]] = {}
     for i in range(0, len(frames), batch_size):
-        for name, m in inspector.branch_maps(frames_input(frames[i : i + batch_size], inspector.device)).items():
-            m = m.detach().to("cpu", torch.float64)
-            maps.setdefault(name, []).append(m)
-            sums[name] = sums.get(name, 0.0) + float(m.sum())
-            counts[name] = counts.get(name, 0) + m.numel()
+        for name, m in inspector.branch_maps(inspector.stack(frames[i : i + batch_size])).items():
+            maps.setdefault(name, []).append(m.to("cpu", torch.float64))
     out = {}
     for name, chunks in maps.items():
-        mean = sums[name] / counts[name]
+        count = sum(c.numel() for c in chunks)
+        mean = sum(float(c.sum()) for c in chunks) / count
         sq = sum(float(((c - mean) ** 2).sum()) for c in chunks)  # two passes: no cancellation
-        std = math.sqrt(sq / max(counts[name] - 1, 1))
+        std = math.sqrt(sq / max(count - 1, 1))
         out[name] = BranchStats(mean=mean, std=max(std, 1e-8))
     return out
 
@@ -161,7 +150,7 @@ def branch_statistics(inspector, frames: Sequence[PreparedFrame], batch_size: in
 def score_frames(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> np.ndarray:
     """Image scores (float32) through the inspector's serving path, in batches of `batch_size`."""
     scores = [
-        inspector.forward(frames_input(frames[i : i + batch_size], inspector.device)).pred_score.float().cpu()
+        inspector.forward(inspector.stack(frames[i : i + batch_size])).pred_score.float().cpu()
         for i in range(0, len(frames), batch_size)
     ]
     return torch.cat(scores).numpy()
@@ -223,13 +212,13 @@ def calibrate_frames(
     guard = repeat_guard(q, repeat_error)
     threshold = threshold_above(q, guard)
     bound = false_reject_bound(m, rank)
-    needed = images_needed(false_reject_rate)
     if false_reject_rate == 0:
         warnings.append(
             f"a false-reject rate of 0 cannot be guaranteed by any finite set: the threshold is above the highest "
             f"of {m} held-out scores, which still rejects about 1/(m+1) = {bound.expected:.3f} of new good parts"
         )
     elif bound.upper > ENOUGH_FACTOR * false_reject_rate:
+        needed = images_needed(false_reject_rate)
         warnings.append(
             f"{m} threshold images are too few for a false-reject rate of {false_reject_rate:g}: on new good parts "
             f"expect {bound.expected:.3f} (90 % of calibration sets: {bound.interval[0]:.3f}-{bound.interval[1]:.3f}); "

@@ -217,9 +217,13 @@ class Inspector:
         """Already-prepared frames (as training and evaluation keep them) -> inspections."""
         if not frames:
             return []
+        return self._inspections(self.forward(self.stack(frames)), [f.original_hw for f in frames])
+
+    def stack(self, frames: Sequence[PreparedFrame]) -> ModelInput:
+        """Prepared frames as one batch on the host (`forward` moves it to the device)."""
         rgb = torch.from_numpy(np.stack([f.rgb for f in frames])) if self.config.uses_rgb else None
         x3d = torch.from_numpy(np.stack([f.x3d for f in frames])) if self.config.uses_3d else None
-        return self._inspections(self.forward(ModelInput(rgb, x3d)), [f.original_hw for f in frames])
+        return ModelInput(rgb, x3d)
 
     def inspect(
         self, rgb_batch: Sequence[np.ndarray | None], xyz_batch: Sequence[np.ndarray | None]

@@ -147,16 +147,18 @@ class CRDModel(nn.Module):
 
     def branch_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """Raw (unstandardised) anomaly map per branch, (B, H, W) at the input resolution."""
-        size = tuple((rgb if rgb is not None else x3d).shape[-2:])
-        outputs = self.run_branches(self.encode(rgb, x3d))
-        return {name: branch_anomaly_map(o.target, o.mixed, size) for name, o in outputs.items()}
+        return self._per_branch(branch_anomaly_map, rgb, x3d)
 
     def scale_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, list[torch.Tensor]]:
         """Diagnostics: each branch's per-scale (1 - cos) maps, (B, H, W) at the input resolution, shallow
-        scale first. Their sum is `branch_maps` (up to float summation order)."""
+        scale first. Their sum, in that order, is `branch_maps`."""
+        return self._per_branch(scale_anomaly_maps, rgb, x3d)
+
+    def _per_branch(self, maps, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict:
+        """`maps(teacher features, student features, input size)` of every branch."""
         size = tuple((rgb if rgb is not None else x3d).shape[-2:])
         outputs = self.run_branches(self.encode(rgb, x3d))
-        return {name: scale_anomaly_maps(o.target, o.mixed, size) for name, o in outputs.items()}
+        return {name: maps(o.target, o.mixed, size) for name, o in outputs.items()}
 
     def set_calibration(self, stats: dict[str, tuple[float, float]]) -> None:
         """Per-branch (mean, std) that standardise the raw maps before they are fused."""
