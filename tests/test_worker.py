@@ -541,3 +541,16 @@ def test_a_frame_over_the_workers_pixel_bound_is_refused_before_decoding(setting
     assert by_id[small].verdict == "ok"
     assert by_id[big].verdict == "error" and by_id[big].error.code == "too_large"
     assert "max_frame_pixels" in by_id[big].error.message
+
+
+def test_an_idle_worker_reads_within_its_socket_timeout(settings, tiny_checkpoint):
+    # A blocking read longer than the socket timeout would end every idle read in a TimeoutError and a
+    # reconnect (the worker reported Redis unreachable while it was only idle).
+    from structlog.testing import capture_logs
+
+    s = _fast(settings, block_ms=2000)
+    s = s.model_copy(update={"redis": s.redis.model_copy(update={"socket_timeout_s": 1.0})})
+    worker = Worker(s, ModelRegistry({TINY_CATEGORY: Inspector(tiny_checkpoint, "cpu")}))
+    with capture_logs() as logs:
+        assert worker.run(idle_exit_s=3) == 0
+    assert [e for e in logs if e["event"] == "redis_unavailable"] == [], [(e["event"], e.get("error")) for e in logs]

@@ -55,6 +55,9 @@ class Item:
     error: ErrorInfo | None = None
     score: float | None = None
     threshold: float | None = None
+    # The model that scored the frame, taken when it did: a swap may happen before the result is built.
+    model_id: str | None = None
+    model_version: str | None = None
     wire_map: WireMap | None = None
     shadow: Shadow | None = None
     abandoned: bool = False  # inference failed: no result now, the entry stays pending for a retry
@@ -154,22 +157,20 @@ def decode_item(item: Item, registry: ModelRegistry, limits: Limits) -> Item:
     return item
 
 
-def build_outcome(
-    item: Item, registry: ModelRegistry, worker: str, region_min_area: int, max_regions: int = 16
-) -> Outcome:
+def build_outcome(item: Item, worker: str, region_min_area: int, max_regions: int = 16) -> Outcome:
     """The result (and dead letter, for errors) of one item; never raises (pool thread)."""
     t = time.thread_time()
     try:
-        outcome = _build_outcome(item, registry, worker, region_min_area, max_regions)
+        outcome = _build_outcome(item, worker, region_min_area, max_regions)
     except Exception as exc:  # e.g. a non-finite map: still answer the frame, as an error
         item.fail("internal", f"building the result failed: {type(exc).__name__}: {exc}")
         item.wire_map = None
-        outcome = _build_outcome(item, registry, worker, region_min_area, max_regions)
+        outcome = _build_outcome(item, worker, region_min_area, max_regions)
     item.cpu["encode"] = time.thread_time() - t
     return outcome
 
 
-def _build_outcome(item: Item, registry: ModelRegistry, worker: str, region_min_area: int, max_regions: int) -> Outcome:
+def _build_outcome(item: Item, worker: str, region_min_area: int, max_regions: int) -> Outcome:
     f = item.frame
     timings = Timings(
         captured_at=f.captured_at if f else None,
@@ -207,15 +208,14 @@ def _build_outcome(item: Item, registry: ModelRegistry, worker: str, region_min_
     regions = []
     if anomalous:
         regions = find_regions(wm.values, item.threshold, region_min_area, max_regions, image_shape=wm.image_shape)
-    inspector = registry.get(f.category)
     result = Result(
         verdict="anomalous" if anomalous else "ok",
         score=float(item.score),
         threshold=float(item.threshold),
         anomaly_map=quantised_map(wm.pixels, wm.image_shape, (wm.lo, wm.hi)),
         regions=regions,
-        model_id=inspector.model_id if inspector is not None else None,
-        model_version=registry.model_version(f.category),
+        model_id=item.model_id,
+        model_version=item.model_version,
         shadow=item.shadow,
         **common,
     )

@@ -159,7 +159,7 @@ class Worker(Daemon):
         self.lines = list(self.w.lines) or [settings.line]
         # A blocking read must return before the client's socket timeout, or every idle read would end
         # in a TimeoutError (and a reconnect) instead of an empty answer.
-        self.block_ms = max(1, min(self.w.block_ms, int(settings.redis.socket_timeout_s * 1000 * 0.8)))
+        self.block_ms = max(1, min(self.w.block_ms, int(settings.redis.socket_timeout_s * 1000 * 0.5)))
         self.group = settings.streams.group
         self.consumer = self.w.consumer
         self.limits = limits or Limits()
@@ -321,7 +321,7 @@ class Worker(Daemon):
             t, c = time.perf_counter(), time.thread_time()
             try:
                 resp = self.r.xreadgroup(
-                    self.group, self.consumer, {self.frames_keys[line]: ">"}, count=room, block=self.w.block_ms
+                    self.group, self.consumer, {self.frames_keys[line]: ">"}, count=room, block=self.block_ms
                 )
             except redis.ResponseError as exc:
                 if not read_interrupted_by_slot_move(exc):
@@ -465,8 +465,10 @@ class Worker(Daemon):
                 self.w.result_map_encoding,
             )
             scores = out.pred_score.float().cpu().tolist()
+        version = self.models.model_version(group[0].frame.category)
         for it, wm, score in zip(group, maps, scores, strict=True):
             it.wire_map, it.score, it.threshold = wm, float(score), float(inspector.threshold)
+            it.model_id, it.model_version = inspector.model_id, version
         candidate = self.models.shadow(group[0].frame.category)
         if candidate is not None:
             self._score_shadow(candidate, group, on_device)
@@ -501,9 +503,7 @@ class Worker(Daemon):
     def _publish(self, items: list[Item]) -> None:
         done = [it for it in items if not it.abandoned]
         abandoned = len(items) - len(done)  # inference failed: they stay pending for a retry
-        outcomes = list(
-            self.pool.map(lambda it: build_outcome(it, self.models, self.consumer, self.w.region_min_area), done)
-        )
+        outcomes = list(self.pool.map(lambda it: build_outcome(it, self.consumer, self.w.region_min_area), done))
         for it in done:
             self.metrics.stage("encode", it.cpu.get("encode", 0.0))
         by_line: dict[str, list[int]] = defaultdict(list)
@@ -585,9 +585,7 @@ class Worker(Daemon):
         if new is None:
             return
         old = self.models.model_ids()
-        self.models = new
-        for device in new.devices:
-            self.staging.setdefault(device, Staging(device))
+        self.models = new  # a new device gets its staging buffers on its first batch (_infer_group)
         self.metrics.model_swaps.inc()
         self._show_models()
         self.log.info("models_swapped", old=old, new=new.model_ids())
