@@ -57,9 +57,7 @@ class Soak(Harness):
             self.check_processes()
         self.stop_producers()
         self.drain()
-        for proc in self.workers.values():
-            proc.terminate()
-            proc.wait(timeout=60)
+        self.stop_workers()
         report = self.check()
         lat = []
         for _, f in self.r.xrange(self.keys["results"]):
@@ -76,7 +74,6 @@ class Soak(Harness):
             "rss_growth_mb": {k: round(v[-1][1] - v[0][1], 1) for k, v in whole.items()},
             "rss_start_mb": {k: round(v[0][1], 1) for k, v in whole.items()},
         })  # fmt: skip
-        self.server.stop()
         return report
 
 

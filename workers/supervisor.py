@@ -78,7 +78,12 @@ class Supervisor(Daemon):
                         registry=self.registry)  # fmt: skip
         self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
                               registry=self.registry)  # fmt: skip
-        self._restarts = 0
+
+    def reload(self, *_: object) -> None:
+        """SIGHUP: each worker re-reads its models file."""
+        for child in self.children:
+            if child.proc is not None:
+                child.proc.send_signal(signal.SIGHUP)
 
     def run(self) -> int:
         with self.running():
@@ -97,8 +102,7 @@ class Supervisor(Daemon):
                         else:
                             child.backoff.reset()
                         child.start()
-                        self._restarts += 1
-                        self.restarts.set(self._restarts)
+                        self.restarts.inc()
                     ready += child.ready()
                 self.up.set(ready)
                 self.health.set_ready(ready == len(self.children), f"{ready}/{len(self.children)} workers ready")
@@ -123,7 +127,6 @@ def supervise(settings: Settings, devices: Sequence[str], argv: Sequence[str]) -
     child_args = _without(list(argv), ("--devices", "--device", "--consumer", "--metrics-port"))
     sup = Supervisor(settings, devices, child_args)
     sup.install_signal_handlers()
-    signal.signal(signal.SIGHUP, lambda *_: [c.proc.send_signal(signal.SIGHUP) for c in sup.children if c.proc])
     threading.current_thread().name = "supervisor"
     return sup.run()
 
