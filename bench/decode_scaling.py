@@ -25,9 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT, machine
-from bench.throughput import enlarge
+from bench.throughput import FrameMaker, enlarge
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
-from crd_model.stream import make_frame, pack_frame
 from crd_model.stream.codecs import decode_rgb, decode_xyz
 from crd_model.stream.packing import unpack_frame
 
@@ -61,20 +60,8 @@ def main() -> int:
 
     samples = list_samples(Path(a.data), "disc", "test")[:16]
     images = [enlarge(read_rgb(s.rgb_path), read_xyz(s.xyz_path), a.side) for s in samples]
-    payloads = [
-        pack_frame(
-            make_frame(
-                *images[i % len(images)],
-                frame_id=f"d:{i}",
-                line="L",
-                camera="c",
-                seq=i,
-                category="disc",
-                xyz_dtype=a.xyz_dtype,
-            )
-        )
-        for i in range(a.frames)
-    ]
+    maker = FrameMaker([rgb for rgb, _ in images], [xyz for _, xyz in images], "L", xyz_dtype=a.xyz_dtype)
+    payloads = [maker.packed(i, f"d:{i}") for i in range(a.frames)]
     rows = []
     for k in a.workers:
         row = {"workers": k}

@@ -71,13 +71,11 @@ class FrameMaker:
     """Frames of the bench's images, each image encoded once: a 2,048-frame run at 800x800 would
     otherwise spend minutes in PNG encoding before the first frame is sent."""
 
-    def __init__(self, rgbs: list, xyzs: list, line: str):
+    def __init__(self, rgbs: list, xyzs: list, line: str, xyz_dtype: str = "float32"):
         self.line = line
         self.n_images = len(rgbs)
-        self._encoded = [
-            make_frame(rgbs[i], xyzs[i], frame_id="x", line=line, camera="bench", seq=0, category=DEMO_CATEGORY)
-            for i in range(len(rgbs))
-        ]
+        tags = dict(frame_id="x", line=line, camera="bench", seq=0, category=DEMO_CATEGORY, xyz_dtype=xyz_dtype)
+        self._encoded = [make_frame(rgb, xyz, **tags) for rgb, xyz in zip(rgbs, xyzs, strict=True)]
 
     def packed(self, i: int, frame_id: str) -> bytes:
         """Frame i (image i mod the images), captured now."""
