@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU session's checks, in priority order, each bounded (a lent GPU machine has minutes, not hours):
-# train a 256 px model on the GPU (timing), the throughput benchmark at 200x200, the sizing table,
-# then the throughput benchmark at 800x800. Results under $OUT (default: bench/results/gpu).
+# train a 256 px model on the GPU (timing), the throughput benchmark at 200x200 (decode processes, and
+# with THREADS_TOO=1 threads for comparison), then with STEPS=all the sizing table and the throughput benchmark at 800x800.
+# Results under $OUT (default: bench/results/gpu).
 # Run on the device machine from the repo root, after putting the project's dependencies on
 # PYTHONPATH; SCALE=tiny runs the same steps in seconds on a CPU to check the script.
 set -u
@@ -15,11 +16,11 @@ left() { local l=$((START + BUDGET - $(date +%s))); [ "$l" -lt 1 ] && l=1; [ "$1
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 if [ "${SCALE:-full}" = tiny ]; then
   size=64 epochs=1 frames=16 batch=4 buckets=4 threads=2 sizing="--sizes 64 --batches 2 --iters 1 --teachers efficientnet_lite0"
-  t_train=600 t_200=600 t_sizing=300 t_800=600 sides800=200
+  t_train=600 t_200=600 t_sizing=300 t_800=600 sides800=200 procs=2 loads="0.5 0.9"
 else
   size=256 epochs=3 frames=2048 batch=64 buckets=64 threads=12
   sizing="--sizes 256 384 --batches 32 128 --compile-only efficientnet_lite0@256 --iters 3"
-  t_train=100 t_200=330 t_sizing=100 t_800=100 sides800=800
+  t_train=100 t_200=420 t_sizing=100 t_800=100 sides800=800 procs=12 loads=0.5
 fi
 log "start"; nvidia-smi -L 2>/dev/null | tee -a "$OUT/steps.log"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/steps.log"
@@ -31,9 +32,13 @@ timeout "$(left $t_train)" bash -c "$PY -m crd_model.cli synth --out runs/gpu/da
 
 run_throughput() {  # side, timeout, json
   timeout "$(left $2)" $PY bench/throughput.py --checkpoint runs/gpu/model --data runs/gpu/data --batch $batch --buckets $buckets \
-    --frames $frames --sizes "$1" --decode-threads $threads --no-write --json "$OUT/$3" 2>&1 | tail -n 60 > "$OUT/${3%.json}.log"
+    --frames $frames --sizes "$1" --decode-threads $threads --decode-processes $procs ${THREADS_TOO:+--also-threads} --latency-loads $loads --no-write \
+    --json "$OUT/$3" 2>&1 | tail -n 60 > "$OUT/${3%.json}.log"
 }
+log "preprocessing profile"; timeout "$(left 60)" $PY bench/preprocess_profile.py --data runs/gpu/data --size $size \
+  --batches $batch $((batch * 2)) --json "$OUT/preprocess_profile.json" 2>&1 | grep -v "^USDT" | tail -n 8 > "$OUT/preprocess_profile.log"
 log "throughput $size px model, 200x200 frames"; run_throughput 200 "$t_200" throughput-200.json
+[ "${STEPS:-all}" = all ] || { pkill -f "crd_model.cli work" 2>/dev/null; log "done"; exit 0; }
 pkill -f "crd_model.cli work" 2>/dev/null; log "sizing"; timeout "$(left $t_sizing)" $PY bench/sizing.py $sizing --no-write --json "$OUT/sizing.json" 2>&1 | tail -n 40 > "$OUT/sizing.log"
 pkill -f "crd_model.cli work" 2>/dev/null; log "throughput, ${sides800}x${sides800} frames"; run_throughput "$sides800" "$t_800" throughput-800.json
 pkill -f "crd_model.cli work" 2>/dev/null; log "done"

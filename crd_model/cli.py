@@ -196,6 +196,7 @@ _WORK_FLAGS = {
     "device": ("worker", "device"),
     "consumer": ("worker", "consumer"),
     "decode_threads": ("worker", "decode_threads"),
+    "decode_processes": ("worker", "decode_processes"),
 }
 _PLC_FLAGS = {
     "protocol": ("plc", "protocol"),
@@ -552,6 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='JSON {"models": {...}, "shadow_models": {...}}, watched: a change (or SIGHUP) swaps models live',
     )  # fmt: skip
     p.add_argument("--decode-threads", type=int, default=None, help="pool for decoding and result encoding")
+    p.add_argument(
+        "--decode-processes", type=int, default=None,
+        help="decode and build results in this many processes (0: threads; default: processes on a GPU)",
+    )  # fmt: skip
     p.add_argument("--time-stages", action="store_true", help="synchronise the device to time each stage")
     p.set_defaults(func=cmd_work)
 

@@ -87,15 +87,19 @@ def resize_rgb(rgbs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
         if t.dtype != torch.uint8 or t.ndim != 3 or t.shape[2] != 3:
             raise ValueError(f"rgb must be uint8 (H, W, 3); got {t.dtype} {tuple(t.shape)}")
     device = rgbs[0].device
-    out = torch.empty((len(rgbs), 3, size, size), dtype=torch.float32, device=device)
-    for (h, w, _), idx in _group_by_shape(rgbs).items():
+    groups = _group_by_shape(rgbs)
+    out = None if len(groups) == 1 else torch.empty((len(rgbs), 3, size, size), dtype=torch.float32, device=device)
+    for (h, w, _), idx in groups.items():
         x = torch.stack([rgbs[i] for i in idx]).permute(0, 3, 1, 2).float()
         if (h, w) == (size, size):
             x = x.div_(255.0)
         else:
             x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
             x = x.round_().clamp_(0.0, 255.0).div_(255.0)  # 8-bit steps, as an image resized by Pillow
-        out[torch.tensor(idx, device=device)] = x
+        if out is None:
+            out = x
+        else:
+            out[torch.tensor(idx, device=device)] = x
     return out
 
 
@@ -104,7 +108,19 @@ def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     for t in xyzs:
         if t.ndim != 3 or t.shape[2] != 3 or not t.is_floating_point():
             raise ValueError(f"xyz must be float (H, W, 3); got {t.dtype} {tuple(t.shape)}")
-    out = torch.stack([resize_nearest(x, (size, size)) for x in xyzs]).float().permute(0, 3, 1, 2).contiguous()
+    device = xyzs[0].device
+    groups = _group_by_shape(xyzs)
+    out = None if len(groups) == 1 else torch.empty((len(xyzs), size, size, 3), dtype=torch.float32, device=device)
+    for (h, w, _), idx in groups.items():  # frames of one size in one gather (no per-frame launches)
+        x = torch.stack([xyzs[i] for i in idx]).float()
+        if (h, w) != (size, size):
+            rows, cols = nearest_indices(h, size).to(device), nearest_indices(w, size).to(device)
+            x = x.index_select(1, rows).index_select(2, cols)
+        if out is None:
+            out = x
+        else:
+            out[torch.tensor(idx, device=device)] = x
+    out = out.permute(0, 3, 1, 2).contiguous()
     finite = torch.isfinite(out).all(dim=1, keepdim=True)
     return torch.where(finite, out, torch.zeros((), device=out.device))
 

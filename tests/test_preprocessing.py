@@ -155,6 +155,23 @@ def test_resize_rgb() -> None:
         resize_rgb(noise.astype(np.float32), 32)
 
 
+def test_a_batch_of_mixed_sizes_resizes_as_each_frame_alone() -> None:
+    # Frames of one size are resized together; the batch's order and every value stay as per frame.
+    rng = np.random.default_rng(2)
+    sizes = [(37, 53), (64, 64), (37, 53), (80, 60), (64, 64)]
+    xyzs = [torch.from_numpy(rng.random((*hw, 3)).astype(np.float32)) for hw in sizes]
+    xyzs[1][3, 4] = float("nan")  # non-finite -> missing, wherever it sits in the batch
+    rgbs = [torch.from_numpy(rng.integers(0, 256, (*hw, 3), dtype=np.uint8)) for hw in sizes]
+    points, images = P.resize_points(xyzs, 64), P.resize_rgb(rgbs, 64)
+    for i in range(len(sizes)):
+        torch.testing.assert_close(points[i], P.resize_points([xyzs[i]], 64)[0], rtol=0, atol=0)
+        torch.testing.assert_close(images[i], P.resize_rgb([rgbs[i]], 64)[0], rtol=0, atol=0)
+        expected = P.resize_nearest(xyzs[i], (64, 64)).permute(2, 0, 1)
+        expected = torch.where(torch.isfinite(expected).all(dim=0, keepdim=True), expected, 0.0)
+        torch.testing.assert_close(points[i], expected, rtol=0, atol=0)
+    assert (points[1] == 0).all(dim=0).sum() == 1  # the NaN point became one missing pixel
+
+
 def test_fill_holes_fills_only_inside_region() -> None:
     values = np.zeros((30, 40, 3), np.float32)
     values[...] = (0.1, 0.2, 0.6)

@@ -36,14 +36,18 @@ def _fast(settings, **worker):
     return settings.model_copy(update={"worker": w, "producer": p})
 
 
-def test_n_frames_in_exactly_n_results_out_matching_the_offline_model(settings, r, tiny_data, tiny_checkpoint):
-    s = _fast(settings, max_batch=4)
+@pytest.mark.parametrize("decode_processes", [0, 2], ids=["threads", "processes"])
+def test_n_frames_in_exactly_n_results_out_matching_the_offline_model(
+    settings, r, tiny_data, tiny_checkpoint, decode_processes
+):
+    s = _fast(settings, max_batch=4, decode_processes=decode_processes)
     producer = Producer(s, camera="cam7", r=r)
     source = ReplaySource(tiny_data, TINY_CATEGORY, "test")
     n = 10
     assert producer.run(source, max_frames=n) == n
     inspector = Inspector(tiny_checkpoint, "cpu")
     worker = Worker(s, ModelRegistry({TINY_CATEGORY: inspector}), r=r)
+    assert (worker.hostpool is not None) == (decode_processes > 0)
     assert worker.run(max_frames=n, idle_exit_s=5) == n
     results = _results(r, s)
     assert len(results) == n
@@ -342,6 +346,34 @@ def test_a_frame_waits_at_most_max_wait_ms_for_its_batch(settings, r):
     ran_at = model.batches[0][1]
     waited = ran_at - min(x.timings.started_at for x in results)
     assert 0.2 < waited < 0.3 + 0.25  # max_wait_ms after the first frame was read, plus scheduling
+
+
+def test_while_the_device_is_behind_the_next_batch_keeps_filling(settings, r):
+    # A slow model (400 ms a batch) and frames every 15 ms: once one batch runs and the next waits for
+    # the device, the third does not close at max_wait_ms and queue as a small batch; it fills until
+    # the device can take it, so a busy worker runs fewer, larger batches.
+    s = _fast(settings, max_batch=64, max_wait_ms=50)
+    frames_key = s.streams.key(s.line, "frames")
+    ensure_group(r, frames_key, s.streams.group)
+    producer = Producer(s, camera="c", r=r)
+    model = _Recording(latency_ms=400)
+    worker = Worker(s, ModelRegistry({"disc": model}), r=r)
+    n = 14
+    thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=n, idle_exit_s=3))
+    thread.start()
+    time.sleep(0.5)
+    rgb, xyz = np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16, 3), np.float32)
+    producer.send(SourceFrame(rgb, xyz, "disc"))
+    time.sleep(0.15)  # batch 1 (one frame) is on the device now
+    for _ in range(n - 1):
+        producer.send(SourceFrame(rgb, xyz, "disc"))
+        time.sleep(0.015)
+    thread.join(timeout=30)
+    sizes = [k for k, _ in model.batches]
+    assert sum(sizes) == n and len(_results(r, s)) == n
+    # Batch 2 closes at its deadline (the device side could take it); everything after it waits for the
+    # device in one batch instead of several small ones.
+    assert len(sizes) == 3 and sizes[0] == 1 and sizes[2] >= n - 1 - sizes[1] and sizes[1] <= 4, sizes
 
 
 def test_a_batch_holds_no_more_decoded_bytes_than_its_cap(settings, r):

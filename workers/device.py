@@ -8,11 +8,12 @@ device, so only the small maps and the scores come back to the host.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from workers.processing import WireMap
 
 _ALIGN = 64  # byte alignment of each array in the staging buffer (any dtype's view stays aligned)
 
@@ -53,17 +54,6 @@ _TORCH_DTYPES = {
     np.dtype(np.float16).str: torch.float16,
     np.dtype(np.float64).str: torch.float64,
 }
-
-
-@dataclass
-class WireMap:
-    """One frame's anomaly map at wire resolution, back on the host."""
-
-    values: np.ndarray  # float32 (h, w): the map at wire resolution (regions are cut from it)
-    pixels: np.ndarray  # uint8 (h, w) for "png8" (value = lo + px / 255 * (hi - lo)), float16 for "float16"
-    lo: float
-    hi: float
-    image_shape: tuple[int, int]  # (H, W) of the original image the map covers
 
 
 def wire_shape(image_hw: tuple[int, int], max_side: int) -> tuple[int, int]:

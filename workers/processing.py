@@ -2,14 +2,15 @@
 
 Each function takes one `Item` (one frames-stream entry on its way through the worker) and never
 raises: a failure becomes `item.error`, so a bad frame ends as an error result and a dead letter.
-Decoding and result building run in the worker's thread pool: PNG/JPEG decoding, zlib and PNG
-encoding release the GIL, so they run in parallel with each other and with the device.
+Decoding and result building run in the worker's thread pool, or in its processes
+(workers/hostpool.py, `decode_processes`): this module never imports torch.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,10 +32,22 @@ from crd_model.stream import (
 )
 from crd_model.stream.messages import is_ident
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
-from workers.device import WireMap
-from workers.models import ModelRegistry
 from workers.publish import Outcome
 from workers.regions import find_regions
+
+if TYPE_CHECKING:  # torch: this module runs in the decode processes too, which never import it
+    from workers.models import ModelRegistry
+
+
+@dataclass
+class WireMap:
+    """One frame's anomaly map at wire resolution, back on the host."""
+
+    values: np.ndarray | None  # float32 (h, w) at wire resolution, for regions (None once not needed)
+    pixels: np.ndarray  # uint8 (h, w) for "png8" (value = lo + px / 255 * (hi - lo)), float16 for "float16"
+    lo: float
+    hi: float
+    image_shape: tuple[int, int]  # (H, W) of the original image the map covers
 
 
 @dataclass
@@ -65,12 +78,12 @@ class Item:
 
     @property
     def decoded_bytes(self) -> int:
-        """What decoding this frame allocates, from its declared shapes (before anything is decoded)."""
+        """What decoding this frame allocates, from its declared shapes (before anything is decoded): uint8
+        rgb and float32 xyz (a float16 point map is widened when decoded)."""
         if self.frame is None or self.error is not None:
             return 0
         h, w, _ = self.frame.xyz.shape
-        itemsize = 2 if self.frame.xyz.dtype == "float16" else 4
-        return self.frame.rgb.shape[0] * self.frame.rgb.shape[1] * 3 + h * w * 3 * itemsize
+        return self.frame.rgb.shape[0] * self.frame.rgb.shape[1] * 3 + h * w * 3 * 4
 
     def fail(self, code: str, message: str) -> None:
         self.error = ErrorInfo.make(code, message)
@@ -137,7 +150,8 @@ def unpack_item(
 
 
 def decode_item(item: Item, registry: ModelRegistry, limits: Limits) -> Item:
-    """Decode the RGB and point-map payloads and check them against the model (pool thread)."""
+    """Decode the RGB and point-map payloads and check them against the model (pool thread; the
+    process pool's path is workers/hostpool.py)."""
     if item.error is not None or item.frame is None:
         return item
     try:
@@ -147,14 +161,26 @@ def decode_item(item: Item, registry: ModelRegistry, limits: Limits) -> Item:
         item.xyz = decode_xyz(item.frame.xyz, limits)
         t3 = time.thread_time()
         item.cpu["decode_rgb"], item.cpu["decode_xyz"] = t2 - t, t3 - t2
-        inspector = registry.get(item.frame.category)
-        assert inspector is not None  # unpack_item checked it
-        item.image_hw = inspector.check(item.rgb, item.xyz)
-    except (WireError, FrameError) as exc:
+    except WireError as exc:
         item.fail(exc.code, str(exc))
     except Exception as exc:
         item.fail("internal", f"{type(exc).__name__}: {exc}")
+    check_item(item, registry)
     return item
+
+
+def check_item(item: Item, registry: ModelRegistry) -> None:
+    """Check decoded arrays against the frame's model (cheap: shapes and dtypes); sets `image_hw`."""
+    if item.error is not None or item.frame is None:
+        return
+    try:
+        inspector = registry.get(item.frame.category)
+        assert inspector is not None  # unpack_item checked it
+        item.image_hw = inspector.check(item.rgb, item.xyz)
+    except FrameError as exc:
+        item.fail(exc.code, str(exc))
+    except Exception as exc:
+        item.fail("internal", f"{type(exc).__name__}: {exc}")
 
 
 def build_outcome(item: Item, worker: str, region_min_area: int, max_regions: int = 16) -> Outcome:

@@ -4,10 +4,11 @@ Four stages overlap, joined by bounded queues, so one worker keeps its device bu
 
     line readers (a thread per line)   XREADGROUP / XAUTOCLAIM -> unpack -> intake
     batcher (a thread)                 latency-bounded batches under a decoded-bytes cap; decoding
-                                       starts on the pool at once                  -> ready
+                                       starts at once, in threads or in processes
+                                       (workers/hostpool.py)                       -> ready
     device (the main loop)             one copy to the device, preprocess, model, wire maps
                                                                                    -> outbox
-    publisher (a thread)               results encoded on the pool, then published and acknowledged
+    publisher (a thread)               results built on the pool, then published and acknowledged
                                        per line in one atomic script (workers/publish.py)
 
 A frame waits at most `max_wait_ms` for its batch to fill. Entries idle longer than `claim_idle_ms`
@@ -17,6 +18,7 @@ an error result. SIGTERM: stop reading, finish and publish everything in hand, l
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -44,8 +46,9 @@ from crd_model.stream.redis_streams import (
 )
 from crd_model.stream.settings import Settings
 from workers.device import Staging, wire_maps
+from workers.hostpool import SLABS, HostPool, PendingDecode, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
-from workers.processing import Item, build_outcome, decode_item, unpack_item
+from workers.processing import Item, build_outcome, check_item, decode_item, unpack_item
 from workers.publish import Publisher
 from workers.rollout import ModelsFile
 
@@ -54,6 +57,7 @@ log = structlog.get_logger("crd.worker")
 STAGES = ("read", "unpack", "decode_rgb", "decode_xyz", "h2d", "preprocess", "model", "postprocess", "encode",
           "publish")  # fmt: skip
 _POLL_S = 0.2  # how often idle stages look at the stop flag
+_BUSY_POLL_S = 0.002  # how often a due batch looks whether the device side can take it
 
 
 class WorkerMetrics:
@@ -117,10 +121,24 @@ class WorkerMetrics:
         self.stage_frames.labels(name).inc(frames)
 
 
+class ThreadDecode:
+    """A batch decoding on the thread pool (the same interface as hostpool.PendingDecode)."""
+
+    def __init__(self, items: list[Item], futures: list[Future[Item]]):
+        self.items, self.futures = items, futures
+
+    def wait(self, check: Callable[[Item], None]) -> list[Item]:
+        return [f.result() for f in self.futures]  # decode_item checked each
+
+    def release(self) -> None:
+        for it in self.items:
+            it.rgb = it.xyz = None  # decoded payloads are no longer needed: free them now
+
+
 @dataclass
 class Batch:
     items: list[Item]
-    decoding: list[Future[Item]]
+    decoding: ThreadDecode | PendingDecode
 
 
 class _InFlight:
@@ -168,6 +186,15 @@ class Worker(Daemon):
             line: Publisher(self.r, settings.streams, line, self.group, self.consumer) for line in self.lines
         }
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
+        processes = decode_processes(self.w.decode_processes, models.devices)
+        slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
+        if processes and (missing := shm_shortfall(slab_bytes)):
+            self.log.error(
+                "shm_too_small", needed_mb=SLABS * slab_bytes // 2**20, missing_mb=-(-missing // 2**20),
+                hint="mount a larger /dev/shm (docs/deploy.md) or lower max_batch_decoded_mb; decoding in threads",
+            )  # fmt: skip
+            processes = 0
+        self.hostpool = HostPool(processes, slab_bytes, self.limits) if processes else None
         self.metrics = WorkerMetrics(self.registry)
         capacity = self.w.max_batch * self.w.prefetch_batches
         self.intake: queue.Queue[Item] = queue.Queue()
@@ -223,9 +250,12 @@ class Worker(Daemon):
                     except queue.Empty:
                         self._swap_models()  # an idle line gets its new models too
                         continue
-                    items = [f.result() for f in batch.decoding]  # start: decoded on the pool meanwhile
-                    self._swap_models()  # between batches: a new model set, if one is loaded and warm
-                    self._infer(items)  # run: device work, per category
+                    try:
+                        items = batch.decoding.wait(self._check)  # start: decoded meanwhile
+                        self._swap_models()  # between batches: a new model set, if one is loaded and warm
+                        self._infer(items)  # run: device work, per category
+                    finally:
+                        batch.decoding.release()
                     self.outbox.put(items)  # finish: encoded, published and acked on the publisher thread
         finally:
             self.reading.clear()
@@ -237,6 +267,8 @@ class Worker(Daemon):
                 self.outbox.put([])  # the publisher's end marker, after everything in hand
                 publisher.join()
             self.pool.shutdown(wait=True)
+            if self.hostpool is not None:
+                self.hostpool.close()
             for line in self.lines:
                 self._leave_group(line)
             self.log.info("stopped", published=self.published)
@@ -383,8 +415,10 @@ class Worker(Daemon):
     # -- stage 2: the batcher ------------------------------------------------------------------------------
     def _batch(self) -> None:
         """Latency-bounded batches: up to `max_batch` frames, at most `max_wait_ms` after the first one was
-        read, and no more decoded bytes than `max_batch_decoded_mb` (a larger frame goes alone)."""
+        read (or, when the device is behind, until it can take the batch), and no more decoded bytes than
+        `max_batch_decoded_mb` (a larger frame goes alone)."""
         cap = self.w.max_batch_decoded_mb * 2**20
+        cost = slab_cost if self.hostpool is not None else (lambda it: it.decoded_bytes)
         carry: Item | None = None
         try:
             while any(t.is_alive() for t in self._readers) or carry is not None or not self.intake.empty():
@@ -393,20 +427,28 @@ class Worker(Daemon):
                         carry = self.intake.get(timeout=_POLL_S)
                     except queue.Empty:
                         continue
-                batch, size, carry = [carry], carry.decoded_bytes, None
+                batch, size, carry = [carry], cost(carry), None
                 deadline = batch[0].read_at + self.w.max_wait_ms / 1000.0
                 while len(batch) < self.w.max_batch:
                     wait = deadline - time.monotonic()
+                    if wait <= 0:
+                        if not self.ready.full() or self._fatal is not None or self._device_done.is_set():
+                            break  # due, and the device side can take it now
+                        # The device is behind (a batch is already waiting for it): rather than queue
+                        # another small batch behind that one, this one keeps filling meanwhile.
+                        wait = _BUSY_POLL_S
                     try:
-                        item = self.intake.get(timeout=wait) if wait > 0 else self.intake.get_nowait()
+                        item = self.intake.get(timeout=wait)
                     except queue.Empty:
-                        break
-                    if size + item.decoded_bytes > cap:
+                        continue
+                    if size + cost(item) > cap:
                         carry = item  # starts the next batch
                         break
                     batch.append(item)
-                    size += item.decoded_bytes
-                decoding = [self.pool.submit(decode_item, it, self.models, self.limits) for it in batch]
+                    size += cost(item)
+                decoding = self._start_decoding(batch)
+                if decoding is None:
+                    return
                 while True:  # hand over, but keep noticing a fatal error elsewhere
                     try:
                         self.ready.put(Batch(batch, decoding), timeout=_POLL_S)
@@ -416,6 +458,17 @@ class Worker(Daemon):
                             return
         except Exception as exc:
             self._fail(exc)
+
+    def _start_decoding(self, batch: list[Item]) -> ThreadDecode | PendingDecode | None:
+        """Decoding of a batch, started: in the host pool's processes when it fits a slab (a frame larger
+        than a slab, alone in its batch, is decoded by threads). None when the worker stopped meanwhile."""
+        if self.hostpool is not None and self.hostpool.fits(batch):
+            return self.hostpool.decode(batch, give_up=lambda: self._fatal is not None or self._device_done.is_set())
+        futures = [self.pool.submit(decode_item, it, self.models, self.limits) for it in batch]
+        return ThreadDecode(batch, futures)
+
+    def _check(self, item: Item) -> None:
+        check_item(item, self.models)
 
     # -- stage 3: the device ---------------------------------------------------------------------------------
     def _infer(self, items: list[Item]) -> None:
@@ -443,8 +496,6 @@ class Worker(Daemon):
                     it.abandoned = True
             self.metrics.infer_seconds.observe(time.perf_counter() - t0)
             self.metrics.batch_size.observe(len(group))
-        for it in items:
-            it.rgb = it.xyz = None  # decoded payloads are no longer needed: free them now
 
     def _infer_group(self, inspector, group: list[Item]) -> None:
         device = inspector.device
@@ -503,7 +554,10 @@ class Worker(Daemon):
     def _publish(self, items: list[Item]) -> None:
         done = [it for it in items if not it.abandoned]
         abandoned = len(items) - len(done)  # inference failed: they stay pending for a retry
-        outcomes = list(self.pool.map(lambda it: build_outcome(it, self.consumer, self.w.region_min_area), done))
+        if self.hostpool is not None:
+            outcomes = self.hostpool.build_outcomes(done, self.consumer, self.w.region_min_area)
+        else:
+            outcomes = list(self.pool.map(lambda it: build_outcome(it, self.consumer, self.w.region_min_area), done))
         for it in done:
             self.metrics.stage("encode", it.cpu.get("encode", 0.0))
         by_line: dict[str, list[int]] = defaultdict(list)
@@ -636,6 +690,17 @@ class _StageClock:
                 clock.metrics.stage(name, time.thread_time() - self.c, time.perf_counter() - self.t, clock.frames)
 
         return _Timer()
+
+
+def decode_processes(setting: int | None, devices) -> int:
+    """Host-pool processes: the setting, or by default one per core less two (at most 16) when a model
+    runs on a GPU, else none (on a CPU the model needs the cores; threads decode)."""
+    if setting is not None:
+        return setting
+    if not any(torch.device(d).type == "cuda" for d in devices):
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, cores - 2))
 
 
 def _entries(resp) -> list:

@@ -197,12 +197,20 @@ class WorkerSettings(BaseModel):
     max_wait_ms: int = Field(20, ge=0, description="longest a frame waits for its batch to fill")
     block_ms: int = Field(1000, ge=1)
     decode_threads: int = Field(2, ge=1, description="pool that decodes payloads and encodes results")
+    # Threads stop scaling near 900 frames/s (the GIL; bench/decode_scaling.py): a GPU worker decodes
+    # and builds results in processes, through shared memory (/dev/shm holds 3 x max_batch_decoded_mb).
+    # None: processes on a GPU (one per core, less two, at most 16), threads on a CPU (the model needs
+    # the cores); 0: threads.
+    decode_processes: int | None = Field(None, ge=0, le=256)
     prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
     # Bounds one frame's cost (decoding a 40 Mpx frame takes seconds and gigabytes): larger frames
     # become `too_large` error results before anything is decoded. The wire's own bound is Limits.
     max_frame_pixels: int = Field(4096 * 4096, ge=64)
     max_batch_decoded_mb: float = Field(
-        512.0, gt=0, description="decoded bytes one batch may hold; a larger frame is inspected alone"
+        512.0,
+        gt=0,
+        description="decoded bytes one batch may hold (with decode processes: encoded and "
+        "decoded bytes, the size of one shared-memory slab); a larger frame is inspected alone",
     )
     claim_idle_ms: int = Field(30_000, ge=100, description="pending this long = its worker is presumed dead")
     claim_every_s: float = Field(5.0, gt=0)
