@@ -148,14 +148,34 @@ def _produce(settings, r, n: int) -> list[str]:
     return [f"c:{producer.boot}:{i}" for i in range(n)]
 
 
-def test_a_killed_worker_loses_nothing_and_nothing_is_published_twice(settings, r):
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            children.setdefault(int(stat.read_text().rsplit(")", 1)[1].split()[1]), []).append(int(stat.parent.name))
+        except (OSError, ValueError):
+            continue
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
+def _shm_segments() -> set[str]:
+    return {p.name for p in Path("/dev/shm").glob("psm_*")}
+
+
+@pytest.mark.parametrize("decode_processes", ["0", "2"], ids=["threads", "processes"])
+def test_a_killed_worker_loses_nothing_and_nothing_is_published_twice(settings, r, decode_processes):
     n = 24
     ids = _produce(settings, r, n)
     frames_key = settings.streams.key(settings.line, "frames")
     results_key = settings.streams.key(settings.line, "results")
     # Slow stand-in model: 400 ms per batch of 4, so the kill lands with a batch in flight.
     slow = ("--stand-in-latency-ms", "400", "--max-batch", "4", "--claim-idle-ms", "1000")
-    w1 = _spawn_worker(settings, *slow, consumer="w1")
+    segments_before = _shm_segments()
+    w1 = _spawn_worker(settings, *slow, "--decode-processes", decode_processes, consumer="w1")
     try:
         _wait(lambda: r.xlen(results_key) >= 4, 60, "first results from w1")
         _wait(
@@ -166,11 +186,16 @@ def test_a_killed_worker_loses_nothing_and_nothing_is_published_twice(settings, 
             10,
             "w1 mid-batch",
         )
+        helpers = _descendants(w1.pid)  # decode processes, their fork server, the resource tracker
+        assert len(helpers) >= (4 if decode_processes == "2" else 0)
         w1.send_signal(signal.SIGKILL)
         w1.wait(timeout=10)
     finally:
         if w1.poll() is None:
             w1.kill()
+    # Nothing of the killed worker lives on: its processes follow it, its shared memory is removed.
+    _wait(lambda: not any(Path(f"/proc/{pid}").exists() for pid in helpers), 15, "w1's processes to exit")
+    _wait(lambda: not (_shm_segments() - segments_before), 15, "w1's shared memory to be removed")
     left_pending = r.xpending(frames_key, settings.streams.group)["pending"]
     assert left_pending > 0  # the kill really left frames in flight
     w2 = _spawn_worker(settings, "--stand-in-latency-ms", "5", "--claim-idle-ms", "1000", consumer="w2")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing as mp
+import multiprocessing.connection
 import os
 import queue
 import threading
@@ -88,6 +89,16 @@ _attached: dict[str, SharedMemory] = {}
 def _start_process(limits_json: str) -> None:
     global _limits
     _limits = Limits.model_validate_json(limits_json)
+    # A worker killed outright (SIGKILL, the OOM killer) cannot stop its pool, and a pool process
+    # blocked on its call queue would live on: it follows its worker instead.
+    parent = mp.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent.sentinel,), daemon=True, name="follow-worker").start()
+
+
+def _exit_with(sentinel: int) -> None:
+    mp.connection.wait([sentinel])
+    os._exit(0)
 
 
 def _started(hold_s: float) -> int:
