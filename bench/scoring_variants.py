@@ -48,7 +48,7 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
             row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
         return row
 
-    def per_branch(scales: list[int]) -> np.ndarray:
+    def per_branch(scales: list[int], t_maps: dict = t_maps, v_maps: dict = v_maps) -> np.ndarray:
         fused = 0.0
         for b in t_maps:
             m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in scales]))
@@ -79,7 +79,51 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
     out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
     out["scale 1 only"] = score(*_blur_max(per_scale(everything[:1]), sigma))
+    # Feature magnitude: (1 - cos) is blind to a student that points the right way at the wrong length,
+    # which is what a brightness or gain defect does to low-level features.
+    t_mag, v_mag = _raw_magnitude_maps(inspector, test), _raw_magnitude_maps(inspector, val)
+
+    def magnitude(scales: list[int]) -> np.ndarray:
+        return per_branch(scales, t_mag, v_mag)
+
+    out["magnitude alone, all scales"] = score(*_blur_max(magnitude(everything), sigma))
+    for weight in (0.5, 1.0):
+        out[f"model + {weight:g} x magnitude, all scales"] = score(
+            *_blur_max(model + np.float32(weight) * magnitude(everything), sigma)
+        )
+        out[f"model + {weight:g} x magnitude, scale 1"] = score(
+            *_blur_max(model + np.float32(weight) * magnitude(everything[:1]), sigma)
+        )
     return out
+
+
+def _magnitude_maps(teacher: list, student: list, size: tuple[int, int]) -> list:
+    """Per scale, |‖t‖ - ‖s‖| / ‖t‖ at each position, upsampled like the (1 - cos) maps."""
+    import torch.nn.functional as F
+
+    out = []
+    for t, s in zip(teacher, student, strict=True):
+        nt, ns = t.float().norm(dim=1, keepdim=True), s.float().norm(dim=1, keepdim=True)
+        d = (nt - ns).abs() / nt.clamp_min(1e-6)
+        out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0])
+    return out
+
+
+def _raw_magnitude_maps(inspector, split, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
+    """branch -> per-scale magnitude maps (N, S, S), through the inspector's device path."""
+    out: dict[str, list[list[np.ndarray]]] = {}
+
+    def run(rgb, x3d):
+        return inspector._context_run(lambda r, x: inspector.model._per_branch(_magnitude_maps, r, x), rgb, x3d)
+
+    for i in range(0, len(split.frames), batch_size):
+        parts = inspector._in_buckets(inspector.stack(split.frames[i : i + batch_size]), run)
+        for maps, m in parts:
+            for name, scales in maps.items():
+                slot = out.setdefault(name, [[] for _ in scales])
+                for k, x in enumerate(scales):
+                    slot[k].append(x[:m].float().cpu().numpy())
+    return {name: [np.concatenate(c) for c in scales] for name, scales in out.items()}
 
 
 def main() -> int:

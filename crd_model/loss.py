@@ -18,8 +18,19 @@ def distillation_loss(
 
     - "position": mean over positions of (1 - cos) between feature vectors (what inference scores);
     - "global": 1 - cos between each image's whole flattened feature map, averaged over the batch
-      (RD4AD's and TRD's `loss_distil`): large-norm positions weigh more.
+      (RD4AD's and TRD's `loss_distil`): large-norm positions weigh more;
+    - "magnitude": "position" plus the mean squared relative norm error ((|p| - |t|) / |t|)^2, so the
+      student also learns each feature vector's length, which (1 - cos) ignores (an experiment:
+      docs/model.md).
     """
+    if kind == "magnitude":
+        norms = (
+            (((p.float().norm(dim=1) - t.float().norm(dim=1)) / t.float().norm(dim=1).clamp_min(1e-6)) ** 2).mean()
+            for p, t in zip(predicted, target, strict=True)
+        )
+        return distillation_loss(predicted, target, "position") + sum(
+            norms, start=torch.zeros((), device=target[0].device)
+        )
     if kind == "position":
         terms = (cosine_distance_map(p, t).mean() for p, t in zip(predicted, target, strict=True))
     elif kind == "global":
@@ -28,5 +39,5 @@ def distillation_loss(
             for p, t in zip(predicted, target, strict=True)
         )
     else:
-        raise ValueError(f"unknown loss {kind!r}; expected 'position' or 'global'")
+        raise ValueError(f"unknown loss {kind!r}; expected 'position', 'global' or 'magnitude'")
     return sum(terms, start=torch.zeros((), device=target[0].device))

@@ -46,7 +46,7 @@ class TrainOptions:
     progress: bool = True
     workers: int | None = None
     bf16: bool | None = None  # bf16 autocast of the students' forward/backward; None = on CUDA only
-    loss: str = "position"  # "position" (mean over positions of 1 - cos) or "global" (TRD's flattened cosine)
+    loss: str = "position"  # "position" (mean of 1 - cos), "global" (TRD's flattened cosine), "magnitude" (experiment)
 
 
 def seed_everything(seed: int) -> None:

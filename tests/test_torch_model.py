@@ -64,6 +64,16 @@ def test_cosine_loss_is_zero_for_identical_and_positive_otherwise():
     assert distillation_loss([-x for x in a], a) == pytest.approx(4.0, abs=1e-5)  # 2 scales x (1 - (-1))
 
 
+def test_the_magnitude_loss_sees_a_scaled_student_the_cosine_loss_does_not():
+    a = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
+    doubled = [2 * x for x in a]
+    assert distillation_loss(doubled, a, "position").abs() < 1e-6  # same directions: blind
+    assert distillation_loss(doubled, a, "magnitude") == pytest.approx(2.0, abs=1e-4)  # 2 scales x (2-1)^2
+    assert distillation_loss(a, a, "magnitude").abs() < 1e-6
+    with pytest.raises(ValueError, match="magnitude"):
+        distillation_loss(a, a, "length")
+
+
 def test_fusion_standardises_branches_and_blur_preserves_mass():
     m = torch.zeros(1, 33, 33)
     m[0, 16, 16] = 1.0

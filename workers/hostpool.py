@@ -13,6 +13,7 @@ batch's frames are decoded again one at a time, so only the frame that kills a p
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing as mp
 import multiprocessing.connection
@@ -231,6 +232,8 @@ class HostPool:
 
     def _run_jobs(self, slab: int, jobs: list[_Job]) -> list[tuple]:
         """Decode jobs in the pool; after a broken pool, again one at a time in a new pool."""
+        if not jobs:  # every frame of the batch failed before decoding
+            return []
         name = self._slabs[slab].name
         executor = self._executor
         try:
@@ -281,7 +284,8 @@ class HostPool:
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
         for shm in self._slabs:
-            shm.close()
+            with contextlib.suppress(BufferError):  # a view still exists (a batch abandoned on a failure)
+                shm.close()
             shm.unlink()
 
 
