@@ -581,6 +581,8 @@ def test_a_broken_model_set_is_refused_and_the_live_models_keep_serving(settings
     thread = threading.Thread(target=worker.run, kwargs=dict(max_frames=3, idle_exit_s=10))
     thread.start()
     _wait(lambda: worker.metrics.reload_failures._value.get() >= 1, 30, "the failed reload")
+    time.sleep(0.5)  # five more checks of the unchanged file: the failure is reported once per change
+    assert worker.metrics.reload_failures._value.get() == 1
     sent = _send(Producer(s, camera="c", r=r), 3)
     thread.join(timeout=60)
     assert sorted(x.frame_id for x in _results(r, s)) == sorted(sent)

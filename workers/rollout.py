@@ -33,20 +33,35 @@ class ModelsFile:
         self.loaded_fingerprint: tuple | None = None
 
     def read(self) -> ModelsSpec:
-        try:
-            return ModelsSpec.model_validate(json.loads(self.path.read_text()))
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"models file {self.path}: {exc}") from None
+        spec, error = self._parse(self._raw())
+        if spec is None:
+            raise ValueError(error)
+        return spec
 
-    def fingerprint(self) -> tuple:
-        """What a change of would mean new models: the file, and each checkpoint it points at."""
-        spec = self.read()
-        parts: list = [self.path.read_bytes()]
+    def snapshot(self) -> tuple[tuple, ModelsSpec | None, str]:
+        """(fingerprint, spec, error) from one read of the file. The fingerprint is what a change of
+        would mean new models: the file's bytes and each checkpoint it points at. A file that does not
+        parse gives spec None, the error, and its bytes as the fingerprint (so it is reported once per
+        change, not at every check)."""
+        raw = self._raw()
+        spec, error = self._parse(raw)
+        if spec is None:
+            return (raw,), None, error
+        parts: list = [raw]
         for path in [*spec.models.values(), *spec.shadow_models.values()]:
             real = os.path.realpath(path)
             meta = Path(real) / "config.json"
             parts.append((real, meta.stat().st_mtime_ns if meta.exists() else None))
-        return tuple(parts)
+        return tuple(parts), spec, ""
 
-    def changed(self) -> bool:
-        return self.fingerprint() != self.loaded_fingerprint
+    def _raw(self) -> bytes:
+        try:
+            return self.path.read_bytes()
+        except OSError as exc:
+            raise ValueError(f"models file {self.path}: {exc}") from None
+
+    def _parse(self, raw: bytes) -> tuple[ModelsSpec | None, str]:
+        try:
+            return ModelsSpec.model_validate(json.loads(raw)), ""
+        except ValueError as exc:
+            return None, f"models file {self.path}: {exc}"

@@ -213,7 +213,7 @@ class Worker(Daemon):
         self.loader = loader
         self.models_file = ModelsFile(self.w.models_file) if self.w.models_file and loader else None
         if self.models_file is not None:
-            self.models_file.loaded_fingerprint = self.models_file.fingerprint()
+            self.models_file.loaded_fingerprint = self.models_file.snapshot()[0]
         self._reload_now = threading.Event()
         self._next_models: ModelRegistry | None = None
         self._show_models()
@@ -614,25 +614,18 @@ class Worker(Daemon):
             self._reload_now.wait(timeout=self.w.reload_check_s)
             self._reload_now.clear()
             try:
-                if not self.models_file.changed():
+                fingerprint, spec, error = self.models_file.snapshot()  # one read of the file per check
+                if fingerprint == self.models_file.loaded_fingerprint:
                     continue
-                fingerprint = self.models_file.fingerprint()
-                spec = self.models_file.read()
+                self.models_file.loaded_fingerprint = fingerprint  # a failure is reported once per change
+                if spec is None:
+                    raise ValueError(error)
                 self.log.info("models_loading", models={k: str(v) for k, v in spec.models.items()},
                               shadow_models={k: str(v) for k, v in spec.shadow_models.items()})  # fmt: skip
                 self._next_models = self.loader(spec.models, spec.shadow_models)  # loaded and warmed
-                self.models_file.loaded_fingerprint = fingerprint
-            except Exception as exc:  # a broken checkpoint: keep serving the models in hand
+            except Exception as exc:  # a broken file or checkpoint: keep serving the models in hand
                 self.metrics.reload_failures.inc()
                 self.log.error("models_reload_failed", error=f"{type(exc).__name__}: {exc}")
-                if self.models_file is not None:
-                    self.models_file.loaded_fingerprint = self._safe_fingerprint()
-
-    def _safe_fingerprint(self) -> tuple | None:
-        try:
-            return self.models_file.fingerprint() if self.models_file else None
-        except Exception:
-            return None
 
     def _swap_models(self) -> None:
         new, self._next_models = self._next_models, None
