@@ -103,6 +103,7 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self.tls = tls
         self.nodes = [Node(_free_port(), _free_port(), self.root / f"node{i}") for i in range(masters)]
+        self._clients: dict[int, redis.Redis] = {}  # admin connections by port, kept across polls
 
     # -- lifecycle -------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -154,6 +155,9 @@ class LocalCluster:
         self.refresh()
 
     def stop(self) -> None:
+        for c in self._clients.values():
+            c.close()
+        self._clients.clear()
         for node in self.nodes:
             if node.process is not None and node.process.poll() is None:
                 node.process.kill()
@@ -165,10 +169,15 @@ class LocalCluster:
         return f"{'rediss' if self.tls else 'redis'}://{self.nodes[0].address}/0"
 
     def client(self, node: Node) -> redis.Redis:
-        """A plain (single-node) admin connection to one node."""
-        user, password = self.admin or (None, None)
-        tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls else {}
-        return redis.Redis("127.0.0.1", node.port, username=user, password=password, socket_timeout=30, **tls)
+        """A plain (single-node) admin connection to one node (one client per node, reused: the waits
+        poll every 50 ms)."""
+        if node.port not in self._clients:
+            user, password = self.admin or (None, None)
+            tls = {"ssl": True, "ssl_ca_certs": str(self.tls.ca)} if self.tls else {}
+            self._clients[node.port] = redis.Redis(
+                "127.0.0.1", node.port, username=user, password=password, socket_timeout=30, **tls
+            )
+        return self._clients[node.port]
 
     def cli(self, *args: str, timeout_s: float = 60) -> str:
         """Run redis-cli (as the admin user, if any) against the first node; its output, or an error."""
