@@ -60,3 +60,18 @@ def test_one_worker_per_device_under_a_supervisor(settings, r):
 def test_children_get_the_command_line_without_the_supervisors_own_flags():
     argv = ["--devices", "all", "--model", "disc=/m", "--consumer=n", "--metrics-port", "9102", "--max-batch", "8"]
     assert _without(argv, ("--devices", "--consumer", "--metrics-port")) == ["--model", "disc=/m", "--max-batch", "8"]
+
+
+def test_gpu_workers_under_a_supervisor_share_the_hosts_cores_for_decoding(settings):
+    from workers.hostpool import default_processes
+    from workers.supervisor import Supervisor
+
+    sup = Supervisor(settings, ["cuda:0", "cuda:1", "cuda:2", "cuda:3"], ["--model", "disc=/m"])
+    shares = [c.argv[c.argv.index("--decode-processes") + 1] for c in sup.children]
+    assert shares == [str(default_processes(4))] * 4
+    assert default_processes(4) <= max(1, default_processes(1) // 4 + 1)
+    explicit = settings.model_copy(update={"worker": settings.worker.model_copy(update={"decode_processes": 5})})
+    sup = Supervisor(explicit, ["cuda:0", "cuda:1"], ["--model", "disc=/m", "--decode-processes", "5"])
+    assert all(c.argv.count("--decode-processes") == 1 for c in sup.children)  # the operator's own, once
+    sup = Supervisor(settings, ["cpu"], ["--model", "disc=/m"])
+    assert "--decode-processes" not in sup.children[0].argv  # a CPU worker decodes in threads

@@ -40,6 +40,13 @@ SLABS = 3  # one batch being decoded, one waiting for the device, one on the dev
 _CRASH = "the decoding process died on this frame (a codec crash on its payload, or the OOM killer)"
 
 
+def default_processes(workers_on_host: int = 1) -> int:
+    """Pool processes for one GPU worker by default: the host's cores less two (the device loop and
+    its threads), shared among the host's GPU workers, at most 16."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(16, (cores - 2) // max(1, workers_on_host)))
+
+
 def shm_free_bytes() -> int | None:
     """Free bytes of the shared-memory file system (None where there is none to ask)."""
     try:

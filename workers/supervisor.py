@@ -26,6 +26,7 @@ from prometheus_client import Gauge
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import Backoff
 from crd_model.stream.settings import Settings
+from workers.hostpool import default_processes
 
 log = structlog.get_logger("crd.supervisor")
 
@@ -66,11 +67,17 @@ class Supervisor(Daemon):
     def __init__(self, settings: Settings, devices: Sequence[str], child_args: list[str]):
         super().__init__(settings.observability, log.bind(devices=list(devices)))
         base_port = settings.observability.http_port
+        gpus = sum(1 for d in devices if d.startswith("cuda"))
+        # Unset, each GPU worker would take the whole host's cores for its decode processes: share them.
+        share = [] if settings.worker.decode_processes is not None or not gpus else [
+            "--decode-processes", str(default_processes(gpus))]  # fmt: skip
         self.children = []
         for i, device in enumerate(devices):
             port = None if base_port is None else base_port + 1 + i
             argv = [sys.executable, "-m", "crd_model.cli", "work", *child_args, "--device", device,
                     "--consumer", f"{settings.worker.consumer}-{i}"]  # fmt: skip
+            if device.startswith("cuda"):
+                argv += share
             if port is not None:
                 argv += ["--metrics-port", str(port)]
             self.children.append(Child(i, device, argv, port))

@@ -18,7 +18,6 @@ an error result. SIGTERM: stop reading, finish and publish everything in hand, l
 
 from __future__ import annotations
 
-import os
 import queue
 import threading
 import time
@@ -46,7 +45,7 @@ from crd_model.stream.redis_streams import (
 )
 from crd_model.stream.settings import Settings
 from workers.device import Staging, wire_maps
-from workers.hostpool import SLABS, HostPool, PendingDecode, shm_shortfall, slab_cost
+from workers.hostpool import SLABS, HostPool, PendingDecode, default_processes, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
 from workers.processing import Item, build_outcome, check_item, decode_item, unpack_item
 from workers.publish import Publisher
@@ -687,13 +686,13 @@ class _StageClock:
 
 def decode_processes(setting: int | None, devices) -> int:
     """Host-pool processes: the setting, or by default one per core less two (at most 16) when a model
-    runs on a GPU, else none (on a CPU the model needs the cores; threads decode)."""
+    runs on a GPU, else none (on a CPU the model needs the cores; threads decode). A supervisor sets
+    each of its workers' share."""
     if setting is not None:
         return setting
     if not any(torch.device(d).type == "cuda" for d in devices):
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(16, cores - 2))
+    return default_processes()
 
 
 def _entries(resp) -> list:
