@@ -216,3 +216,31 @@ def test_a_dev_shm_too_small_for_the_slabs_falls_back_to_threads(settings, r, mo
         worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
     assert worker.hostpool is None  # threads decode: a SIGBUS later would lose the batch in hand
     assert [x["missing_mb"] for x in logs if x["event"] == "shm_too_small"] == [3 * 512 - 64]
+
+
+def test_the_slabs_are_reserved_at_start_and_a_failed_reservation_falls_back_to_threads(settings, r, monkeypatch):
+    import errno
+
+    from structlog.testing import capture_logs
+
+    from workers.models import ModelRegistry, StandInInspector
+    from workers.worker import Worker
+
+    pool = HostPool(1, 8 * 2**20, Limits())
+    try:  # the pages are allocated now (no SIGBUS on a later write, no first-touch faults per batch)
+        for shm in pool._slabs:
+            assert os.stat(Path("/dev/shm", shm.name.lstrip("/"))).st_blocks * 512 >= 8 * 2**20
+    finally:
+        pool.close()
+
+    def no_room(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_room)  # another pod filled the node's /dev/shm
+    before = {p.name for p in Path("/dev/shm").glob("psm_*")}
+    s = settings.model_copy(update={"worker": settings.worker.model_copy(update={"decode_processes": 2})})
+    with capture_logs() as logs:
+        worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r)
+    assert worker.hostpool is None
+    assert any(x["event"] == "shm_too_small" and "No space" in x["error"] for x in logs)
+    assert {p.name for p in Path("/dev/shm").glob("psm_*")} == before  # the slabs it made are removed

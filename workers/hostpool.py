@@ -63,6 +63,13 @@ def shm_shortfall(slab_bytes: int) -> int:
     return 0 if free is None else max(0, SLABS * slab_bytes - free)
 
 
+def _reserve(shm: SharedMemory, nbytes: int) -> None:
+    """Allocate the slab's pages now: a /dev/shm too small fails here (ENOSPC), at start, rather than
+    as a SIGBUS on some later write; and no batch pays the pages' first-touch faults."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(shm._fd, 0, nbytes)
+
+
 def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
@@ -171,7 +178,14 @@ class HostPool:
         self.processes = processes
         self.slab_bytes = slab_bytes
         self._limits_json = limits.model_dump_json()
-        self._slabs = [SharedMemory(create=True, size=slab_bytes) for _ in range(SLABS)]
+        self._slabs: list[SharedMemory] = []
+        try:
+            for _ in range(SLABS):
+                self._slabs.append(SharedMemory(create=True, size=slab_bytes))
+                _reserve(self._slabs[-1], slab_bytes)
+        except OSError:
+            self._unlink_slabs()
+            raise
         self._free: queue.Queue[int] = queue.Queue()
         for i in range(SLABS):
             self._free.put(i)
@@ -290,10 +304,14 @@ class HostPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self._unlink_slabs()
+
+    def _unlink_slabs(self) -> None:
         for shm in self._slabs:
             with contextlib.suppress(BufferError):  # a view still exists (a batch abandoned on a failure)
                 shm.close()
             shm.unlink()
+        self._slabs = []
 
 
 class PendingDecode:

@@ -187,13 +187,7 @@ class Worker(Daemon):
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
         processes = decode_processes(self.w.decode_processes, models.devices)
         slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
-        if processes and (missing := shm_shortfall(slab_bytes)):
-            self.log.error(
-                "shm_too_small", needed_mb=SLABS * slab_bytes // 2**20, missing_mb=-(-missing // 2**20),
-                hint="mount a larger /dev/shm (docs/deploy.md) or lower max_batch_decoded_mb; decoding in threads",
-            )  # fmt: skip
-            processes = 0
-        self.hostpool = HostPool(processes, slab_bytes, self.limits) if processes else None
+        self.hostpool = self._host_pool(processes, slab_bytes) if processes else None
         self.metrics = WorkerMetrics(self.registry)
         capacity = self.w.max_batch * self.w.prefetch_batches
         self.intake: queue.Queue[Item] = queue.Queue()
@@ -217,6 +211,19 @@ class Worker(Daemon):
         self._next_models: ModelRegistry | None = None
         self._show_models()
         self.log = self.log.bind(lines=self.lines)
+
+    def _host_pool(self, processes: int, slab_bytes: int) -> HostPool | None:
+        """Decode processes and their slabs, or None (threads decode) when /dev/shm cannot hold them."""
+        hint = "mount a larger /dev/shm (docs/deploy.md) or lower max_batch_decoded_mb; decoding in threads"
+        needed_mb = SLABS * slab_bytes // 2**20
+        if missing := shm_shortfall(slab_bytes):
+            self.log.error("shm_too_small", needed_mb=needed_mb, missing_mb=-(-missing // 2**20), hint=hint)
+            return None
+        try:
+            return HostPool(processes, slab_bytes, self.limits)
+        except OSError as exc:  # ENOSPC while reserving the slabs: the room went meanwhile
+            self.log.error("shm_too_small", needed_mb=needed_mb, error=str(exc), hint=hint)
+            return None
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self, max_frames: int | None = None, idle_exit_s: float | None = None) -> int:
