@@ -206,10 +206,11 @@ class WorkerProcess:
             todo.extend(children.get(pid, []))
         return tree
 
-    def cpu_seconds(self) -> float:
-        """CPU of the worker and of its live descendants (utime + stime, all threads)."""
+    def cpu_seconds(self, main_only: bool = False) -> float:
+        """CPU of the worker and of its live descendants (utime + stime, all threads); with `main_only`,
+        of the worker process alone (its device loop, readers, batcher and publisher)."""
         total = 0.0
-        for pid in self.processes():
+        for pid in [self.proc.pid] if main_only else self.processes():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
@@ -283,10 +284,10 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) 
     s, r = open_line(url, "bench")
     items = payloads(FrameMaker(rgbs, xyzs, s.line), n)
     worker = WorkerProcess(url, s.line, *worker_args)
-    cpu0, rcpu0 = worker.cpu_seconds(), redis_cpu(r)
+    cpu0, main0, rcpu0 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
     fill(r, s.streams.key(s.line, "frames"), items)
     results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
-    cpu1, rcpu1 = worker.cpu_seconds(), redis_cpu(r)
+    cpu1, main1, rcpu1 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
     stages, rss = worker.stages(), worker.peak_rss_mb()
     result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(s.line, "results"))]
     worker.stop()
@@ -298,6 +299,7 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) 
         "errors": sum(1 for x in results if x.verdict == "error"),
         "fps": len(results) / (end - start),
         "worker_cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / len(results),
+        "worker_main_process_cpu_ms_per_frame": 1000 * (main1 - main0) / len(results),
         "redis_cpu_ms_per_frame": 1000 * (rcpu1 - rcpu0) / len(results),
         "stages_ms_per_frame": stages,
         "worker_peak_rss_mb": rss,
@@ -459,6 +461,11 @@ def main() -> int:
     return 0
 
 
+def _main(run: dict) -> str:
+    main = run.get("worker_main_process_cpu_ms_per_frame")
+    return "" if main is None else f" ({main:.2f})"
+
+
 def _processes(n: int | None) -> str:
     return "the worker's default (processes on a GPU, none on a CPU)" if n is None else str(n)
 
@@ -507,7 +514,8 @@ def render(out: dict) -> str:
         lines.append(f"| {st} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "Worker CPU counts the worker's decode processes too; peak RSS adds up each process's own peak.",
+        "Worker CPU counts the worker's decode processes too (the worker process alone in brackets); peak "
+        "RSS adds up each process's own peak.",
         "",
         "| frame size | worker CPU/frame, null model | worker CPU/frame, model | Redis CPU/frame | bytes/frame | "
         "bytes/result | worker peak RSS | latency p50/p99 (load offered) |",
@@ -521,7 +529,8 @@ def render(out: dict) -> str:
             for x in row["latency"]
         )
         lines.append(
-            f"| {side}x{side} | **{dp['worker_cpu_ms_per_frame']:.2f} ms** | {pp['worker_cpu_ms_per_frame']:.2f} ms | "
+            f"| {side}x{side} | **{dp['worker_cpu_ms_per_frame']:.2f} ms**{_main(dp)} | "
+            f"{pp['worker_cpu_ms_per_frame']:.2f} ms{_main(pp)} | "
             f"{pp['redis_cpu_ms_per_frame']:.3f} ms | {pp['frame_bytes_median']:,} | {pp['result_bytes_median']:,} | "
             f"{pp['worker_peak_rss_mb']:.0f} MiB | {latency} |"
         )
