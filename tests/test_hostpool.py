@@ -96,13 +96,15 @@ def test_a_bad_payload_fails_its_own_frame_only(pool):
 
 
 def test_a_killed_pool_process_loses_no_frame(pool, tiny_data):
+    restarts = []
+    pool.on_restart = lambda: restarts.append(1)  # the worker counts crd_worker_decoder_restarts_total
     frames = _frames(tiny_data, 6)
     items = [_item(_payload(rgb, xyz, i), i) for i, (rgb, xyz) in enumerate(frames)]
     for pid in list(pool._executor._processes):  # the OOM killer, or a codec crash on an earlier frame
         os.kill(pid, signal.SIGKILL)
     time.sleep(0.5)
     out = pool.decode(items, give_up=lambda: False).wait(lambda it: None)
-    assert pool.restarts == 1
+    assert pool.restarts == 1 and restarts == [1]
     for it, (rgb, xyz) in zip(out, frames, strict=True):
         assert it.error is None
         np.testing.assert_array_equal(it.rgb, rgb)

@@ -174,8 +174,9 @@ def _header_only(item: Item) -> Item:
 class HostPool:
     """Processes that decode batches into shared-memory slabs and build results."""
 
-    def __init__(self, processes: int, slab_bytes: int, limits: Limits):
+    def __init__(self, processes: int, slab_bytes: int, limits: Limits, on_restart: Callable[[], None] | None = None):
         self.processes = processes
+        self.on_restart = on_restart  # called when a dead process made the pool be replaced
         self.slab_bytes = slab_bytes
         self._limits_json = limits.model_dump_json()
         self._slabs: list[SharedMemory] = []
@@ -214,6 +215,8 @@ class HostPool:
             if self._executor is broken:  # another thread may have replaced it already
                 self.restarts += 1
                 log.error("host_pool_broken", restarts=self.restarts)
+                if self.on_restart is not None:
+                    self.on_restart()
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._new_executor()
 

@@ -113,6 +113,11 @@ class WorkerMetrics:
         self.stage_frames = Counter(
             "crd_worker_stage_frames_total", "Frames through each stage", ["stage"], registry=registry
         )
+        self.decoder_restarts = Counter(
+            "crd_worker_decoder_restarts_total",
+            "Decode process pools replaced after a process died (a codec crash on a payload, the OOM killer)",
+            registry=registry,
+        )
 
     def stage(self, name: str, cpu_s: float, wall_s: float | None = None, frames: int = 1) -> None:
         self.stage_seconds.labels(name, "cpu").inc(max(cpu_s, 0.0))
@@ -185,10 +190,10 @@ class Worker(Daemon):
             line: Publisher(self.r, settings.streams, line, self.group, self.consumer) for line in self.lines
         }
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
+        self.metrics = WorkerMetrics(self.registry)
         processes = decode_processes(self.w.decode_processes, models.devices)
         slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
         self.hostpool = self._host_pool(processes, slab_bytes) if processes else None
-        self.metrics = WorkerMetrics(self.registry)
         capacity = self.w.max_batch * self.w.prefetch_batches
         self.intake: queue.Queue[Item] = queue.Queue()
         self.intake_room = threading.Semaphore(capacity)  # read no further ahead than this
@@ -220,7 +225,7 @@ class Worker(Daemon):
             self.log.error("shm_too_small", needed_mb=needed_mb, missing_mb=-(-missing // 2**20), hint=hint)
             return None
         try:
-            return HostPool(processes, slab_bytes, self.limits)
+            return HostPool(processes, slab_bytes, self.limits, on_restart=self.metrics.decoder_restarts.inc)
         except OSError as exc:  # ENOSPC while reserving the slabs: the room went meanwhile
             self.log.error("shm_too_small", needed_mb=needed_mb, error=str(exc), hint=hint)
             return None
