@@ -79,6 +79,12 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
     out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
     out["scale 1 only"] = score(*_blur_max(per_scale(everything[:1]), sigma))
+    # Image score from the top of the map instead of its single highest pixel.
+    blurred, _ = _blur_max(model, sigma)
+    flat = np.sort(blurred.reshape(len(blurred), -1), axis=1)
+    for share in (0.001, 0.01):
+        k = max(1, round(share * flat.shape[1]))
+        out[f"score = mean of the top {100 * share:g} % of the map"] = score(blurred, flat[:, -k:].mean(axis=1))
     # Feature magnitude: (1 - cos) is blind to a student that points the right way at the wrong length,
     # which is what a brightness or gain defect does to low-level features.
     t_mag, v_mag = _raw_magnitude_maps(inspector, test), _raw_magnitude_maps(inspector, val)
