@@ -2,6 +2,8 @@
 # One GPU session's checks, in priority order, each bounded (a lent GPU machine has minutes, not hours):
 # train a 256 px model on the GPU (timing), the throughput benchmark at 200x200 (decode processes, and
 # with THREADS_TOO=1 threads for comparison), then with STEPS=all the sizing table and the throughput benchmark at 800x800.
+# STEPS=quality instead: the quality benchmark at the shipped training defaults (256 px, 200 epochs,
+# QUALITY_SEEDS, default 0) on the five synthetic categories, then the two held-out ones, time-boxed.
 # Results under $OUT (default: bench/results/gpu).
 # Run on the device machine from the repo root, after putting the project's dependencies on
 # PYTHONPATH; SCALE=tiny runs the same steps in seconds on a CPU to check the script.
@@ -24,6 +26,19 @@ else
 fi
 log "start"; nvidia-smi -L 2>/dev/null | tee -a "$OUT/steps.log"
 $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$OUT/steps.log"
+
+if [ "${STEPS:-all}" = quality ]; then  # about 1.5 minutes per category and seed on an H200
+  if [ "${SCALE:-full}" = tiny ]; then q="--image-size 64 --epochs 1 --categories disc"; qh="--image-size 64 --epochs 1 --categories gear"
+  else q="--image-size 256 --epochs 200"; qh="$q --categories gear cookie"; fi
+  seeds=${QUALITY_SEEDS:-0}
+  log "quality ($q, seeds $seeds)"
+  timeout "$(left $((BUDGET - 150)))" $PY bench/quality.py $q --seeds $seeds --no-write --out runs/gpu/quality \
+    --json "$OUT/quality-gpu.json" 2>&1 | grep -v "^USDT" | tail -n 60 > "$OUT/quality-gpu.log"
+  log "quality, held-out categories"
+  timeout "$(left 600)" $PY bench/quality.py $qh --seeds $seeds --no-write --out runs/gpu/quality --section quality-heldout \
+    --json "$OUT/quality-gpu-heldout.json" 2>&1 | grep -v "^USDT" | tail -n 60 > "$OUT/quality-gpu-heldout.log"
+  log "done"; exit 0
+fi
 
 log "synth + train ($size px, $epochs epochs)"
 timeout "$(left $t_train)" bash -c "$PY -m crd_model.cli synth --out runs/gpu/data --categories disc --n-train 100 >/dev/null &&
