@@ -111,11 +111,13 @@ def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     device = xyzs[0].device
     groups = _group_by_shape(xyzs)
     out = None if len(groups) == 1 else torch.empty((len(xyzs), size, size, 3), dtype=torch.float32, device=device)
-    for (h, w, _), idx in groups.items():  # frames of one size in one gather (no per-frame launches)
-        x = torch.stack([xyzs[i] for i in idx]).float()
-        if (h, w) != (size, size):
+    for (h, w, _), idx in groups.items():
+        if (h, w) == (size, size):
+            x = torch.stack([xyzs[i] for i in idx]).float()
+        else:  # one copy of the indices per size (no per-frame host -> device copy); gathered frame by
+            # frame, so full-resolution frames are never stacked (a large frame is mostly dropped)
             rows, cols = nearest_indices(h, size).to(device), nearest_indices(w, size).to(device)
-            x = x.index_select(1, rows).index_select(2, cols)
+            x = torch.stack([xyzs[i].index_select(0, rows).index_select(1, cols) for i in idx]).float()
         if out is None:
             out = x
         else:
