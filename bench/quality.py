@@ -91,11 +91,12 @@ def ensure_data(data: Path, categories: Sequence[str], a: argparse.Namespace) ->
 # ------------------------------------------------------------------------------------ diagnostics
 
 
-def _raw_scale_maps(inspector, split, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
-    """branch -> per-scale raw maps, each (N, S, S) float32, for every image of `split`."""
+def _raw_scale_maps(inspector, split, batch_size: int = 16, per_scale=None) -> dict[str, list[np.ndarray]]:
+    """branch -> per-scale raw maps (or `per_scale`'s, see `CRDModel.scale_maps`), each (N, S, S) float32,
+    for every image of `split`."""
     out: dict[str, list[list[np.ndarray]]] = {}
     for i in range(0, len(split.frames), batch_size):
-        maps = inspector.scale_maps(inspector.stack(split.frames[i : i + batch_size]))
+        maps = inspector.scale_maps(inspector.stack(split.frames[i : i + batch_size]), per_scale)
         for name, scales in maps.items():
             slot = out.setdefault(name, [[] for _ in scales])
             for k, m in enumerate(scales):

@@ -87,7 +87,8 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
         out[f"score = mean of the top {100 * share:g} % of the map"] = score(blurred, flat[:, -k:].mean(axis=1))
     # Feature magnitude: (1 - cos) is blind to a student that points the right way at the wrong length,
     # which is what a brightness or gain defect does to low-level features.
-    t_mag, v_mag = _raw_magnitude_maps(inspector, test), _raw_magnitude_maps(inspector, val)
+    t_mag = _raw_scale_maps(inspector, test, per_scale=_magnitude_maps)
+    v_mag = _raw_scale_maps(inspector, val, per_scale=_magnitude_maps)
 
     def magnitude(scales: list[int]) -> np.ndarray:
         return per_branch(scales, t_mag, v_mag)
@@ -113,23 +114,6 @@ def _magnitude_maps(teacher: list, student: list, size: tuple[int, int]) -> list
         d = (nt - ns).abs() / nt.clamp_min(1e-6)
         out.append(F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0])
     return out
-
-
-def _raw_magnitude_maps(inspector, split, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
-    """branch -> per-scale magnitude maps (N, S, S), through the inspector's device path."""
-    out: dict[str, list[list[np.ndarray]]] = {}
-
-    def run(rgb, x3d):
-        return inspector._context_run(lambda r, x: inspector.model._per_branch(_magnitude_maps, r, x), rgb, x3d)
-
-    for i in range(0, len(split.frames), batch_size):
-        parts = inspector._in_buckets(inspector.stack(split.frames[i : i + batch_size]), run)
-        for maps, m in parts:
-            for name, scales in maps.items():
-                slot = out.setdefault(name, [[] for _ in scales])
-                for k, x in enumerate(scales):
-                    slot[k].append(x[:m].float().cpu().numpy())
-    return {name: [np.concatenate(c) for c in scales] for name, scales in out.items()}
 
 
 def main() -> int:

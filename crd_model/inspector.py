@@ -154,9 +154,13 @@ class Inspector:
         parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.branch_maps, rgb, x3d))
         return {name: torch.cat([maps[name][:m].float() for maps, m in parts]) for name in parts[0][0]}
 
-    def scale_maps(self, inputs: ModelInput) -> dict[str, list[torch.Tensor]]:
-        """Diagnostics (bench/quality.py): each branch's per-scale (1 - cos) maps, through the same path."""
-        parts = self._in_buckets(inputs, lambda rgb, x3d: self._context_run(self.model.scale_maps, rgb, x3d))
+    def scale_maps(self, inputs: ModelInput, per_scale=None) -> dict[str, list[torch.Tensor]]:
+        """Diagnostics (bench/quality.py): each branch's per-scale (1 - cos) maps, or `per_scale`'s (see
+        `CRDModel.scale_maps`), through the same path."""
+        kw = {} if per_scale is None else {"per_scale": per_scale}
+        parts = self._in_buckets(
+            inputs, lambda rgb, x3d: self._context_run(lambda r, x: self.model.scale_maps(r, x, **kw), rgb, x3d)
+        )
         return {
             name: [torch.cat([maps[name][k][:m].float() for maps, m in parts]) for k in range(len(scales))]
             for name, scales in parts[0][0].items()

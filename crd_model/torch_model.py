@@ -149,10 +149,13 @@ class CRDModel(nn.Module):
         """Raw (unstandardised) anomaly map per branch, (B, H, W) at the input resolution."""
         return self._per_branch(branch_anomaly_map, rgb, x3d)
 
-    def scale_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, list[torch.Tensor]]:
+    def scale_maps(
+        self, rgb: torch.Tensor | None, x3d: torch.Tensor | None, per_scale=scale_anomaly_maps
+    ) -> dict[str, list[torch.Tensor]]:
         """Diagnostics: each branch's per-scale (1 - cos) maps, (B, H, W) at the input resolution, shallow
-        scale first. Their sum, in that order, is `branch_maps`."""
-        return self._per_branch(scale_anomaly_maps, rgb, x3d)
+        scale first. Their sum, in that order, is `branch_maps`. `per_scale(teacher, student, size)`
+        computes another per-scale map instead (bench/scoring_variants.py)."""
+        return self._per_branch(per_scale, rgb, x3d)
 
     def _per_branch(self, maps, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict:
         """`maps(teacher features, student features, input size)` of every branch."""

@@ -29,8 +29,8 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 import structlog
 
-from crd_model.stream import Limits, PointMap, RGBImage, WireError, decode_rgb, decode_xyz
-from workers.processing import Item, build_outcome
+from crd_model.stream import Limits, PointMap, RGBImage
+from workers.processing import Item, build_outcome, decode_pair, error_code
 from workers.publish import Outcome
 
 log = structlog.get_logger("crd.worker.hostpool")
@@ -133,18 +133,17 @@ def _decode_jobs(slab_name: str, jobs: list[_Job]) -> list[tuple[int, str | None
     out = []
     for job in jobs:
         try:
-            t = time.thread_time()
             (o, n), (o2, n2) = job.rgb_in, job.xyz_in
-            rgb = decode_rgb(job.rgb.model_copy(update={"data": bytes(buf[o : o + n])}), _limits)
-            t2 = time.thread_time()
-            xyz = decode_xyz(job.xyz.model_copy(update={"data": bytes(buf[o2 : o2 + n2])}), _limits)
+            rgb, xyz, cpu_rgb, cpu_xyz = decode_pair(
+                job.rgb.model_copy(update={"data": bytes(buf[o : o + n])}),
+                job.xyz.model_copy(update={"data": bytes(buf[o2 : o2 + n2])}),
+                _limits,
+            )
             np.copyto(np.ndarray(rgb.shape, np.uint8, buf, job.rgb_out), rgb)
             np.copyto(np.ndarray(xyz.shape, np.float32, buf, job.xyz_out), xyz)
-            out.append((job.index, None, "", t2 - t, time.thread_time() - t2))
-        except WireError as exc:
-            out.append((job.index, exc.code, str(exc), 0.0, 0.0))
-        except Exception as exc:  # an unforeseen input: an error result, never a dead process
-            out.append((job.index, "internal", f"{type(exc).__name__}: {exc}", 0.0, 0.0))
+            out.append((job.index, None, "", cpu_rgb, cpu_xyz))
+        except Exception as exc:  # an error result, never a dead process
+            out.append((job.index, *error_code(exc), 0.0, 0.0))
     return out
 
 
@@ -158,13 +157,16 @@ def _chunks(seq: Sequence, n: int) -> list[list]:
     return [list(seq[i::n]) for i in range(n)]
 
 
+def _without_data(payload: RGBImage | PointMap):
+    """A payload's header (encoding, shape, dtype) without its bytes: cheap to send to a process."""
+    return payload.model_copy(update={"data": b""})
+
+
 def _header_only(item: Item) -> Item:
     """The item without its payload bytes or pixels (what building its result needs, cheap to send)."""
     f = item.frame
     assert f is not None
-    frame = f.model_copy(
-        update={"rgb": f.rgb.model_copy(update={"data": b""}), "xyz": f.xyz.model_copy(update={"data": b""})}
-    )
+    frame = f.model_copy(update={"rgb": _without_data(f.rgb), "xyz": _without_data(f.xyz)})
     wm = item.wire_map
     if wm is not None and item.score is not None and item.threshold is not None and item.score < item.threshold:
         wm = dataclasses.replace(wm, values=None)  # regions are only cut from anomalous maps
@@ -249,8 +251,7 @@ class HostPool:
             offset += _aligned(f.rgb.shape[0] * f.rgb.shape[1] * 3)
             xyz_out = offset
             offset += _aligned(f.xyz.shape[0] * f.xyz.shape[1] * 3 * 4)
-            empty = {"data": b""}
-            jobs.append(_Job(i, f.rgb.model_copy(update=empty), f.xyz.model_copy(update=empty), spans[0], spans[1],
+            jobs.append(_Job(i, _without_data(f.rgb), _without_data(f.xyz), spans[0], spans[1],
                              rgb_out, xyz_out))  # fmt: skip
         return PendingDecode(self, slab, items, jobs)
 

@@ -19,7 +19,9 @@ from crd_model.stream import (
     ErrorInfo,
     Frame,
     Limits,
+    PointMap,
     Result,
+    RGBImage,
     Shadow,
     Timings,
     WireError,
@@ -149,22 +151,34 @@ def unpack_item(
     return item
 
 
+def decode_pair(rgb: RGBImage, xyz: PointMap, limits: Limits) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(rgb array, xyz array, CPU seconds of each decode); raises WireError (threads and pool processes)."""
+    t = time.thread_time()
+    rgb_array = decode_rgb(rgb, limits)
+    t2 = time.thread_time()
+    xyz_array = decode_xyz(xyz, limits)
+    return rgb_array, xyz_array, t2 - t, time.thread_time() - t2
+
+
+def error_code(exc: Exception) -> tuple[str, str]:
+    """(code, message) of a failure: a wire error's own code, anything else (a bug, an unforeseen input)
+    "internal"."""
+    if isinstance(exc, WireError | FrameError):
+        return exc.code, str(exc)
+    return "internal", f"{type(exc).__name__}: {exc}"
+
+
 def decode_item(item: Item, registry: ModelRegistry, limits: Limits) -> Item:
     """Decode the RGB and point-map payloads and check them against the model (pool thread; the
     process pool's path is workers/hostpool.py)."""
     if item.error is not None or item.frame is None:
         return item
     try:
-        t = time.thread_time()
-        item.rgb = decode_rgb(item.frame.rgb, limits)
-        t2 = time.thread_time()
-        item.xyz = decode_xyz(item.frame.xyz, limits)
-        t3 = time.thread_time()
-        item.cpu["decode_rgb"], item.cpu["decode_xyz"] = t2 - t, t3 - t2
-    except WireError as exc:
-        item.fail(exc.code, str(exc))
-    except Exception as exc:
-        item.fail("internal", f"{type(exc).__name__}: {exc}")
+        item.rgb, item.xyz, item.cpu["decode_rgb"], item.cpu["decode_xyz"] = decode_pair(
+            item.frame.rgb, item.frame.xyz, limits
+        )
+    except Exception as exc:  # never raises: a bad payload becomes an error result
+        item.fail(*error_code(exc))
     check_item(item, registry)
     return item
 
@@ -177,10 +191,8 @@ def check_item(item: Item, registry: ModelRegistry) -> None:
         inspector = registry.get(item.frame.category)
         assert inspector is not None  # unpack_item checked it
         item.image_hw = inspector.check(item.rgb, item.xyz)
-    except FrameError as exc:
-        item.fail(exc.code, str(exc))
     except Exception as exc:
-        item.fail("internal", f"{type(exc).__name__}: {exc}")
+        item.fail(*error_code(exc))
 
 
 def build_outcome(item: Item, worker: str, region_min_area: int, max_regions: int = 16) -> Outcome:

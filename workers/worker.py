@@ -443,7 +443,7 @@ class Worker(Daemon):
                 while len(batch) < self.w.max_batch:
                     wait = deadline - time.monotonic()
                     if wait <= 0:
-                        if not self.ready.full() or self._fatal is not None or self._device_done.is_set():
+                        if not self.ready.full() or self._device_side_gone():
                             break  # due, and the device side can take it now
                         # The device is behind (a batch is already waiting for it): rather than queue
                         # another small batch behind that one, this one keeps filling meanwhile.
@@ -452,12 +452,13 @@ class Worker(Daemon):
                         item = self.intake.get(timeout=wait)
                     except queue.Empty:
                         continue
-                    if size + cost(item) > cap:
+                    item_cost = cost(item)
+                    if size + item_cost > cap:
                         carry = item  # starts the next batch
                         break
                     batch.append(item)
-                    size += cost(item)
-                decoding = self._start_decoding(batch)
+                    size += item_cost
+                decoding = self._start_decoding(batch, size)
                 if decoding is None:
                     return
                 while True:  # hand over, but keep noticing a fatal error elsewhere
@@ -465,16 +466,21 @@ class Worker(Daemon):
                         self.ready.put(Batch(batch, decoding), timeout=_POLL_S)
                         break
                     except queue.Full:
-                        if self._fatal is not None or self._device_done.is_set():
+                        if self._device_side_gone():
                             return
         except Exception as exc:
             self._fail(exc)
 
-    def _start_decoding(self, batch: list[Item]) -> ThreadDecode | PendingDecode | None:
-        """Decoding of a batch, started: in the host pool's processes when it fits a slab (a frame larger
-        than a slab, alone in its batch, is decoded by threads). None when the worker stopped meanwhile."""
-        if self.hostpool is not None and self.hostpool.fits(batch):
-            return self.hostpool.decode(batch, give_up=lambda: self._fatal is not None or self._device_done.is_set())
+    def _device_side_gone(self) -> bool:
+        """A stage failed or the device loop ended: nothing handed over would be taken any more."""
+        return self._fatal is not None or self._device_done.is_set()
+
+    def _start_decoding(self, batch: list[Item], size: int) -> ThreadDecode | PendingDecode | None:
+        """Decoding of a batch of `size` slab bytes, started: in the host pool's processes when it fits a
+        slab (a frame larger than a slab, alone in its batch, is decoded by threads). None when the worker
+        stopped meanwhile."""
+        if self.hostpool is not None and size <= self.hostpool.slab_bytes:
+            return self.hostpool.decode(batch, give_up=self._device_side_gone)
         futures = [self.pool.submit(decode_item, it, self.models, self.limits) for it in batch]
         return ThreadDecode(batch, futures)
 
