@@ -1,18 +1,27 @@
 """Where the device-side preprocessing spends its time (not a test).
 
     .venv/bin/python bench/preprocess_profile.py --data DIR [--side 200] [--size 256] [--batches 64 128]
+        [--against REV]
 
 Preprocesses batches of the synthetic test split (category disc, resized to --side) for a model of
 --size px, as the worker does (tensors already on the device), and reports per batch size: frames/s,
 host (CPU) time per batch, the number of operators launched, and the operators that cost the most
 host and device time (torch.profiler). Writes bench/results/preprocess_profile.json.
+
+--against REV also loads crd_model/preprocessing.py as it was at git revision REV and times the two
+alternately in this process (--rounds rounds each; medians of CPU time per frame and their ratio), so
+a change is judged on one machine at one moment: this VM's speed drifts by a third between runs.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +43,8 @@ def main() -> int:
     ap.add_argument("--side", type=int, default=200)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--against", metavar="REV", help="also time the preprocessing of git revision REV")
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "preprocess_profile.json"))
     a = ap.parse_args()
 
@@ -77,6 +88,8 @@ def main() -> int:
         row = {"batch": b, "fps": b / wall, "wall_ms_per_batch": 1000 * wall, "host_cpu_ms_per_batch": 1000 * host,
                "aten_ops_per_batch": ops, "top_host": top("self_cpu_time_total"),
                "top_device": top(device_key)}  # fmt: skip
+        if a.against:
+            row["against"] = compare(a.against, prep, rgbs, xyzs, a.rounds, cuda)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("top")}), flush=True)
         rows.append(row)
     out = {"machine": machine(), "device": str(device), "side": a.side, "size": a.size, "rows": rows}
@@ -87,6 +100,34 @@ def main() -> int:
               f"{row['aten_ops_per_batch']} ops; top device: "
               + ", ".join(f"{t['op']} {t['ms']:.1f} ms" for t in row["top_device"][:6]))  # fmt: skip
     return 0
+
+
+def compare(rev: str, prep: Preprocessor, rgbs: list, xyzs: list, rounds: int, cuda: bool) -> dict:
+    """CPU ms per frame of this checkout's preprocessing and of `rev`'s, timed alternately."""
+    source = subprocess.run(
+        ["git", "show", f"{rev}:crd_model/preprocessing.py"], cwd=ROOT, check=True, capture_output=True, text=True
+    ).stdout
+    with tempfile.NamedTemporaryFile("w", suffix=".py") as f:
+        f.write(source)
+        f.flush()
+        spec = importlib.util.spec_from_file_location("preprocessing_at_rev", f.name)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    old = module.Preprocessor(prep.config, prep.device)
+    times: dict[str, list[float]] = {"this": [], rev: []}
+    for fn in (prep, old):  # warm both
+        fn(rgbs, xyzs)
+    for _ in range(rounds):
+        for name, fn in (("this", prep), (rev, old)):
+            t = time.process_time()
+            fn(rgbs, xyzs)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.process_time() - t)
+    ms = {name: 1000 * statistics.median(v) / len(rgbs) for name, v in times.items()}
+    out = {"rev": rev, "cpu_ms_per_frame": ms["this"], "rev_cpu_ms_per_frame": ms[rev], "ratio": ms["this"] / ms[rev]}
+    print(f"against {rev}: {ms['this']:.2f} vs {ms[rev]:.2f} CPU ms per frame, ratio {out['ratio']:.2f}", flush=True)
+    return out
 
 
 if __name__ == "__main__":

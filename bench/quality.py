@@ -4,7 +4,8 @@
                                       [--models crd rgb 3d fused] [--config KEY=VALUE ...] [--train KEY=VALUE ...]
 
 Generates the benchmark's synthetic data set (generator seed `--data-seed`, 100 train, `--n-validation`
-validation and `--n-test-good` good test images per category, 8 per defect type) unless it exists, then
+validation and `--n-test-good` good test images per category, `--n-test-per-defect` per defect type, images
+`--size-scale` times the generator's size) unless it exists, then
 per category and training seed trains the model with the default teacher, calibrates it (held-out,
 `--false-reject-rate`), evaluates it on the test split and measures
 
@@ -75,7 +76,9 @@ def ensure_data(data: Path, categories: Sequence[str], a: argparse.Namespace) ->
     from crd_model.data.synth import generate_dataset
 
     spec = {"seed": a.data_seed, "n_train": 100, "n_validation": a.n_validation, "n_test_good": a.n_test_good,
-            "n_test_per_defect": 8}  # fmt: skip
+            "n_test_per_defect": a.n_test_per_defect}  # fmt: skip
+    if a.size_scale != 1.0:  # the generator's default stays out of the marker: older data stays valid
+        spec["size_scale"] = a.size_scale
     marker = data / "bench-data.json"
     have = json.loads(marker.read_text()) if marker.exists() else {}
     missing = [c for c in categories if have.get(c) != spec or not (data / c / "test").is_dir()]
@@ -246,6 +249,8 @@ def main() -> int:
     ap.add_argument("--data-seed", type=int, default=0, help="generator seed of the synthetic data")
     ap.add_argument("--n-validation", type=int, default=100)
     ap.add_argument("--n-test-good", type=int, default=60)
+    ap.add_argument("--n-test-per-defect", type=int, default=8)
+    ap.add_argument("--size-scale", type=float, default=1.0, help="image size of the synthetic data, x (~200 px)")
     ap.add_argument("--false-reject-rate", type=float, default=0.01)
     ap.add_argument("--config", nargs="*", default=[], help="CRDConfig overrides, KEY=VALUE (JSON values)")
     ap.add_argument("--train", nargs="*", default=[], help="TrainOptions overrides, KEY=VALUE (JSON values)")
@@ -352,8 +357,10 @@ def render(payload: dict) -> str:
         "",
         f"Command: `.venv/bin/python {payload['command']}`. Teacher efficientnet_lite0 (ImageNet, offline), "
         f"{a['image_size']} px, {a['epochs']} epochs, training seeds {', '.join(seeds)}; synthetic data of generator "
-        f"seed {a['data_seed']} (100 train, {a['n_validation']} validation, {a['n_test_good']} good + 8 per defect "
-        f"type in test, per category); held-out calibration for a false-reject rate of {a['false_reject_rate']:g}."
+        f"seed {a['data_seed']} (100 train, {a['n_validation']} validation, {a['n_test_good']} good + "
+        f"{a.get('n_test_per_defect', 8)} per defect type in test, per category"
+        + (f", images x{a['size_scale']:g} the generator's size" if a.get("size_scale", 1.0) != 1.0 else "")
+        + f"); held-out calibration for a false-reject rate of {a['false_reject_rate']:g}."
         + (f" Overrides: config {a['config']}, training {a['train']}." if a["config"] or a["train"] else "")
         + (
             f" Tables re-rendered from the saved numbers by `{payload['rendered_by']}`."

@@ -31,6 +31,10 @@ class CRDConfig(BaseModel):
     representation_3d: Representation3D = "normals"
     plane: PlaneMethod = "ransac"
     plane_distance: float = Field(0.005, gt=0, description="metres; points closer to the plane are background")
+    # Gaussian sigma of the point-map smoothing before normals, in pixels at 256 px (scaled with image_size).
+    smoothing_3d: float = Field(1.5, ge=0)
+    # The 3D input is computed at this multiple of image_size, then averaged over the object down to it.
+    oversample_3d: int = Field(1, ge=1, le=4)
     bottleneck_blocks: int = Field(3, ge=1, le=8)
     decoder_blocks: int = Field(1, ge=0, le=8)
     amplifier_expansion: int = Field(2, ge=1, le=8)

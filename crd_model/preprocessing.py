@@ -60,6 +60,13 @@ def nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
     return idx.clamp_(max=size_in - 1)
 
 
+@functools.cache
+def _flat_nearest_indices(h: int, w: int, size: int) -> torch.Tensor:
+    """Row-major source pixel of each pixel of a (size, size) nearest-neighbour resize of (h, w):
+    one gather of whole (x, y, z) rows instead of a row gather and then a column gather."""
+    return (nearest_indices(h, size).unsqueeze(1) * w + nearest_indices(w, size).unsqueeze(0)).flatten()
+
+
 def resize_nearest(a: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
     """Nearest-neighbour resize of (H, W, ...) by index gathering: values are copied, never mixed."""
     h, w = a.shape[:2]
@@ -77,6 +84,19 @@ def _group_by_shape(arrays: Sequence[torch.Tensor]) -> dict[tuple[int, ...], lis
     return groups
 
 
+def _resize_rgb_uint8(x: torch.Tensor, size: int) -> torch.Tensor:
+    """CPU: torch's uint8 kernel for channels-last images (Pillow-SIMD's integer arithmetic), 5-10x
+    faster than resizing floats; within one 8-bit step of `_resize_rgb_float`."""
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.float().div_(255.0)
+
+
+def _resize_rgb_float(x: torch.Tensor, size: int) -> torch.Tensor:
+    """GPU (no uint8 antialiased kernel there): resized as floats, then rounded to 8-bit steps."""
+    x = F.interpolate(x.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.round_().clamp_(0.0, 255.0).div_(255.0)
+
+
 def resize_rgb(rgbs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """uint8 (H, W, 3) images (any sizes) -> float32 (B, 3, size, size) in [0, 1].
 
@@ -90,12 +110,13 @@ def resize_rgb(rgbs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     groups = _group_by_shape(rgbs)
     out = None if len(groups) == 1 else torch.empty((len(rgbs), 3, size, size), dtype=torch.float32, device=device)
     for (h, w, _), idx in groups.items():
-        x = torch.stack([rgbs[i] for i in idx]).permute(0, 3, 1, 2).float()
+        x = torch.stack([rgbs[i] for i in idx]).permute(0, 3, 1, 2)  # channels-last memory, NCHW view
         if (h, w) == (size, size):
-            x = x.div_(255.0)
+            x = x.float().div_(255.0)
+        elif device.type == "cpu":
+            x = _resize_rgb_uint8(x, size)
         else:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-            x = x.round_().clamp_(0.0, 255.0).div_(255.0)  # 8-bit steps, as an image resized by Pillow
+            x = _resize_rgb_float(x, size)
         if out is None:
             out = x
         else:
@@ -116,23 +137,34 @@ def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
             x = torch.stack([xyzs[i] for i in idx]).float()
         else:  # one copy of the indices per size (no per-frame host -> device copy); gathered frame by
             # frame, so full-resolution frames are never stacked (a large frame is mostly dropped)
-            rows, cols = nearest_indices(h, size).to(device), nearest_indices(w, size).to(device)
-            x = torch.stack([xyzs[i].index_select(0, rows).index_select(1, cols) for i in idx]).float()
+            points = _flat_nearest_indices(h, w, size).to(device)
+            x = torch.stack([xyzs[i].reshape(h * w, 3).index_select(0, points) for i in idx]).float()
+            x = x.view(len(idx), size, size, 3)
         if out is None:
             out = x
         else:
             out[torch.tensor(idx, device=device)] = x
     out = out.permute(0, 3, 1, 2).contiguous()
-    finite = torch.isfinite(out).all(dim=1, keepdim=True)
-    return torch.where(finite, out, torch.zeros((), device=out.device))
+    # A point's sum is finite unless a coordinate is not (or they overflow float32 together: no point
+    # either); twice as fast as testing each coordinate on a CPU.
+    return out.masked_fill_(~torch.isfinite(out.sum(dim=1, keepdim=True)), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------- plane fit
 
 
+def _any_along(mask: torch.Tensor, dim: int, keepdim: bool = False) -> torch.Tensor:
+    """`mask.any(dim)` as a max over uint8: torch's boolean reductions are 3-10x slower on a CPU."""
+    return mask.view(torch.uint8).amax(dim=dim, keepdim=keepdim).view(torch.bool)
+
+
+def _any(mask: torch.Tensor) -> bool:
+    return bool(mask.view(torch.uint8).max())
+
+
 def valid_points(xyz: torch.Tensor) -> torch.Tensor:
     """(B, S, S) bool of (B, 3, S, S) point maps: not the (0, 0, 0) that marks a missing point."""
-    return (xyz[:, 0] != 0) | (xyz[:, 1] != 0) | (xyz[:, 2] != 0)
+    return _any_along(xyz != 0, dim=1)
 
 
 @functools.cache
@@ -146,6 +178,26 @@ def _border_index(h: int, w: int, corners_only: bool) -> torch.Tensor:
     else:
         m[:bh], m[h - bh :], m[:, :bw], m[:, w - bw :] = True, True, True, True
     return torch.nonzero(m.flatten()).flatten()
+
+
+def _border_points(xyz: torch.Tensor, corners_only: bool) -> torch.Tensor:
+    """(B, Nb, 3) points of the border strip (or its four corner patches) of (B, 3, H, W), row-major.
+
+    Slices rather than an index gather (several times faster on a CPU); the same points in the same
+    order as `_border_index`, which serves images too small for the strips not to overlap.
+    """
+    b, _, h, w = xyz.shape
+    bh, bw = max(1, round(BORDER * h)), max(1, round(BORDER * w))
+    if h <= 2 * bh or w <= 2 * bw:
+        index = _border_index(h, w, corners_only).to(xyz.device)
+        return xyz.reshape(b, 3, h * w).index_select(2, index).transpose(1, 2)
+    top, bottom = xyz[:, :, :bh], xyz[:, :, h - bh :]
+    if corners_only:
+        parts = [torch.cat([band[..., :bw], band[..., w - bw :]], dim=3) for band in (top, bottom)]
+    else:
+        middle = xyz[:, :, bh : h - bh]
+        parts = [top, torch.cat([middle[..., :bw], middle[..., w - bw :]], dim=3), bottom]
+    return torch.cat([p.flatten(2) for p in parts], dim=2).transpose(1, 2)
 
 
 @functools.cache
@@ -177,22 +229,21 @@ def fit_planes(xyz: torch.Tensor, method: str = "ransac", distance: float = 0.00
     """
     if method not in ("ransac", "corners"):
         raise ValueError(f"unknown plane method {method!r}; expected 'ransac' or 'corners'")
-    b, _, h, w = xyz.shape
+    b = xyz.shape[0]
     device = xyz.device
-    border = _border_index(h, w, method == "corners").to(device)
-    pts = xyz.reshape(b, 3, h * w).index_select(2, border).transpose(1, 2)  # (B, Nb, 3)
-    valid = (pts != 0).any(dim=-1)
+    pts = _border_points(xyz, method == "corners")  # (B, Nb, 3)
+    valid = _any_along(pts != 0, dim=-1)
     counts = valid.sum(dim=1)
     ok = counts >= MIN_PLANE_POINTS
-    # Valid points first (stable: border order kept), then an evenly spread subsample of them.
-    order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)
+    # An evenly spread subsample of the valid points, in border order: the k-th valid point is where
+    # the running count of valid points first reaches k + 1.
     m = REFINE_POINTS if method == "ransac" else pts.shape[1]
     j = torch.arange(m, device=device, dtype=torch.float64)
     span = torch.clamp(counts, min=m).to(torch.float64)
-    pos = (j.unsqueeze(0) * span.unsqueeze(1) / m).long().clamp_(max=pts.shape[1] - 1)
-    take = order.gather(1, pos)
-    sample = pts.gather(1, take.unsqueeze(-1).expand(-1, -1, 3)).double()  # (B, M, 3)
+    pos = (j.unsqueeze(0) * span.unsqueeze(1) / m).long()
+    take = torch.searchsorted(valid.cumsum(dim=1), pos + 1).clamp_(max=pts.shape[1] - 1)
     weight = (j.unsqueeze(0) < counts.unsqueeze(1)).double()
+    sample = pts.gather(1, take.unsqueeze(-1).expand(-1, -1, 3)).double() * weight.unsqueeze(-1)  # (B, M, 3)
 
     if method == "corners":
         planes = _lsq_planes(sample, weight)
@@ -288,7 +339,7 @@ def enclosed_missing(fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     reached[:, :, -1] |= region[:, :, -1]
     for _ in range(region.shape[1] * region.shape[2]):  # ends when nothing changes
         grown = _grow4(reached) & region
-        if torch.equal(grown, reached):
+        if not _any(grown ^ reached):  # grown holds reached: equal when nothing was added
             break
         reached = grown
     return region & ~reached
@@ -356,19 +407,17 @@ def _fill_missing(
     known = known.clone()
     todo = region & ~known
     for _ in range(max_iter):
-        rows = torch.nonzero(todo.any(dim=2).any(dim=0)).flatten()
-        if rows.numel() == 0:
-            break
-        cols = torch.nonzero(todo.any(dim=1).any(dim=0)).flatten()
         # Work on the bounding box (over the batch) of what is left, plus the 1-pixel ring it reads.
-        r0, r1 = max(int(rows[0]) - 1, 0), int(rows[-1]) + 2
-        c0, c1 = max(int(cols[0]) - 1, 0), int(cols[-1]) + 2
+        box = _bounding_box(todo, margin=1)
+        if box is None:
+            break
+        (r0, r1), (c0, c1) = (box[0].start, box[0].stop), (box[1].start, box[1].stop)
         k = known[:, r0:r1, c0:c1]
         v = values[:, :, r0:r1, c0:c1]
         kf = k.unsqueeze(1).to(values.dtype)
         count = _box3_sum(kf)[:, 0]
         new = todo[:, r0:r1, c0:c1] & (count > 0.5)
-        if not bool(new.any()):
+        if not _any(new):
             break
         sums = _box3_sum(v * kf)
         v.copy_(torch.where(new.unsqueeze(1), sums / count.clamp_min(1.0).unsqueeze(1), v))
@@ -392,8 +441,10 @@ def _correlate1d(x: torch.Tensor, weights: Sequence[float], dim: int) -> torch.T
         if wt == 0:
             continue
         term = x.narrow(dim, i, n)
-        term = term if wt == 1 else (-term if wt == -1 else term * wt)
-        out = term if out is None else out + term
+        if out is None:
+            out = term * wt
+        else:
+            out.add_(term, alpha=wt)  # in place: one pass per tap, no temporaries (memory-bound on a CPU)
     assert out is not None
     return out
 
@@ -471,10 +522,11 @@ def surface_normals(points: torch.Tensor, planes: torch.Tensor | None) -> torch.
 
 def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None:
     """Rows and columns (over the whole batch) where `mask` has pixels, widened by `margin`."""
-    rows = torch.nonzero(mask.any(dim=2).any(dim=0)).flatten()
+    plane = _any_along(mask, dim=0)  # one pass over the batch, then two over one (S, S) plane
+    rows = torch.nonzero(_any_along(plane, dim=1)).flatten()
     if rows.numel() == 0:
         return None
-    cols = torch.nonzero(mask.any(dim=1).any(dim=0)).flatten()
+    cols = torch.nonzero(_any_along(plane, dim=0)).flatten()
     h, w = mask.shape[1:]
     r0, r1 = max(int(rows[0]) - margin, 0), min(int(rows[-1]) + margin + 1, h)
     c0, c1 = max(int(cols[0]) - margin, 0), min(int(cols[-1]) + margin + 1, w)
@@ -482,7 +534,11 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None
 
 
 def points_to_3d_input(
-    xyz: torch.Tensor, representation: str = "normals", plane: str = "ransac", distance: float = 0.005
+    xyz: torch.Tensor,
+    representation: str = "normals",
+    plane: str = "ransac",
+    distance: float = 0.005,
+    smoothing: float = SMOOTHING_AT_256,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Point maps (B, 3, S, S) at model resolution -> (float32 (B, 3, S, S) in [0, 1], bool (B, S, S) fg).
 
@@ -533,7 +589,7 @@ def points_to_3d_input(
     # around the foreground (occlusion bands) from their neighbours too.
     ring = _dilate(fg, 3)
     filled, _ = fill_missing(filled, valid_points(filled), ring)
-    sigma = SMOOTHING_AT_256 * s / 256.0
+    sigma = smoothing * s / 256.0
     # Only the objects' bounding box (plus what the smoothing and Sobel stencils read) needs the work.
     box = _bounding_box(ring, margin=int(3.0 * sigma + 0.5) + 2)
     if box is None:
@@ -550,6 +606,15 @@ def points_to_3d_input(
         crop_fg = fg[part, rows, cols].unsqueeze(1)
         out[part, :, rows, cols] = torch.where(crop_fg, (n + 1) * 0.5, torch.zeros((), device=n.device))
     return out, fg
+
+
+def pool_over_object(x3d: torch.Tensor, fg: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, 3, k*S, k*S) -> (B, 3, S, S): the mean over each k x k cell's object pixels; a cell that is
+    mostly background is background (0), as at the model's own resolution."""
+    w = fg.unsqueeze(1).to(x3d.dtype)
+    total = F.avg_pool2d(x3d * w, k)
+    share = F.avg_pool2d(w, k)
+    return torch.where(share >= 0.5, total / share.clamp_min(1e-6), torch.zeros((), device=x3d.device))
 
 
 @contextlib.contextmanager
@@ -582,6 +647,12 @@ class Preprocessor:
             if cfg.uses_rgb:
                 rgb = resize_rgb([t.to(self.device, non_blocking=True) for t in rgbs], size)
             if cfg.uses_3d:
-                xyz = resize_points([t.to(self.device, non_blocking=True) for t in xyzs], size)
-                x3d, _ = points_to_3d_input(xyz, cfg.representation_3d, cfg.plane, cfg.plane_distance)
+                k = cfg.oversample_3d
+                xyz = resize_points([t.to(self.device, non_blocking=True) for t in xyzs], size * k)
+                # the smoothing scales with the resolution: the same blur of the object whatever k is
+                x3d, fg = points_to_3d_input(
+                    xyz, cfg.representation_3d, cfg.plane, cfg.plane_distance, cfg.smoothing_3d
+                )
+                if k > 1:
+                    x3d = pool_over_object(x3d, fg, k)
         return ModelInput(rgb, x3d)

@@ -155,6 +155,45 @@ def test_resize_rgb() -> None:
         resize_rgb(noise.astype(np.float32), 32)
 
 
+@pytest.mark.parametrize("hw", [(200, 200), (97, 131), (50, 60), (800, 600)])
+def test_the_cpu_rgb_kernel_is_within_one_8_bit_step_of_the_gpu_one(hw) -> None:
+    # A model trained on a GPU (float kernel) serves on a CPU (uint8 kernel) and the other way round.
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, *hw, 3), dtype=np.uint8))
+    x = x.permute(0, 3, 1, 2)
+    fast, slow = P._resize_rgb_uint8(x, 96), P._resize_rgb_float(x, 96)
+    assert fast.dtype == slow.dtype == torch.float32 and fast.shape == slow.shape == (2, 3, 96, 96)
+    steps = (fast - slow).abs().mul_(255).round_()
+    assert steps.max() <= 1 and steps.mean() < 0.25  # rounding between the passes, or not
+    assert P.resize_rgb(list(x.permute(0, 2, 3, 1)), 96).equal(fast)  # the CPU path takes the fast one
+
+
+@pytest.mark.parametrize("hw", [(192, 192), (64, 80), (9, 9), (5, 7), (2, 2)])
+@pytest.mark.parametrize("corners_only", [False, True])
+def test_border_points_are_the_border_index_gather(hw, corners_only) -> None:
+    h, w = hw
+    xyz = torch.randn(3, 3, h, w)
+    index = P._border_index(h, w, corners_only)
+    expected = xyz.reshape(3, 3, h * w).index_select(2, index).transpose(1, 2)
+    assert P._border_points(xyz, corners_only).equal(expected)  # the same points, in the same order
+
+
+def test_uint8_reductions_match_torch_any() -> None:
+    mask = torch.rand(4, 17, 23) > 0.97
+    for dim in (0, 1, 2, -1):
+        assert P._any_along(mask, dim).equal(mask.any(dim=dim))
+        assert P._any_along(mask, dim, keepdim=True).equal(mask.any(dim=dim, keepdim=True))
+    assert P._any(mask) is True and P._any(torch.zeros(3, 3, dtype=torch.bool)) is False
+
+
+def test_a_point_with_any_non_finite_coordinate_goes_missing_and_no_other() -> None:
+    xyz = torch.rand(6, 6, 3) + 0.5
+    xyz[1, 2, 0], xyz[3, 3, 1], xyz[4, 0, 2] = float("nan"), float("inf"), float("-inf")
+    out = P.resize_points([xyz], 6)[0]  # same size: no resampling, every point kept where it was
+    missing = (out == 0).all(dim=0)
+    assert missing.sum() == 3 and missing[1, 2] and missing[3, 3] and missing[4, 0]
+    assert out.permute(1, 2, 0)[~missing].equal(xyz[~missing])
+
+
 def test_a_batch_of_mixed_sizes_resizes_as_each_frame_alone() -> None:
     # Frames of one size are resized together; the batch's order and every value stay as per frame.
     rng = np.random.default_rng(2)
