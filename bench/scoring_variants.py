@@ -41,12 +41,21 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
     groups = visibility_groups()
     sigma = inspector.config.effective_blur_sigma
 
-    def score(blurred: np.ndarray, scores: np.ndarray) -> dict[str, float]:
+    threshold_idx = np.setdiff1d(np.arange(len(val.samples)), stats_idx)
+
+    def score(blurred: np.ndarray, scores: np.ndarray, val_scores: np.ndarray | None = None) -> dict[str, float]:
         row = {"i_auroc": image_auroc(test.labels, scores), "aupro_30": aupro(test.gt, blurred, 0.3)}
         for g in ("rgb", "3d"):
             sel = good | np.isin(types, groups[g])
             row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
+        if val_scores is not None:  # verdicts at a threshold just above every held-out validation score
+            threshold = float(val_scores[threshold_idx].max())
+            row["false_reject_rate"] = float((scores[good] > threshold).mean())
+            row["detection_rate"] = float((scores[~good] > threshold).mean())
         return row
+
+    def val_scores_of(fused_val: np.ndarray, s: float) -> np.ndarray:
+        return _blur_max(fused_val, s)[1]
 
     def per_branch(scales: list[int], t_maps: dict = t_maps, v_maps: dict = v_maps) -> np.ndarray:
         fused = 0.0
@@ -65,7 +74,26 @@ def variants_for(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, f
 
     everything = list(range(len(next(iter(t_maps.values())))))
     model = per_branch(everything)
-    out = {"model: branch-standardised sum, all scales": score(*_blur_max(model, sigma))}
+    model_val = per_branch(everything, v_maps, v_maps)
+    out = {
+        "model: branch-standardised sum, all scales": score(*_blur_max(model, sigma), val_scores_of(model_val, sigma))
+    }
+    # Image scores per detector (a branch, or a (branch, scale)), each standardised on the statistics
+    # images' scores, then their maximum or sum: a textured object's RGB tail no longer hides what only
+    # the 3D branch sees. The map (AUPRO) stays the model's.
+    blurred_model = _blur_max(model, sigma)[0]
+    for unit in ("branch", "scale"):
+        parts = [(b, [k]) for b in t_maps for k in everything] if unit == "scale" else [(b, everything) for b in t_maps]
+        z_test, z_val = [], []
+        for b, ks in parts:
+            m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in ks]))
+            t_s = _blur_max((_branch_sum([t_maps[b][k] for k in ks]) - np.float32(m)) / np.float32(s), sigma)[1]
+            v_s = _blur_max((_branch_sum([v_maps[b][k] for k in ks]) - np.float32(m)) / np.float32(s), sigma)[1]
+            mu, sd = float(v_s[stats_idx].mean()), max(float(v_s[stats_idx].std(ddof=1)), 1e-8)
+            z_test.append((t_s - mu) / sd)
+            z_val.append((v_s - mu) / sd)
+        for how, reduce in (("max", np.maximum.reduce), ("sum", np.add.reduce)):
+            out[f"per-{unit} image scores standardised, {how}"] = score(blurred_model, reduce(z_test), reduce(z_val))
     for s in (0.5 * sigma, 1.5 * sigma, 2.0 * sigma):
         out[f"blur sigma {s:g} px"] = score(*_blur_max(model, s))
     branch_blurred = []
@@ -131,14 +159,19 @@ def main() -> int:
     for c in a.categories:
         results[c] = variants_for(Path(a.checkpoints) / c / f"crd-seed{a.seed}", Path(a.data), c)
         for name, r in results[c].items():
+            verdicts = (
+                f"  FRR {r['false_reject_rate']:.3f} det {r['detection_rate']:.3f}" if "detection_rate" in r else ""
+            )
             print(f"{c:>8} {name:<46} I-AUROC {r['i_auroc']:.3f} (RGB-only {r['i_auroc_rgb']:.3f}, "
-                  f"3D-only {r['i_auroc_3d']:.3f})  AUPRO@30% {r['aupro_30']:.3f}", flush=True)  # fmt: skip
+                  f"3D-only {r['i_auroc_3d']:.3f})  AUPRO@30% {r['aupro_30']:.3f}{verdicts}", flush=True)  # fmt: skip
     names = list(next(iter(results.values())))
     print("\nmean over categories:")
     for name in names:
         i = np.mean([results[c][name]["i_auroc"] for c in results])
         p = np.mean([results[c][name]["aupro_30"] for c in results])
-        print(f"  {name:<46} I-AUROC {i:.3f}  AUPRO@30% {p:.3f}")
+        d = [results[c][name].get("detection_rate") for c in results]
+        det = f"  det {np.mean(d):.3f}" if None not in d else ""
+        print(f"  {name:<46} I-AUROC {i:.3f}  AUPRO@30% {p:.3f}{det}")
     command = "bench/scoring_variants.py " + " ".join(sys.argv[1:])
     Path(a.json).write_text(json.dumps({"command": command, "args": vars(a), "results": results}, indent=2))
     return 0

@@ -14,6 +14,7 @@ from crd_model.data.mvtec3d import gt_mask_from_values
 from crd_model.data.synth import (
     DEFECT_IDS,
     DEFECT_VISIBILITY,
+    FINE_CATEGORIES,
     HELDOUT_CATEGORIES,
     SYNTH_CATEGORIES,
     SyntheticCamera,
@@ -22,7 +23,9 @@ from crd_model.data.synth import (
     render_sample,
 )
 
-ALL = {**SYNTH_CATEGORIES, **HELDOUT_CATEGORIES}  # the held-out ones (issue 10) obey the same rules
+# the held-out ones and the fine-3D-defect ones (issue 10) obey the same rules
+ALL = {**SYNTH_CATEGORIES, **HELDOUT_CATEGORIES, **FINE_CATEGORIES}
+FINE = ("pimple", "pit")  # small and shallow on purpose
 CASES = [(c, d) for c, spec in ALL.items() for d in spec.defect_types]
 
 
@@ -79,6 +82,15 @@ def test_heldout_categories_are_new_and_not_in_the_default_set(tmp_path: Path) -
     assert list(summary["categories"]) == ["gear"] and (tmp_path / "gear" / "test" / "bump" / "gt").is_dir()
 
 
+def test_fine_categories_draw_known_objects_with_only_small_3d_defects() -> None:
+    assert not set(FINE_CATEGORIES) & (set(SYNTH_CATEGORIES) | set(HELDOUT_CATEGORIES))
+    for name, spec in FINE_CATEGORIES.items():
+        assert spec.form in SYNTH_CATEGORIES or spec.form in HELDOUT_CATEGORIES, name
+        assert set(spec.defect_types) == {"pimple", "pit", "combined"}
+    block, fine = (render_frame(c, "good", np.random.default_rng(4)) for c in ("block", "block-fine"))
+    np.testing.assert_array_equal(block.xyz, fine.xyz)  # the same object for the same draws
+
+
 def test_normal_images_vary() -> None:
     frames = [render_frame("disc", "good", np.random.default_rng(i)) for i in range(4)]
     masks = [f.object_mask for f in frames]
@@ -92,7 +104,7 @@ def test_defect_gt_and_visibility(category: str, defect: str) -> None:
     good = render_frame(category, "good", np.random.default_rng(11))
     bad = render_frame(category, defect, np.random.default_rng(11))
     mask = bad.gt > 0
-    assert mask.sum() >= 15, "defect too small"
+    assert mask.sum() >= (6 if defect in FINE or category in FINE_CATEGORIES else 15), "defect too small"
     assert set(np.unique(bad.gt)) == {0, DEFECT_IDS[defect]}
     assert not (mask & ~bad.object_mask).any(), "defect off the object"
     np.testing.assert_array_equal(good.object_mask, bad.object_mask)
@@ -105,7 +117,9 @@ def test_defect_gt_and_visibility(category: str, defect: str) -> None:
         assert rgb_diff[mask].mean() > 8
     elif visibility == "3d":
         assert rgb_diff.max() <= 1  # shading uses the nominal geometry: colour unchanged
-        assert xyz_diff[mask].max() > 1e-3  # at least 1 mm deep somewhere
+        assert xyz_diff[mask].max() > (0.2e-3 if defect in FINE else 1e-3)  # 1 mm (0.2 mm) deep somewhere
+        if defect in FINE:
+            assert xyz_diff[mask].max() < 0.7e-3 and mask.sum() < 200
     elif visibility == "both":
         assert rgb_diff[mask].mean() > 8
         assert xyz_diff[mask].max() > 0.7e-3

@@ -256,6 +256,42 @@ def test_xyz_to_3d_input_representations(plane: str, size: int) -> None:
             np.testing.assert_allclose(np.median(top, axis=1), [0.5, 0.5, 1.0], atol=0.03)
 
 
+def test_pooling_over_the_object_averages_object_pixels_and_drops_background_cells() -> None:
+    x3d = torch.zeros(1, 3, 4, 4)
+    fg = torch.zeros(1, 4, 4, dtype=torch.bool)
+    x3d[0, :, :2, :2] = torch.tensor([0.2, 0.4, 0.6]).view(3, 1, 1)  # a whole object cell
+    fg[0, :2, :2] = True
+    x3d[0, :, 0, 2], fg[0, 0, 2] = 0.8, True  # one object pixel of four: background at the lower scale
+    x3d[0, :, 2:, 2:3], fg[0, 2:, 2:3] = 1.0, True  # two object pixels of four: kept, their mean
+    out = P.pool_over_object(x3d, fg, 2)
+    assert out.shape == (1, 3, 2, 2)
+    torch.testing.assert_close(out[0, :, 0, 0], torch.tensor([0.2, 0.4, 0.6]))
+    assert (out[0, :, 0, 1] == 0).all() and (out[0, :, 1, 0] == 0).all()
+    torch.testing.assert_close(out[0, :, 1, 1], torch.ones(3))  # not diluted by the background zeros
+
+
+@pytest.mark.parametrize("representation", ["normals", "depth"])
+def test_oversampled_3d_input_is_the_model_size_and_close_to_the_plain_one(representation) -> None:
+    from crd_model.config import CRDConfig
+
+    xyz, _, box = make_scene(4.0, 300.0)
+    xyzs, rgbs = [torch.from_numpy(xyz)], [torch.zeros((*xyz.shape[:2], 3), dtype=torch.uint8)]
+    base = CRDConfig(image_size=64, representation_3d=representation)
+    plain = P.Preprocessor(base)(rgbs, xyzs).x3d[0]
+    over = P.Preprocessor(base.model_copy(update={"oversample_3d": 2}))(rgbs, xyzs).x3d[0]
+    assert over.shape == plain.shape == (3, 64, 64)
+    both = (plain > 0).any(0) & (over > 0).any(0)
+    assert both.sum() > 0.9 * (plain > 0).any(0).sum()  # the same object, give or take its rim
+    assert over.min() >= 0 and over.max() <= 1
+    if representation == "normals":  # (depth is min-max over a flat top: noise, whatever the resolution)
+        assert (over - plain).abs()[:, both].median() < 0.02
+    smoother = P.Preprocessor(base.model_copy(update={"smoothing_3d": 3.0}))(rgbs, xyzs).x3d[0]
+    if representation == "normals":  # the smoothing setting reaches the normals
+        assert not torch.equal(smoother, plain)
+    else:  # ...and only them
+        assert torch.equal(smoother, plain)
+
+
 def test_xyz_to_3d_input_robustness() -> None:
     for rep in ("normals", "depth"):
         for plane in ("ransac", "corners", "none"):
