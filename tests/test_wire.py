@@ -488,8 +488,29 @@ def test_raw_rgb_wrong_byte_count() -> None:
     assert _code(decode_rgb, img.model_copy(update={"data": img.data + b"\0"})) == "bad_rgb"
 
 
-def test_zlib_xyz_bounded() -> None:
+@pytest.fixture(params=["isal", "zlib"])
+def inflater(request, monkeypatch):
+    """Both inflaters a worker may have: ISA-L's (the model extra) and the standard library's."""
+    import crd_model.stream.codecs as codecs
+
+    if request.param == "isal":
+        isal_zlib = pytest.importorskip("isal.isal_zlib")
+        monkeypatch.setattr(codecs, "_INFLATE", isal_zlib)
+    else:
+        monkeypatch.setattr(codecs, "_INFLATE", zlib)
+    return request.param
+
+
+def test_workers_inflate_with_isal_where_installed() -> None:
+    import crd_model.stream.codecs as codecs
+
+    isal_zlib = pytest.importorskip("isal.isal_zlib")  # in the model extra: CI has it
+    assert codecs._INFLATE is isal_zlib
+
+
+def test_zlib_xyz_bounded(inflater) -> None:
     pm = encode_xyz(_arrays()[1])
+    np.testing.assert_array_equal(decode_xyz(pm), _arrays()[1])
     # ~1000:1 bomb: inflates far beyond the declared shape, refused after expected + 1 bytes.
     bomb = zlib.compress(bytes(16 * 1024 * 1024), 9)
     assert _code(decode_xyz, pm.model_copy(update={"data": bomb})) == "bad_xyz"

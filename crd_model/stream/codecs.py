@@ -2,7 +2,7 @@
 
 Every decoder checks the declared shape against `Limits` and the payload's own header before it inflates
 anything (PNG bombs and zlib bombs are refused unread), and raises `WireError` with a machine-readable code.
-Only numpy, Pillow and zlib: importable without torch or scipy.
+Only numpy, Pillow and zlib (ISA-L's zlib-compatible inflate where installed): importable without torch or scipy.
 """
 
 from __future__ import annotations
@@ -16,6 +16,11 @@ import numpy as np
 from PIL import Image
 
 from crd_model.stream.messages import DEFAULT_LIMITS, AnomalyMap, Limits, PointMap, RGBImage, WireError, check_dims
+
+try:  # ISA-L's inflate (the `model` extra, which workers install): the same zlib streams, 1.5x faster
+    from isal import isal_zlib as _INFLATE
+except ImportError:  # a camera PC's base install: the standard library's
+    _INFLATE = zlib
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _IHDR = b"\x00\x00\x00\x0dIHDR"  # length 13, then the chunk type
@@ -149,10 +154,10 @@ def encode_xyz(xyz: np.ndarray, dtype: Literal["float32", "float16"] = "float32"
 
 def _inflate_exact(data: bytes, expected: int, code: str) -> bytes:
     """zlib-inflate to exactly `expected` bytes, never producing more than expected + 1 (bomb-proof)."""
-    d = zlib.decompressobj()
+    d = _INFLATE.decompressobj()
     try:
         out = d.decompress(data, expected + 1)
-    except zlib.error as e:
+    except _INFLATE.error as e:
         raise WireError(code, f"bad zlib stream: {e}") from None
     if len(out) > expected:
         raise WireError(code, f"zlib stream inflates beyond the declared {expected} bytes")
