@@ -8,6 +8,9 @@ pool and with a process pool of each size. Processes are measured twice: sending
 (pickled through a pipe, what a plain process pool costs) and sending nothing back (the bound a
 shared-memory handoff could reach). Payloads are the synthetic test split under --data (category disc),
 resized to --side. Prints a table; writes bench/results/decode_scaling.json.
+
+First, in one thread: CPU ms per point map decoded with each zlib inflater a worker may have (ISA-L's,
+from the model extra, and the standard library's), timed alternately, and their ratio.
 """
 
 from __future__ import annotations
@@ -41,6 +44,38 @@ def decode_discard(payload: bytes) -> int:
     return rgb.nbytes + xyz.nbytes
 
 
+def compare_inflaters(payloads: list[bytes], rounds: int = 5) -> dict[str, float]:
+    """CPU ms per point map decoded (decode_xyz, one thread) with each inflater, alternately."""
+    import zlib
+
+    import crd_model.stream.codecs as codecs
+
+    maps = [unpack_frame(p).xyz for p in payloads[:64]]
+    inflaters = {"zlib": zlib}
+    try:
+        from isal import isal_zlib
+
+        inflaters["isal"] = isal_zlib
+    except ImportError:
+        pass
+    chosen = codecs._INFLATE
+    times: dict[str, list[float]] = {name: [] for name in inflaters}
+    try:
+        for _ in range(rounds):
+            for name, module in inflaters.items():
+                codecs._INFLATE = module
+                t = time.process_time()
+                for pm in maps:
+                    decode_xyz(pm)
+                times[name].append(1000 * (time.process_time() - t) / len(maps))
+    finally:
+        codecs._INFLATE = chosen
+    out = {f"{name}_ms": float(np.median(v)) for name, v in times.items()}
+    if "isal_ms" in out:
+        out["isal_over_zlib"] = out["isal_ms"] / out["zlib_ms"]
+    return out
+
+
 def rate(pool, fn, payloads: list[bytes]) -> float:
     list(pool.map(fn, payloads[:32]))  # warm: imports, first allocations
     t = time.perf_counter()
@@ -62,6 +97,8 @@ def main() -> int:
     images = [enlarge(read_rgb(s.rgb_path), read_xyz(s.xyz_path), a.side) for s in samples]
     maker = FrameMaker([rgb for rgb, _ in images], [xyz for _, xyz in images], "L", xyz_dtype=a.xyz_dtype)
     payloads = [maker.packed(i, f"d:{i}") for i in range(a.frames)]
+    inflate = compare_inflaters(payloads)
+    print(json.dumps({"decode_xyz_cpu_ms_per_frame": inflate}), flush=True)
     rows = []
     for k in a.workers:
         row = {"workers": k}
@@ -73,7 +110,8 @@ def main() -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     out = {"machine": machine(), "side": a.side, "xyz_dtype": a.xyz_dtype, "frames": a.frames,
-           "payload_bytes_median": int(np.median([len(p) for p in payloads])), "rows": rows}  # fmt: skip
+           "payload_bytes_median": int(np.median([len(p) for p in payloads])), "inflaters": inflate,
+           "rows": rows}  # fmt: skip
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     print(f"\nMachine: {out['machine']}; {a.side}x{a.side} frames, xyz {a.xyz_dtype}, "
