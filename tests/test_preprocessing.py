@@ -274,7 +274,7 @@ def test_pooling_over_the_object_averages_object_pixels_and_drops_background_cel
 def test_oversampled_3d_input_is_the_model_size_and_close_to_the_plain_one(representation) -> None:
     from crd_model.config import CRDConfig
 
-    xyz, _, box = make_scene(4.0, 300.0)
+    xyz, _, _ = make_scene(4.0, 300.0)
     xyzs, rgbs = [torch.from_numpy(xyz)], [torch.zeros((*xyz.shape[:2], 3), dtype=torch.uint8)]
     base = CRDConfig(image_size=64, representation_3d=representation)
     plain = P.Preprocessor(base)(rgbs, xyzs).x3d[0]
