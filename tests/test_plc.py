@@ -49,8 +49,8 @@ def publish(r, s: Settings, verdict: str, seq: int, camera: str = "cam1", line: 
 
 
 class BridgeThread:
-    def __init__(self, s: Settings):
-        self.bridge = PlcBridge(s)
+    def __init__(self, s: Settings, adapter=None):
+        self.bridge = PlcBridge(s, adapter)
         self.thread = threading.Thread(target=self.bridge.run, daemon=True)
         self.thread.start()
         wait_for(lambda: self.bridge.health.ready or not self.thread.is_alive(), 20, "bridge ready")
@@ -220,6 +220,37 @@ def test_unreachable_plc_at_start_is_not_ready_and_sigterm_still_stops_it(settin
     bridge.stop()
     thread.join(timeout=5)
     assert not thread.is_alive()
+
+
+def test_a_plc_library_that_swallows_the_shutdown_cancel_does_not_hang_the_bridge(modbus, r):
+    # pymodbus waits for each response with asyncio.wait_for, which on Python 3.11 can swallow a
+    # cancellation that arrives as the response does (CPython gh-86296). The heartbeat loop then went on
+    # forever and the bridge never stopped (a flaky CI run: "bridge did not drain and stop"). Here the
+    # adapter swallows it on purpose, every time the cancel lands in a heartbeat.
+    import asyncio
+
+    from consumers.plc.modbus import ModbusAdapter
+
+    class SwallowingModbus(ModbusAdapter):
+        swallowed = 0
+
+        async def heartbeat(self, line: str, count: int) -> None:
+            try:
+                await super().heartbeat(line, count)
+                await asyncio.sleep(0.5)  # most of the loop's time is in here: the cancel lands here
+            except asyncio.CancelledError:
+                SwallowingModbus.swallowed += 1
+
+    s, plc = modbus
+    bridge = BridgeThread(s, SwallowingModbus([s.line], s.plc.modbus, s.plc.score_scale))
+    publish(r, s, "ok", 0)
+    wait_for(lambda: len(plc.seen) == 1 and _pending(r, s) == 0, what="delivered")
+    started = time.monotonic()
+    bridge.bridge.stop()
+    bridge.thread.join(timeout=15)
+    assert not bridge.thread.is_alive(), "bridge did not stop"
+    assert SwallowingModbus.swallowed >= 1  # the cancellation was swallowed, and the bridge still stopped
+    assert time.monotonic() - started < 3  # not the bridge's 5 s bound on a stuck task: the loop ended
 
 
 def test_heartbeat_counts_and_toggles(modbus, r):

@@ -88,6 +88,9 @@ def make_adapter(settings: Settings) -> PlcAdapter:
     return OpcUaServerAdapter(lines, p.opcua_server)
 
 
+SHUTDOWN_WAIT_S = 5.0  # for the bridge's own tasks to end once cancelled
+
+
 class PlcBridge(Daemon):
     def __init__(self, settings: Settings, adapter: PlcAdapter | None = None):
         check_plc_group(settings)
@@ -160,7 +163,10 @@ class PlcBridge(Daemon):
             self._abandon.set()
             for t in [*tasks, watcher]:
                 t.cancel()
-            await asyncio.gather(*tasks, watcher, return_exceptions=True)
+            # Bounded: a task whose cancellation a PLC library swallowed must not hold the shutdown.
+            _, stuck = await asyncio.wait([*tasks, watcher], timeout=SHUTDOWN_WAIT_S)
+            if stuck:
+                self.log.error("tasks_not_stopping", tasks=sorted(t.get_name() for t in stuck))
             with contextlib.suppress(Exception):
                 await self.adapter.stop()
             with contextlib.suppress(Exception):
@@ -291,7 +297,10 @@ class PlcBridge(Daemon):
             self._set_plc_down()
 
     async def _heartbeat_loop(self) -> None:
-        while True:
+        # Not `while True`: a cancellation swallowed at shutdown (pymodbus awaits each response with
+        # asyncio.wait_for, which on Python 3.11 can lose a cancel that races the response: CPython
+        # gh-86296) would keep this loop, and with it the bridge, alive forever.
+        while not self._abandon.is_set():
             self.heartbeats += 1
             self.health.beat()
             for line in self.lines:
