@@ -54,52 +54,40 @@ def variants_for(ckpt: Path, data: Path, category: str, skip_magnitude: bool = F
             row["detection_rate"] = float((scores[~good] > threshold).mean())
         return row
 
-    def val_scores_of(fused_val: np.ndarray, s: float) -> np.ndarray:
-        return _blur_max(fused_val, s)[1]
+    def standardised(maps: dict, ref: dict, b: str, scales: list[int]) -> np.ndarray:
+        """Branch b's maps at `scales`, summed, standardised on `ref`'s statistics images."""
+        m, s = _stats(_branch_sum([ref[b][k][stats_idx] for k in scales]))
+        return (_branch_sum([maps[b][k] for k in scales]) - np.float32(m)) / np.float32(s)
 
     def per_branch(scales: list[int], t_maps: dict = t_maps, v_maps: dict = v_maps) -> np.ndarray:
-        fused = 0.0
-        for b in t_maps:
-            m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in scales]))
-            fused = fused + (_branch_sum([t_maps[b][k] for k in scales]) - np.float32(m)) / np.float32(s)
-        return fused
+        return sum(standardised(t_maps, v_maps, b, scales) for b in t_maps)
 
     def per_scale(scales: list[int]) -> np.ndarray:
-        fused = 0.0
-        for b in t_maps:
-            for k in scales:
-                m, s = _stats(v_maps[b][k][stats_idx])
-                fused = fused + (t_maps[b][k] - np.float32(m)) / np.float32(s)
-        return fused
+        return sum(standardised(t_maps, v_maps, b, [k]) for b in t_maps for k in scales)
 
     everything = list(range(len(next(iter(t_maps.values())))))
     model = per_branch(everything)
     model_val = per_branch(everything, v_maps, v_maps)
-    out = {
-        "model: branch-standardised sum, all scales": score(*_blur_max(model, sigma), val_scores_of(model_val, sigma))
-    }
+    model_blurred, model_scores = _blur_max(model, sigma)
+    model_val_scores = _blur_max(model_val, sigma)[1]
+    out = {"model: branch-standardised sum, all scales": score(model_blurred, model_scores, model_val_scores)}
     # Image scores per detector (a branch, or a (branch, scale)), each standardised on the statistics
     # images' scores, then their maximum or sum: a textured object's RGB tail no longer hides what only
     # the 3D branch sees. The map (AUPRO) stays the model's.
-    blurred_model = _blur_max(model, sigma)[0]
     for unit in ("branch", "scale"):
         parts = [(b, [k]) for b in t_maps for k in everything] if unit == "scale" else [(b, everything) for b in t_maps]
         z_test, z_val = [], []
         for b, ks in parts:
-            m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in ks]))
-            t_s = _blur_max((_branch_sum([t_maps[b][k] for k in ks]) - np.float32(m)) / np.float32(s), sigma)[1]
-            v_s = _blur_max((_branch_sum([v_maps[b][k] for k in ks]) - np.float32(m)) / np.float32(s), sigma)[1]
+            t_s = _blur_max(standardised(t_maps, v_maps, b, ks), sigma)[1]
+            v_s = _blur_max(standardised(v_maps, v_maps, b, ks), sigma)[1]
             mu, sd = float(v_s[stats_idx].mean()), max(float(v_s[stats_idx].std(ddof=1)), 1e-8)
             z_test.append((t_s - mu) / sd)
             z_val.append((v_s - mu) / sd)
         for how, reduce in (("max", np.maximum.reduce), ("sum", np.add.reduce)):
-            out[f"per-{unit} image scores standardised, {how}"] = score(blurred_model, reduce(z_test), reduce(z_val))
+            out[f"per-{unit} image scores standardised, {how}"] = score(model_blurred, reduce(z_test), reduce(z_val))
     for s in (0.5 * sigma, 1.5 * sigma, 2.0 * sigma):
         out[f"blur sigma {s:g} px"] = score(*_blur_max(model, s))
-    branch_blurred = []
-    for b in t_maps:
-        m, s = _stats(_branch_sum([v_maps[b][k][stats_idx] for k in everything]))
-        branch_blurred.append(_blur_max((_branch_sum(t_maps[b]) - np.float32(m)) / np.float32(s), sigma))
+    branch_blurred = [_blur_max(standardised(t_maps, v_maps, b, everything), sigma) for b in t_maps]
     out["max of the blurred branch maps"] = score(
         np.maximum.reduce([bb[0] for bb in branch_blurred]), np.maximum.reduce([bb[1] for bb in branch_blurred])
     )
@@ -113,19 +101,18 @@ def variants_for(ckpt: Path, data: Path, category: str, skip_magnitude: bool = F
     # mean and std (statistics images), then blur and max as the model does.
     if test.frames[0].x3d is not None:
         t_bands, v_bands = _rim_bands(test.frames), _rim_bands(val.frames)
-        for name, fused_t, fused_v in (("model", model, model_val),):
-            out[f"{name}, rim-aware standardisation"] = score(
-                *_blur_max(_band_standardise(fused_t, t_bands, fused_v[stats_idx], v_bands[stats_idx]), sigma),
-                _blur_max(_band_standardise(fused_v, v_bands, fused_v[stats_idx], v_bands[stats_idx]), sigma)[1],
-            )
+        bands = _band_stats(model_val[stats_idx], v_bands[stats_idx])
+        out["model, rim-aware standardisation"] = score(
+            *_blur_max(_band_standardise(model, t_bands, bands), sigma),
+            _blur_max(_band_standardise(model_val, v_bands, bands), sigma)[1],
+        )
     if skip_magnitude:
         return out
     # Image score from the top of the map instead of its single highest pixel.
-    blurred, _ = _blur_max(model, sigma)
-    flat = np.sort(blurred.reshape(len(blurred), -1), axis=1)
+    flat = np.sort(model_blurred.reshape(len(model_blurred), -1), axis=1)
     for share in (0.001, 0.01):
         k = max(1, round(share * flat.shape[1]))
-        out[f"score = mean of the top {100 * share:g} % of the map"] = score(blurred, flat[:, -k:].mean(axis=1))
+        out[f"score = mean of the top {100 * share:g} % of the map"] = score(model_blurred, flat[:, -k:].mean(axis=1))
     # Feature magnitude: (1 - cos) is blind to a student that points the right way at the wrong length,
     # which is what a brightness or gain defect does to low-level features.
     t_mag = _raw_scale_maps(inspector, test, per_scale=_magnitude_maps)
@@ -160,11 +147,19 @@ def _rim_bands(frames: list) -> np.ndarray:
     return np.stack(out)
 
 
-def _band_standardise(maps: np.ndarray, bands: np.ndarray, ref_maps: np.ndarray, ref_bands: np.ndarray) -> np.ndarray:
-    out = maps.copy()  # the background beyond the rim keeps the model's values (its spread is ~0: no z-scores)
+def _band_stats(ref_maps: np.ndarray, ref_bands: np.ndarray) -> dict[int, tuple[float, float]]:
+    """Mean and std of the maps in each band on and inside the rim (the background beyond it is left as
+    it is: its spread is ~0, so z-scores there would blow up)."""
+    stats = {}
     for b in range(2, len(RIM_BANDS) - 1):
         ref = ref_maps[ref_bands == b].astype(np.float64)
-        m, s = (float(ref.mean()), max(float(ref.std()), 1e-8)) if ref.size > 1 else (0.0, 1.0)
+        stats[b] = (float(ref.mean()), max(float(ref.std()), 1e-8)) if ref.size > 1 else (0.0, 1.0)
+    return stats
+
+
+def _band_standardise(maps: np.ndarray, bands: np.ndarray, stats: dict[int, tuple[float, float]]) -> np.ndarray:
+    out = maps.copy()
+    for b, (m, s) in stats.items():
         sel = bands == b
         out[sel] = (maps[sel] - m) / s
     return out

@@ -24,10 +24,7 @@ def distillation_loss(
       docs/model.md).
     """
     if kind == "magnitude":
-        norms = (
-            (((p.float().norm(dim=1) - t.float().norm(dim=1)) / t.float().norm(dim=1).clamp_min(1e-6)) ** 2).mean()
-            for p, t in zip(predicted, target, strict=True)
-        )
+        norms = (_relative_norm_error(p, t) for p, t in zip(predicted, target, strict=True))
         return distillation_loss(predicted, target, "position") + sum(
             norms, start=torch.zeros((), device=target[0].device)
         )
@@ -41,3 +38,9 @@ def distillation_loss(
     else:
         raise ValueError(f"unknown loss {kind!r}; expected 'position', 'global' or 'magnitude'")
     return sum(terms, start=torch.zeros((), device=target[0].device))
+
+
+def _relative_norm_error(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of ((|p| - |t|) / |t|)^2, feature vectors along dim 1."""
+    t_norm = t.float().norm(dim=1)
+    return (((p.float().norm(dim=1) - t_norm) / t_norm.clamp_min(1e-6)) ** 2).mean()

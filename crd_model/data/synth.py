@@ -364,6 +364,7 @@ def _blob_q(scene: _Scene, rng: np.random.Generator, cu: float, cv: float, r: fl
 _STAINS = np.array([(60, 40, 25), (28, 28, 30), (75, 95, 40), (60, 70, 115), (225, 220, 205)], F32) / 255
 _RADIUS_PX = {"color": (6, 14), "contamination": (7, 13), "dent": (6, 14), "bump": (6, 14), "bent": (10, 16),
               "hole": (4, 9), "pimple": (3, 6), "pit": (3, 6)}  # fmt: skip
+_DEPTH_MM = {"dent": (1.5, 4.0), "bump": (1.5, 4.0), "pit": (0.25, 0.6), "pimple": (0.25, 0.6)}
 
 
 def _apply_defect(kind: str, scene: _Scene, rng: np.random.Generator, dh: np.ndarray, albedo: np.ndarray,
@@ -396,8 +397,7 @@ def _apply_defect(kind: str, scene: _Scene, rng: np.random.Generator, dh: np.nda
         return fp
     if kind in ("dent", "bump", "pit", "pimple"):  # smooth depression / bulge; colour untouched
         q = _blob_q(scene, rng, cu, cv, radius, 0.1)
-        depth = rng.uniform(*((1.5, 4.0) if kind in ("dent", "bump") else (0.25, 0.6))) * mm
-        depth *= -1 if kind in ("dent", "pit") else 1
+        depth = rng.uniform(*_DEPTH_MM[kind]) * mm * (-1 if kind in ("dent", "pit") else 1)
         dh += depth * np.cos(0.5 * np.pi * np.minimum(q, 1)) ** 2
         return q < 0.75
     if kind == "bent":  # part of the object lifted / pushed down, ramping along its main axis
