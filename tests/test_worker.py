@@ -476,11 +476,12 @@ def test_a_batch_whose_inference_raises_stays_pending_and_is_retried(settings, r
     sent = _send(Producer(s, camera="c", r=r), 3)
 
     class FailsOnce(StandInInspector):
-        calls = 0
+        calls, failed_batch = 0, 0
 
         def forward(self, inputs):
             FailsOnce.calls += 1
             if FailsOnce.calls == 1:
+                FailsOnce.failed_batch = len(inputs)
                 raise RuntimeError("CUDA out of memory (simulated)")
             return super().forward(inputs)
 
@@ -488,8 +489,12 @@ def test_a_batch_whose_inference_raises_stays_pending_and_is_retried(settings, r
     assert worker.run(max_frames=3, idle_exit_s=5) == 3
     results = _results(r, s)
     assert sorted(x.frame_id for x in results) == sorted(sent)  # each once, after the retry
-    assert all(x.verdict == "ok" and x.deliveries == 2 for x in results)
-    assert FailsOnce.calls >= 2
+    assert all(x.verdict == "ok" for x in results)
+    # How the three frames split into batches depends on decode timing; the failed batch's frames,
+    # and only those, come back on a second delivery.
+    retried = sorted(x.deliveries for x in results)
+    assert FailsOnce.failed_batch >= 1
+    assert retried == [1] * (3 - FailsOnce.failed_batch) + [2] * FailsOnce.failed_batch
 
 
 def test_a_clean_exit_leaves_the_group_but_a_consumer_with_pending_frames_stays(settings, r):
