@@ -5,7 +5,8 @@
 For each `<checkpoints>/<category>/crd-seed<seed>` trained by bench/quality.py, scores the test split
 with other ways of turning the per-scale (1 - cos) maps into a map and a score: the blur's sigma, the
 maximum of the two blurred branch maps instead of their sum, standardisation per (branch, scale), and
-subsets of the scales. Statistics come from the checkpoint's own calibration statistics images. Prints
+subsets of the scales; with `--memory-bank`, PatchCore on the checkpoint's own teacher (alone and added to
+the model's map). Statistics come from the checkpoint's own calibration statistics images. Prints
 I-AUROC (overall, RGB-only and 3D-only defects) and AUPRO@30% per variant; writes them to `--json`.
 """
 
@@ -15,8 +16,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -24,7 +29,9 @@ from bench.common import ROOT
 from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visibility_groups
 
 
-def variants_for(ckpt: Path, data: Path, category: str, skip_magnitude: bool = False) -> dict[str, dict[str, float]]:
+def variants_for(
+    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False
+) -> dict[str, dict[str, float]]:
     from crd_model.dataset import load_split
     from crd_model.inspector import Inspector
     from crd_model.metrics import aupro, image_auroc
@@ -106,6 +113,9 @@ def variants_for(ckpt: Path, data: Path, category: str, skip_magnitude: bool = F
             *_blur_max(_band_standardise(model, t_bands, bands), sigma),
             _blur_max(_band_standardise(model_val, v_bands, bands), sigma)[1],
         )
+    if memory_bank:
+        splits, maps = (test, val), (model, model_val)
+        out.update(_memory_bank_variants(inspector, data, category, splits, maps, score, stats_idx, sigma))
     if skip_magnitude:
         return out
     # Image score from the top of the map instead of its single highest pixel.
@@ -129,6 +139,95 @@ def variants_for(ckpt: Path, data: Path, category: str, skip_magnitude: bool = F
         out[f"model + {weight:g} x magnitude, scale 1"] = score(
             *_blur_max(model + np.float32(weight) * magnitude(everything[:1]), sigma)
         )
+    return out
+
+
+def _teacher_features(teacher: list, student: list, size: tuple[int, int]) -> list:
+    return [t.float() for t in teacher]
+
+
+def _patch_features(scales: list, idx: tuple[int, ...]) -> torch.Tensor:
+    """PatchCore's locally aware patch features: each chosen scale 3x3-averaged, brought to the first
+    one's grid, concatenated; (N, C, h, w)."""
+    import torch
+    import torch.nn.functional as F
+
+    first = scales[idx[0]]
+    parts = []
+    for k in idx:
+        f = F.avg_pool2d(scales[k], 3, stride=1, padding=1, count_include_pad=False)
+        if f.shape[-2:] != first.shape[-2:]:
+            f = F.interpolate(f, size=first.shape[-2:], mode="bilinear", align_corners=False)
+        parts.append(f)
+    return torch.cat(parts, dim=1)
+
+
+def _coreset(bank: torch.Tensor, share: float, seed: int = 0) -> torch.Tensor:
+    """Greedy k-centre coreset (PatchCore), distances in a 128-d random projection."""
+    import torch
+
+    n = max(1, int(len(bank) * share))
+    g = torch.Generator().manual_seed(seed)
+    proj = bank @ torch.randn(bank.shape[1], 128, generator=g) / 128**0.5
+    chosen = [int(torch.randint(len(bank), (1,), generator=g))]
+    dist = torch.cdist(proj, proj[chosen[-1] : chosen[-1] + 1])[:, 0]
+    for _ in range(n - 1):
+        chosen.append(int(dist.argmax()))
+        dist = torch.minimum(dist, torch.cdist(proj, proj[chosen[-1] : chosen[-1] + 1])[:, 0])
+    return bank[chosen]
+
+
+def _nn_maps(feats: torch.Tensor, bank: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    out = []
+    for i in range(0, len(feats), 8):
+        f = feats[i : i + 8]
+        n, c, h, w = f.shape
+        q = f.permute(0, 2, 3, 1).reshape(-1, c)
+        d = torch.cat([torch.cdist(q[j : j + 4096], bank).min(dim=1).values for j in range(0, len(q), 4096)])
+        out.append(F.interpolate(d.reshape(n, 1, h, w), size=size, mode="bilinear", align_corners=False)[:, 0])
+    return torch.cat(out).numpy()
+
+
+def _memory_bank_variants(inspector, data, category, splits, model_maps, score, standardised_on, sigma):
+    """PatchCore on the checkpoint's own frozen teacher: per branch, the distance of each position's
+    locally averaged (scales 1-2) teacher feature to its nearest neighbour among the training images'
+    (10 % greedy coreset); standardised per branch on the statistics images like the model's maps, alone
+    and added to the model's map."""
+    import torch
+
+    from crd_model.dataset import load_split
+
+    (test, val), (model, model_val) = splits, model_maps
+    train = load_split(data, category, "train", inspector.config)
+    size = (inspector.config.image_size, inspector.config.image_size)
+    feats = {s: _raw_scale_maps(inspector, split, per_scale=_teacher_features) for s, split in
+             (("train", train), ("test", test), ("val", val))}  # fmt: skip
+    knn_t, knn_v = {}, {}
+    for b in feats["train"]:
+        for idx in ((1, 2),):
+            pf = {s: _patch_features([torch.from_numpy(x) for x in feats[s][b]], idx) for s in feats}
+            c = pf["train"].shape[1]
+            bank = _coreset(pf["train"].permute(0, 2, 3, 1).reshape(-1, c), 0.1)
+            t, v = _nn_maps(pf["test"], bank, size), _nn_maps(pf["val"], bank, size)
+            m, sd = _stats(v[standardised_on])
+            knn_t[(b, idx)] = (t - np.float32(m)) / np.float32(sd)
+            knn_v[(b, idx)] = (v - np.float32(m)) / np.float32(sd)
+    out = {}
+    for idx in ((1, 2),):
+        tag = f"scales {idx[0]}-{idx[1]}"
+        both_t = sum(knn_t[(b, idx)] for b in feats["train"])
+        both_v = sum(knn_v[(b, idx)] for b in feats["train"])
+        out[f"patchcore alone, {tag}"] = score(*_blur_max(both_t, sigma), _blur_max(both_v, sigma)[1])
+        out[f"model + patchcore, {tag}"] = score(
+            *_blur_max(model + both_t, sigma), _blur_max(model_val + both_v, sigma)[1]
+        )
+        if "rgb" in feats["train"]:
+            out[f"model + patchcore rgb only, {tag}"] = score(
+                *_blur_max(model + knn_t[("rgb", idx)], sigma), _blur_max(model_val + knn_v[("rgb", idx)], sigma)[1]
+            )
     return out
 
 
@@ -185,6 +284,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="crd", help="the checkpoints' folder prefix (<model>-seed<seed>)")
     ap.add_argument("--skip-magnitude", action="store_true", help="leave out the feature-magnitude variants")
+    ap.add_argument("--memory-bank", action="store_true", help="add the PatchCore (teacher memory bank) variants")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
     a = ap.parse_args()
     from crd_model.stream.logs import configure_logging
@@ -193,7 +293,7 @@ def main() -> int:
     results = {}
     for c in a.categories:
         results[c] = variants_for(
-            Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}", Path(a.data), c, a.skip_magnitude
+            Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}", Path(a.data), c, a.skip_magnitude, a.memory_bank
         )
         for name, r in results[c].items():
             verdicts = (
