@@ -23,7 +23,7 @@ from crd_model.stream import (
     unpack_result,
 )
 from tests.conftest import TINY_CATEGORY
-from workers.hostpool import SLABS, HostPool, slab_cost
+from workers.hostpool import ALIGN, SLABS, HostPool, slab_cost
 from workers.processing import Item, WireMap, build_outcome, unpack_item
 
 
@@ -139,16 +139,12 @@ def test_pool_processes_never_import_torch(pool):
         assert "libtorch" not in maps, f"pool process {pid} loaded torch"
 
 
-def test_a_batch_that_does_not_fit_a_slab_is_not_taken():
-    pool = HostPool(1, 2**20, Limits())
-    try:
-        rgb, xyz = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.float32)
-        small = _item(_payload(rgb, xyz))
-        assert pool.fits([small]) and slab_cost(small) >= 64 * 64 * 15
-        big = _item(_payload(np.zeros((300, 300, 3), np.uint8), np.zeros((300, 300, 3), np.float32)))
-        assert not pool.fits([big])  # 300 x 300 x 15 decoded bytes alone exceed 1 MiB
-    finally:
-        pool.close()
+def test_a_frame_s_slab_cost_counts_its_payloads_and_its_decoded_arrays():
+    rgb, xyz = np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64, 3), np.float32)
+    item = _item(_payload(rgb, xyz))
+    decoded = 64 * 64 * 3 + 64 * 64 * 12
+    encoded = len(item.frame.rgb.data) + len(item.frame.xyz.data)
+    assert decoded + encoded <= slab_cost(item) < decoded + encoded + 4 * ALIGN
 
 
 def test_results_built_in_the_pool_equal_results_built_here(pool):

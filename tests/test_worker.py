@@ -401,10 +401,12 @@ def test_while_the_device_is_behind_the_next_batch_keeps_filling(settings, r):
     assert len(sizes) == 3 and sizes[0] == 1 and sizes[2] >= n - 1 - sizes[1] and sizes[1] <= 4, sizes
 
 
-def test_a_batch_holds_no_more_decoded_bytes_than_its_cap(settings, r):
+@pytest.mark.parametrize("decode_processes", [0, 2], ids=["threads", "processes"])
+def test_a_batch_holds_no_more_decoded_bytes_than_its_cap(settings, r, decode_processes):
     # A 64x64 frame decodes to 64 * 64 * 15 = 61,440 bytes: with a 0.1 MB cap two never share a batch,
-    # and the 128x128 frame (245,760 bytes, over the cap on its own) is inspected alone.
-    s = _fast(settings, max_batch=16, max_wait_ms=200, max_batch_decoded_mb=0.1)
+    # and the 128x128 frame (245,760 bytes, over the cap on its own, so larger than a decode process's
+    # shared-memory slab) is inspected alone.
+    s = _fast(settings, max_batch=16, max_wait_ms=200, max_batch_decoded_mb=0.1, decode_processes=decode_processes)
     frames_key = s.streams.key(s.line, "frames")
     ensure_group(r, frames_key, s.streams.group)
     producer = Producer(s, camera="c", r=r)

@@ -222,9 +222,6 @@ class HostPool:
                 broken.shutdown(wait=False, cancel_futures=True)
                 self._executor = self._new_executor()
 
-    def fits(self, items: Sequence[Item]) -> bool:
-        return sum(slab_cost(it) for it in items) <= self.slab_bytes
-
     # -- decoding --------------------------------------------------------------------------------------------------
     def decode(self, items: list[Item], give_up: Callable[[], bool]) -> PendingDecode | None:
         """Copy the batch's payloads into a free slab (waiting for one) and start decoding them.
