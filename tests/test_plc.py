@@ -253,6 +253,44 @@ def test_a_plc_library_that_swallows_the_shutdown_cancel_does_not_hang_the_bridg
     assert time.monotonic() - started < 3  # not the bridge's 5 s bound on a stuck task: the loop ended
 
 
+def test_the_modbus_adapter_hands_on_a_cancel_that_its_request_swallowed(modbus):
+    # The adapter-level mend of the case above: a request that swallows the cancel and answers anyway
+    # (what pymodbus's wait_for does when the cancel meets the response) must not turn into a normal
+    # return, so the task that was cancelled ends.
+    import asyncio
+
+    from consumers.plc.modbus import ModbusAdapter
+
+    s, _plc = modbus
+    swallowed = []
+
+    async def scenario():
+        adapter = ModbusAdapter([s.line], s.plc.modbus, s.plc.score_scale)
+        await adapter.start()
+        try:
+            client = adapter.client
+
+            async def read_swallowing_the_cancel(*args, **kwargs):
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    swallowed.append(True)
+                return await client.read_holding_registers(0, count=1, device_id=kwargs["device_id"])
+
+            task = asyncio.ensure_future(adapter._call("read", read_swallowing_the_cancel))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            # Without a cancel the same request answers normally.
+            assert not (await adapter._call("read", client.read_holding_registers, 0, count=1)).isError()
+        finally:
+            await adapter.stop()
+
+    asyncio.run(scenario())
+    assert swallowed == [True]
+
+
 def test_heartbeat_counts_and_toggles(modbus, r):
     s, plc = modbus
     bridge = BridgeThread(s)
@@ -373,6 +411,47 @@ def test_opcua_client_writes_results_into_the_plcs_nodes_with_handshake(settings
     finally:
         bridge.stop()
         plc.close()
+
+
+def test_the_opcua_client_hands_on_a_cancel_that_its_request_swallowed(settings):
+    # As the Modbus case: asyncua's requests wait with asyncio.wait_for too.
+    import asyncio
+
+    from consumers.plc.opcua_client import OpcUaClientAdapter
+
+    plc = OpcUaPlc([settings.line], free_port()).start()
+    s = _with_plc(settings, protocol="opcua-client", opcua_client={"endpoint": plc.endpoint})
+    swallowed = []
+
+    async def scenario():
+        adapter = OpcUaClientAdapter([s.line], s.plc.opcua_client, s.plc.score_scale)
+        await adapter.start()
+        try:
+            read_values = adapter.client.read_values
+
+            async def read_swallowing_the_cancel(nodes):
+                try:
+                    await asyncio.sleep(10)
+                except asyncio.CancelledError:
+                    swallowed.append(True)
+                return await read_values(nodes)
+
+            adapter.client.read_values = read_swallowing_the_cancel
+            task = asyncio.ensure_future(adapter._read(s.line, [adapter.nodes.sequence]))
+            await asyncio.sleep(0.1)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 5)
+            adapter.client.read_values = read_values
+            assert await adapter._read(s.line, [adapter.nodes.sequence]) == [0]  # answers without a cancel
+        finally:
+            await adapter.stop()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        plc.close()
+    assert swallowed == [True]
 
 
 # ---- OPC UA: server mode (the bridge is the server, a PLC subscribes) ------------------------------

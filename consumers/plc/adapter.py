@@ -9,6 +9,16 @@ from dataclasses import dataclass
 from consumers.plc.records import PlcResult
 
 
+def raise_if_cancelling() -> None:
+    """Hand on a cancellation that the PLC library swallowed. pymodbus and asyncua wait for each answer
+    with asyncio.wait_for, which on Python 3.11 returns the answer (or raises a timeout) when the cancel
+    lands as the answer arrives (CPython gh-86296); the bridge's shutdown would then wait on a task that
+    carries on. Called after every request, answered or failed."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 class PlcUnavailable(Exception):
     """The PLC cannot be reached (or refused a request): retry later, with the same record."""
 

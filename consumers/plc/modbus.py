@@ -8,7 +8,7 @@ import logging
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable
+from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable, raise_if_cancelling
 from consumers.plc.records import PlcResult
 from crd_model.stream.settings import ModbusSettings
 
@@ -91,7 +91,9 @@ class ModbusAdapter(HandshakeAdapter):
             async with self._lock:
                 resp = await coro_fn(*args, device_id=self.cfg.device_id, **kwargs)
         except (OSError, ModbusException, TimeoutError) as exc:
+            raise_if_cancelling()
             raise PlcUnavailable(f"modbus {what}: {exc}") from exc
+        raise_if_cancelling()
         if resp.isError():
             raise PlcUnavailable(f"modbus {what}: the PLC answered {resp}")
         return resp
