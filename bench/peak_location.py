@@ -27,10 +27,13 @@ RIM_PX = 4
 def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
     from scipy import ndimage
 
+    from bench.scoring_variants import signed_distance_to_silhouette
     from crd_model.dataset import load_split
     from crd_model.inspector import Inspector
 
     inspector = Inspector(ckpt, "cpu")
+    if not inspector.config.uses_3d:
+        raise SystemExit(f"{ckpt}: the silhouette comes from the 3D input; this model has no 3D branch")
     test = load_split(data, category, "test", inspector.config)
     rows: dict[str, list[tuple[float, bool]]] = {}
     for i in range(0, len(test.frames), 16):
@@ -39,8 +42,7 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
             n = i + k
             m = ins.model_map
             y, x = np.unravel_index(int(np.argmax(m)), m.shape)
-            fg = (test.frames[n].x3d > 0).any(axis=0) if test.frames[n].x3d is not None else np.ones_like(m, bool)
-            signed = ndimage.distance_transform_edt(fg) - ndimage.distance_transform_edt(~fg)
+            signed = signed_distance_to_silhouette(test.frames[n])
             # On the defect: within RIM_PX of its ground truth (a 3-6 px defect's blurred peak may sit beside it).
             near = ndimage.distance_transform_edt(~test.gt[n]) if test.gt is not None and test.gt[n].any() else None
             on_defect = bool(near is not None and near[y, x] <= RIM_PX)

@@ -234,16 +234,19 @@ def _memory_bank_variants(inspector, data, category, splits, model_maps, score, 
 RIM_BANDS = (-np.inf, -4, -2, 0, 2, 4, 8, np.inf)  # signed px to the silhouette at the model's size (- = outside)
 
 
-def _rim_bands(frames: list) -> np.ndarray:
-    """(N, S, S) int8 band of each pixel's signed distance to the object's silhouette (3D foreground)."""
+def signed_distance_to_silhouette(frame) -> np.ndarray:
+    """(S, S) distance of each pixel to the silhouette of the frame's 3D foreground, in px at the model's
+    size; negative outside the object."""
     from scipy import ndimage
 
-    out = []
-    for f in frames:
-        fg = (f.x3d > 0).any(axis=0)
-        signed = ndimage.distance_transform_edt(fg) - ndimage.distance_transform_edt(~fg)
-        out.append((np.digitize(signed, RIM_BANDS[1:-1], right=True)).astype(np.int8))
-    return np.stack(out)
+    fg = (frame.x3d > 0).any(axis=0)
+    return ndimage.distance_transform_edt(fg) - ndimage.distance_transform_edt(~fg)
+
+
+def _rim_bands(frames: list) -> np.ndarray:
+    """(N, S, S) int8 band of each pixel's signed distance to the object's silhouette (3D foreground)."""
+    signed = [signed_distance_to_silhouette(f) for f in frames]
+    return np.stack([np.digitize(d, RIM_BANDS[1:-1], right=True).astype(np.int8) for d in signed])
 
 
 def _band_stats(ref_maps: np.ndarray, ref_bands: np.ndarray) -> dict[int, tuple[float, float]]:
