@@ -253,10 +253,35 @@ def test_a_plc_library_that_swallows_the_shutdown_cancel_does_not_hang_the_bridg
     assert time.monotonic() - started < 3  # not the bridge's 5 s bound on a stuck task: the loop ended
 
 
+def _swallowing_the_cancel(request, swallowed: list):
+    """`request` behind a wait that swallows a cancel and answers anyway, as pymodbus's and asyncua's
+    asyncio.wait_for can on Python 3.11 when the cancel meets the answer."""
+    import asyncio
+
+    async def wrapped(*args, **kwargs):
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            swallowed.append(True)
+        return await request(*args, **kwargs)
+
+    return wrapped
+
+
+async def _cancel_and_expect_it_handed_on(call) -> None:
+    """Start `call()`, cancel it while its request waits: the task must end cancelled, not answer."""
+    import asyncio
+
+    task = asyncio.ensure_future(call())
+    await asyncio.sleep(0.1)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, 5)
+
+
 def test_the_modbus_adapter_hands_on_a_cancel_that_its_request_swallowed(modbus):
     # The adapter-level mend of the case above: a request that swallows the cancel and answers anyway
-    # (what pymodbus's wait_for does when the cancel meets the response) must not turn into a normal
-    # return, so the task that was cancelled ends.
+    # must not turn into a normal return, so the task that was cancelled ends.
     import asyncio
 
     from consumers.plc.modbus import ModbusAdapter
@@ -268,22 +293,11 @@ def test_the_modbus_adapter_hands_on_a_cancel_that_its_request_swallowed(modbus)
         adapter = ModbusAdapter([s.line], s.plc.modbus, s.plc.score_scale)
         await adapter.start()
         try:
-            client = adapter.client
-
-            async def read_swallowing_the_cancel(*args, **kwargs):
-                try:
-                    await asyncio.sleep(10)
-                except asyncio.CancelledError:
-                    swallowed.append(True)
-                return await client.read_holding_registers(0, count=1, device_id=kwargs["device_id"])
-
-            task = asyncio.ensure_future(adapter._call("read", read_swallowing_the_cancel))
-            await asyncio.sleep(0.1)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 5)
+            read = adapter.client.read_holding_registers
+            swallowing = _swallowing_the_cancel(read, swallowed)
+            await _cancel_and_expect_it_handed_on(lambda: adapter._call("read", swallowing, 0, count=1))
             # Without a cancel the same request answers normally.
-            assert not (await adapter._call("read", client.read_holding_registers, 0, count=1)).isError()
+            assert not (await adapter._call("read", read, 0, count=1)).isError()
         finally:
             await adapter.stop()
 
@@ -428,20 +442,8 @@ def test_the_opcua_client_hands_on_a_cancel_that_its_request_swallowed(settings)
         await adapter.start()
         try:
             read_values = adapter.client.read_values
-
-            async def read_swallowing_the_cancel(nodes):
-                try:
-                    await asyncio.sleep(10)
-                except asyncio.CancelledError:
-                    swallowed.append(True)
-                return await read_values(nodes)
-
-            adapter.client.read_values = read_swallowing_the_cancel
-            task = asyncio.ensure_future(adapter._read(s.line, [adapter.nodes.sequence]))
-            await asyncio.sleep(0.1)
-            task.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await asyncio.wait_for(task, 5)
+            adapter.client.read_values = _swallowing_the_cancel(read_values, swallowed)
+            await _cancel_and_expect_it_handed_on(lambda: adapter._read(s.line, [adapter.nodes.sequence]))
             adapter.client.read_values = read_values
             assert await adapter._read(s.line, [adapter.nodes.sequence]) == [0]  # answers without a cancel
         finally:
