@@ -75,7 +75,7 @@ def visibility_groups() -> dict[str, list[str]]:
 def ensure_data(data: Path, categories: Sequence[str], a: argparse.Namespace) -> None:
     from crd_model.data.synth import generate_dataset
 
-    spec = {"seed": a.data_seed, "n_train": 100, "n_validation": a.n_validation, "n_test_good": a.n_test_good,
+    spec = {"seed": a.data_seed, "n_train": a.n_train, "n_validation": a.n_validation, "n_test_good": a.n_test_good,
             "n_test_per_defect": a.n_test_per_defect}  # fmt: skip
     if a.size_scale != 1.0:  # the generator's default stays out of the marker: older data stays valid
         spec["size_scale"] = a.size_scale
@@ -247,6 +247,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--image-size", type=int, default=192)
     ap.add_argument("--data-seed", type=int, default=0, help="generator seed of the synthetic data")
+    ap.add_argument("--n-train", type=int, default=100)
     ap.add_argument("--n-validation", type=int, default=100)
     ap.add_argument("--n-test-good", type=int, default=60)
     ap.add_argument("--n-test-per-defect", type=int, default=8)

@@ -30,7 +30,7 @@ from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visib
 
 
 def variants_for(
-    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False
+    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False, tta: bool = False
 ) -> dict[str, dict[str, float]]:
     from crd_model.dataset import load_split
     from crd_model.inspector import Inspector
@@ -113,6 +113,14 @@ def variants_for(
             *_blur_max(_band_standardise(model, t_bands, bands), sigma),
             _blur_max(_band_standardise(model_val, v_bands, bands), sigma)[1],
         )
+    if tta:
+        # Test-time augmentation: the raw maps of the flipped / turned inputs, moved back and averaged.
+        for name in ("flips", "d4"):
+            t_tta, v_tta = _tta_raw_scale_maps(inspector, test, name), _tta_raw_scale_maps(inspector, val, name)
+            out[f"test-time {name}, mean of the raw maps"] = score(
+                *_blur_max(per_branch(everything, t_tta, v_tta), sigma),
+                _blur_max(per_branch(everything, v_tta, v_tta), sigma)[1],
+            )
     if memory_bank:
         splits, maps = (test, val), (model, model_val)
         out.update(_memory_bank_variants(inspector, data, category, splits, maps, score, stats_idx, sigma))
@@ -140,6 +148,33 @@ def variants_for(
             *_blur_max(model + np.float32(weight) * magnitude(everything[:1]), sigma)
         )
     return out
+
+
+def _tta_raw_scale_maps(inspector, split, augment_name: str, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
+    """`_raw_scale_maps` averaged over the symmetries of `augment_name` (inputs turned, maps turned back)."""
+    from crd_model import augment
+    from crd_model.preprocessing import ModelInput
+
+    normals = inspector.config.representation_3d == "normals"
+    total: dict[str, list[np.ndarray]] = {}
+    symmetries = augment.variants(augment_name)
+    for sym in symmetries:
+        out: dict[str, list[list[np.ndarray]]] = {}
+        for i in range(0, len(split.frames), batch_size):
+            x = inspector.stack(split.frames[i : i + batch_size])
+            turned = ModelInput(
+                None if x.rgb is None else augment.transform(x.rgb, sym),
+                None if x.x3d is None else augment.transform(x.x3d, sym, normals=normals),
+            )
+            for name, scales in inspector.scale_maps(turned).items():
+                slot = out.setdefault(name, [[] for _ in scales])
+                for k, m in enumerate(scales):
+                    slot[k].append(augment.undo(m, sym).cpu().numpy())
+        for name, scales in out.items():
+            acc = total.setdefault(name, [np.zeros_like(np.concatenate(c)) for c in scales])
+            for k, c in enumerate(scales):
+                acc[k] += np.concatenate(c) / np.float32(len(symmetries))
+    return total
 
 
 def _teacher_features(teacher: list, student: list, size: tuple[int, int]) -> list:
@@ -288,6 +323,7 @@ def main() -> int:
     ap.add_argument("--model", default="crd", help="the checkpoints' folder prefix (<model>-seed<seed>)")
     ap.add_argument("--skip-magnitude", action="store_true", help="leave out the feature-magnitude variants")
     ap.add_argument("--memory-bank", action="store_true", help="add the PatchCore (teacher memory bank) variants")
+    ap.add_argument("--tta", action="store_true", help="add test-time augmentation (flips, flips and turns)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
     a = ap.parse_args()
     from crd_model.stream.logs import configure_logging
@@ -296,7 +332,7 @@ def main() -> int:
     results = {}
     for c in a.categories:
         results[c] = variants_for(
-            Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}", Path(a.data), c, a.skip_magnitude, a.memory_bank
+            Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}", Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta
         )
         for name, r in results[c].items():
             verdicts = (

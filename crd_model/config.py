@@ -145,6 +145,7 @@ class TrainingInfo(BaseModel):
     device: str | None = None
     bf16: bool | None = None
     loss: str | None = None
+    augment: str | None = None
     seconds_per_epoch: float | None = None
     fit_seconds: float | None = None
 

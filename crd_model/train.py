@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 import crd_model
+from crd_model import augment
 from crd_model.calibration import calibrate_frames
 from crd_model.checkpoint import save_checkpoint
 from crd_model.config import Calibration, CheckpointMeta, CRDConfig, TrainingInfo
@@ -47,6 +48,7 @@ class TrainOptions:
     workers: int | None = None
     bf16: bool | None = None  # bf16 autocast of the students' forward/backward; None = on CUDA only
     loss: str = "position"  # "position" (mean of 1 - cos), "global" (TRD's flattened cosine), "magnitude" (experiment)
+    augment: str = "none"  # "none" (the paper), "flips" or "d4" (flips and quarter turns): crd_model/augment.py
 
 
 def seed_everything(seed: int) -> None:
@@ -83,19 +85,28 @@ def fit(
     """Train the model's branches in place; returns the last epoch's mean loss per branch."""
     n = len(train.frames)
     rgb_all, x3d_all = train.stack("rgb"), train.stack("x3d")
-    cache = None
-    if _features_nbytes(model, n, model.config) <= options.cache_budget_mb * 2**20:
-        cache = []
+    symmetries = augment.variants(options.augment)
+    normals = model.config.representation_3d == "normals"
+
+    def encode(idx: np.ndarray, symmetry: tuple[bool, bool, bool]) -> dict[str, list[torch.Tensor]]:
+        rgb = _to_device(None if rgb_all is None else rgb_all[idx], device)
+        x3d = _to_device(None if x3d_all is None else x3d_all[idx], device)
         with torch.inference_mode():
-            for i in range(0, n, options.batch_size):
-                sl = slice(i, i + options.batch_size)
-                feats = model.encode(
-                    _to_device(None if rgb_all is None else rgb_all[sl], device),
-                    _to_device(None if x3d_all is None else x3d_all[sl], device),
-                )
-                cache.append(feats)
+            return model.encode(
+                None if rgb is None else augment.transform(rgb, symmetry),
+                None if x3d is None else augment.transform(x3d, symmetry, normals=normals),
+            )
+
+    # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget.
+    cache = None
+    if _features_nbytes(model, n * len(symmetries), model.config) <= options.cache_budget_mb * 2**20:
+        chunks = [
+            encode(np.arange(i, min(i + options.batch_size, n)), sym)
+            for sym in symmetries
+            for i in range(0, n, options.batch_size)
+        ]
         # Flatten to one tensor per modality and scale for random batching.
-        cache = {m: [torch.cat([c[m][k] for c in cache]).clone() for k in range(len(cache[0][m]))] for m in cache[0]}
+        cache = {m: [torch.cat([c[m][k] for c in chunks]).clone() for k in range(len(chunks[0][m]))] for m in chunks[0]}
 
     branches = dict(model.branches.items())
     optimisers = {
@@ -122,16 +133,17 @@ def fit(
             idx = order[i : i + options.batch_size]
             if len(idx) < 2 and n >= 2:
                 continue  # BatchNorm cannot train on a batch of one
+            # One symmetry per image, drawn only when augmenting (the unaugmented draws stay as they were).
+            sym = torch.randint(len(symmetries), (len(idx),), generator=generator) if len(symmetries) > 1 else None
             if cache is not None:
-                dev_idx = idx.to(device)
-                feats = {m: [f.index_select(0, dev_idx) for f in fs] for m, fs in cache.items()}
+                rows = idx if sym is None else sym * n + idx
+                dev_rows = rows.to(device)
+                feats = {m: [f.index_select(0, dev_rows) for f in fs] for m, fs in cache.items()}
             else:
-                with torch.inference_mode():
-                    feats = model.encode(
-                        _to_device(None if rgb_all is None else rgb_all[idx.numpy()], device),
-                        _to_device(None if x3d_all is None else x3d_all[idx.numpy()], device),
-                    )
-                feats = {m: [f.clone() for f in fs] for m, fs in feats.items()}
+                ks = [0] if sym is None else sorted(set(sym.tolist()))
+                parts = [encode((idx if sym is None else idx[sym == k]).numpy(), symmetries[k]) for k in ks]
+                feats = {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))]
+                         for m, fs in parts[0].items()}  # fmt: skip
             # Separate optimisers, stepped one after the other (the branches share no parameters).
             for name in branches:
                 with autocast:
@@ -263,6 +275,7 @@ def train_category(
             device=device.type,
             bf16=bf16_enabled(options, device),
             loss=options.loss,
+            augment=options.augment,
             seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 3),
             fit_seconds=round(fit_seconds, 2),
         ),

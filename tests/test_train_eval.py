@@ -216,3 +216,27 @@ def test_a_saved_checkpoint_scores_exactly_as_the_model_did_before_saving(tmp_pa
     after = inspector.infer(frames)
     np.testing.assert_allclose([a.score for a in after], before_scores.numpy(), rtol=1e-5)
     np.testing.assert_allclose(np.stack([a.model_map for a in after]), before_maps.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_features(tiny_data: Path):
+    """The cache of (symmetry, image) teacher features and the per-batch path see the same turned inputs."""
+    import torch
+
+    from crd_model.config import CRDConfig
+    from crd_model.dataset import load_split
+    from crd_model.torch_model import CRDModel
+    from crd_model.train import TrainOptions, fit
+
+    config = CRDConfig(image_size=64)
+    train = load_split(tiny_data, TINY_CATEGORY, "train", config)
+
+    def trained(**options) -> dict[str, float]:
+        torch.manual_seed(0)
+        model = CRDModel(config, teacher_weights=True)
+        return fit(model, train, TrainOptions(epochs=2, batch_size=8, progress=False, seed=0, **options),
+                   torch.device("cpu"))  # fmt: skip
+
+    cached, fresh, plain = trained(augment="d4"), trained(augment="d4", cache_budget_mb=0), trained()
+    for name in cached:  # (Adam turns float rounding into visible parameter differences: compare the losses)
+        assert cached[name] == pytest.approx(fresh[name], rel=1e-4)
+        assert cached[name] != pytest.approx(plain[name], rel=1e-3)  # the turned images were trained on

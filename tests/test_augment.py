@@ -1,0 +1,59 @@
+"""Pose augmentation: a flipped or turned normals image is the normals image of the flipped or turned part."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import crd_model.preprocessing as P
+from crd_model import augment
+from crd_model.data.synth import render_sample
+
+SIZE = 96
+
+
+def _mirrored_points(xyz: torch.Tensor, symmetry: tuple[bool, bool, bool]) -> torch.Tensor:
+    """The point map of the mirrored scene: pixels move, and so do the coordinates they hold."""
+    transpose, flip_rows, flip_cols = symmetry
+    x, y, z = xyz[:, 0:1], xyz[:, 1:2], xyz[:, 2:3]
+    if transpose:
+        x, y = y, x
+    if flip_cols:
+        x = -x
+    if flip_rows:
+        y = -y
+    return augment.transform(torch.cat([x, y, z], dim=1), symmetry)
+
+
+@pytest.mark.parametrize("symmetry", augment.variants("d4")[1:])
+def test_turned_normals_are_the_normals_of_the_turned_part(symmetry) -> None:
+    _, xyz, _ = render_sample("rod", "good", np.random.default_rng(3))  # not square, not symmetric
+    points = P.resize_points([torch.from_numpy(xyz)], SIZE)
+    # The corners' plane: the mirrored scene has the same corner points, so the same (mirrored) plane.
+    normals, fg = P.points_to_3d_input(points, "normals", "corners")
+    want, want_fg = P.points_to_3d_input(_mirrored_points(points, symmetry), "normals", "corners")
+    got = augment.transform(normals, symmetry, normals=True)
+    assert torch.equal(augment.transform(fg.unsqueeze(1), symmetry)[:, 0], want_fg)
+    assert want_fg.sum() > 500
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-4)
+
+
+def test_depth_and_rgb_only_move() -> None:
+    x = torch.rand(2, 3, 8, 8)
+    turned = augment.transform(x, (True, False, True))
+    assert torch.equal(turned, x.transpose(-1, -2).flip(-1))
+
+
+def test_the_identity_comes_first_and_unknown_settings_are_refused() -> None:
+    assert augment.variants("none") == [(False, False, False)]
+    assert len(augment.variants("flips")) == 4 and len(set(augment.variants("d4"))) == 8
+    assert all(v[0] == (False, False, False) for v in map(augment.variants, ("none", "flips", "d4")))
+    with pytest.raises(ValueError, match="unknown augment"):
+        augment.variants("rotate")
+
+
+@pytest.mark.parametrize("symmetry", augment.variants("d4"))
+def test_undo_returns_every_pixel_to_its_place(symmetry) -> None:
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    assert torch.equal(augment.undo(augment.transform(x, symmetry), symmetry), x)
