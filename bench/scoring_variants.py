@@ -150,6 +150,57 @@ def variants_for(
     return out
 
 
+def ensemble_for(ckpts: list[Path], data: Path, category: str) -> dict[str, dict[str, float]]:
+    """Students of several training seeds (one teacher), alone and with their raw maps averaged."""
+    from crd_model.dataset import load_split
+    from crd_model.inspector import Inspector
+    from crd_model.metrics import aupro, image_auroc
+
+    members = [Inspector(c, "cpu") for c in ckpts]
+    cal = members[0].meta.calibration
+    test = load_split(data, category, "test", members[0].config)
+    val = load_split(data, category, "validation", members[0].config)
+    names = [str(s.rgb_path.relative_to(data / category / "validation")) for s in val.samples]
+    stats_idx = np.array([names.index(n) for n in cal.source.statistics_images])
+    threshold_idx = np.setdiff1d(np.arange(len(val.samples)), stats_idx)
+    good = np.array([s.defect_type == "good" for s in test.samples])
+    types = np.array([s.defect_type for s in test.samples])
+    groups = visibility_groups()
+    sigma = members[0].config.effective_blur_sigma
+    raw = []  # per member: {branch: (test maps, validation maps)}, the scales summed
+    for inspector in members:
+        assert list(inspector.meta.calibration.source.statistics_images) == list(cal.source.statistics_images)
+        t_maps, v_maps = _raw_scale_maps(inspector, test), _raw_scale_maps(inspector, val)
+        raw.append({b: (_branch_sum(t_maps[b]), _branch_sum(v_maps[b])) for b in t_maps})
+
+    def fused(chosen: list[int], split: int) -> np.ndarray:
+        """The members' raw branch maps averaged (as one model holding several students would), then
+        standardised per branch on the statistics images and summed."""
+        out = 0
+        for b in raw[0]:
+            mean = sum(raw[i][b][split] for i in chosen) / np.float32(len(chosen))
+            ref = sum(raw[i][b][1][stats_idx] for i in chosen) / np.float32(len(chosen))
+            m, sd = _stats(ref)
+            out = out + (mean - np.float32(m)) / np.float32(sd)
+        return out
+
+    out = {}
+    chosen_sets = [(f"{c.name} alone", [i]) for i, c in enumerate(ckpts)]
+    chosen_sets += [(f"mean of the first {k}", list(range(k))) for k in range(2, len(ckpts) + 1)]
+    for label, chosen in chosen_sets:
+        blurred, scores = _blur_max(fused(chosen, 0), sigma)
+        v_scores = _blur_max(fused(chosen, 1), sigma)[1]
+        threshold = float(v_scores[threshold_idx].max())
+        row = {"i_auroc": image_auroc(test.labels, scores), "aupro_30": aupro(test.gt, blurred, 0.3),
+               "false_reject_rate": float((scores[good] > threshold).mean()),
+               "detection_rate": float((scores[~good] > threshold).mean())}  # fmt: skip
+        for g in ("rgb", "3d"):
+            sel = good | np.isin(types, groups[g])
+            row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
+        out[label] = row
+    return out
+
+
 def _tta_raw_scale_maps(inspector, split, augment_name: str, batch_size: int = 16) -> dict[str, list[np.ndarray]]:
     """`_raw_scale_maps` averaged over the symmetries of `augment_name` (inputs turned, maps turned back)."""
     from crd_model import augment
@@ -324,6 +375,7 @@ def main() -> int:
     ap.add_argument("--skip-magnitude", action="store_true", help="leave out the feature-magnitude variants")
     ap.add_argument("--memory-bank", action="store_true", help="add the PatchCore (teacher memory bank) variants")
     ap.add_argument("--tta", action="store_true", help="add test-time augmentation (flips, flips and turns)")
+    ap.add_argument("--ensemble-seeds", type=int, nargs="*", help="instead: each seed's students, and their mean")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
     a = ap.parse_args()
     from crd_model.stream.logs import configure_logging
@@ -331,9 +383,12 @@ def main() -> int:
     configure_logging(level="WARNING")
     results = {}
     for c in a.categories:
-        results[c] = variants_for(
-            Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}", Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta
-        )
+        if a.ensemble_seeds:
+            ckpts = [Path(a.checkpoints) / c / f"{a.model}-seed{s}" for s in a.ensemble_seeds]
+            results[c] = ensemble_for(ckpts, Path(a.data), c)
+        else:
+            ckpt = Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}"
+            results[c] = variants_for(ckpt, Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta)
         for name, r in results[c].items():
             verdicts = (
                 f"  FRR {r['false_reject_rate']:.3f} det {r['detection_rate']:.3f}" if "detection_rate" in r else ""

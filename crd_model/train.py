@@ -2,8 +2,10 @@
 
 Recipe of the paper: Adam(lr 0.005, betas (0.5, 0.999)), exponential decay 0.95 per epoch,
 batch 16, no augmentation, one optimiser per branch stepped one after the other.
-The teacher is frozen and there is no augmentation, so its features are computed once and
-cached (when they fit `cache_budget_mb`): training then only runs the students.
+The teacher is frozen and the inputs do not change between epochs (the paper has no augmentation;
+`augment` adds flips and quarter turns, a fixed set), so the teacher's features of every (symmetry,
+image) are computed once and cached (when they fit `cache_budget_mb`): training then only runs the
+students.
 """
 
 from __future__ import annotations
