@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -256,20 +257,25 @@ def main() -> int:
     ap.add_argument("--config", nargs="*", default=[], help="CRDConfig overrides, KEY=VALUE (JSON values)")
     ap.add_argument("--train", nargs="*", default=[], help="TrainOptions overrides, KEY=VALUE (JSON values)")
     ap.add_argument("--reuse", action="store_true", help="keep checkpoints already trained with the same settings")
-    ap.add_argument("--section", default="quality", help="BENCHMARKS.md section to (re)write")
-    ap.add_argument("--title", default="Quality on synthetic data", help="heading of the section")
+    ap.add_argument("--section", default=None, help="BENCHMARKS.md section to (re)write (default: quality)")
+    ap.add_argument("--title", default=None, help="heading of the section (default: Quality on synthetic data)")
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "quality.json"), help="raw results file")
     ap.add_argument("--render", default=None, metavar="JSON", help="only re-render the tables of a saved results file")
     a = ap.parse_args()
     if a.render:  # the numbers of a saved run, tables re-rendered (e.g. after a change to render())
         payload = json.loads(Path(a.render).read_text())
-        payload["rendered_by"] = f"bench/quality.py --render {a.render}"
+        placed = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("section", a.section), ("title", a.title)) if v)
+        payload["rendered_by"] = f"bench/quality.py --render {a.render}{placed}"
+        # --section / --title place a saved run (e.g. one run with --no-write) without editing its file.
+        payload["args"]["section"] = a.section or payload["args"]["section"] or "quality"
+        payload["args"]["title"] = a.title or payload["args"]["title"] or "Quality on synthetic data"
         table = render(payload)
         print(table)
         if not a.no_write:
             write_section(payload["args"]["section"], table)
         return 0
+    a.section, a.title = a.section or "quality", a.title or "Quality on synthetic data"
 
     from crd_model.data.synth import SYNTH_CATEGORIES
     from crd_model.stream.logs import configure_logging

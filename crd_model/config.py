@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Architecture = Literal["crd", "rgb", "3d", "fused"]
 Representation3D = Literal["normals", "depth"]
@@ -31,6 +31,10 @@ class CRDConfig(BaseModel):
     representation_3d: Representation3D = "normals"
     plane: PlaneMethod = "ransac"
     plane_distance: float = Field(0.005, gt=0, description="metres; points closer to the plane are background")
+    # Hysteresis: the object grows from the points above plane_distance through the connected points above
+    # this height (metres), so a body near plane_distance thick does not fall apart into specks. None: no
+    # growth (checkpoints written before it existed; see LEGACY_DEFAULTS).
+    plane_grow_distance: float | None = Field(0.0025, gt=0)
     # Gaussian sigma of the point-map smoothing before normals, in pixels at 256 px (scaled with image_size).
     smoothing_3d: float = Field(1.5, ge=0)
     # The 3D input is computed at this multiple of image_size, then averaged over the object down to it.
@@ -40,6 +44,14 @@ class CRDConfig(BaseModel):
     amplifier_expansion: int = Field(2, ge=1, le=8)
     # Gaussian blur of the fused map, in pixels at 256 px; scaled with image_size.
     blur_sigma: float = Field(4.0, ge=0)
+
+    @model_validator(mode="after")
+    def _grow_below_the_threshold(self) -> CRDConfig:
+        if self.plane_grow_distance is not None and self.plane_grow_distance >= self.plane_distance:
+            raise ValueError(
+                f"plane_grow_distance ({self.plane_grow_distance}) must be below plane_distance ({self.plane_distance})"
+            )
+        return self
 
     @field_validator("image_size")
     @classmethod
@@ -150,6 +162,11 @@ class TrainingInfo(BaseModel):
     fit_seconds: float | None = None
 
 
+# Settings added after checkpoints were first written whose new default changes what a model sees: a
+# config.json without them gets the value that reproduces how that checkpoint was trained.
+LEGACY_DEFAULTS: dict[str, object] = {"plane_grow_distance": None}
+
+
 class CheckpointMeta(BaseModel):
     """config.json of a checkpoint directory."""
 
@@ -160,6 +177,13 @@ class CheckpointMeta(BaseModel):
     config: CRDConfig
     calibration: Calibration | None = None
     training: TrainingInfo | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _as_trained(cls, data: object) -> object:
+        if isinstance(data, dict) and isinstance(data.get("config"), dict):
+            return {**data, "config": {**LEGACY_DEFAULTS, **data["config"]}}
+        return data
 
     @field_validator("format_version")
     @classmethod

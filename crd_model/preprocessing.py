@@ -324,25 +324,30 @@ def _grow4(mask: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _reach(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """The pixels of `region` 4-connected to `seeds` within it (seeds outside `region` count as reached)."""
+    reached = seeds
+    for _ in range(region.shape[1] * region.shape[2]):  # ends when nothing changes
+        grown = (_grow4(reached) & region) | seeds
+        if not _any(grown ^ reached):  # grown holds reached: equal when nothing was added
+            break
+        reached = grown
+    return reached
+
+
 def enclosed_missing(fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Holes of `fg` made only of missing points (4-connected, as scipy's fill_holes and label).
 
     A background pixel is outside a hole if its component of ~fg reaches the image border or holds a
-    valid point (valid background, e.g. a ring's centre, stays out). Reachability grows from those
-    seeds until it stops changing.
+    valid point (valid background, e.g. a ring's centre, stays out).
     """
     region = ~fg
-    reached = region & valid
-    reached[:, 0] |= region[:, 0]
-    reached[:, -1] |= region[:, -1]
-    reached[:, :, 0] |= region[:, :, 0]
-    reached[:, :, -1] |= region[:, :, -1]
-    for _ in range(region.shape[1] * region.shape[2]):  # ends when nothing changes
-        grown = _grow4(reached) & region
-        if not _any(grown ^ reached):  # grown holds reached: equal when nothing was added
-            break
-        reached = grown
-    return region & ~reached
+    seeds = region & valid
+    seeds[:, 0] |= region[:, 0]
+    seeds[:, -1] |= region[:, -1]
+    seeds[:, :, 0] |= region[:, :, 0]
+    seeds[:, :, -1] |= region[:, :, -1]
+    return region & ~_reach(seeds, region)
 
 
 def drop_specks(fg: torch.Tensor, min_area: int = MIN_AREA) -> torch.Tensor:
@@ -358,9 +363,14 @@ def drop_specks(fg: torch.Tensor, min_area: int = MIN_AREA) -> torch.Tensor:
     return fg & (_box_count(fg, 2 * (min_area - 1) + 1) >= min_area)
 
 
-def foreground(valid: torch.Tensor, raised: torch.Tensor) -> torch.Tensor:
-    """Raised valid points, closed, holes of missing points inside the object added, specks dropped."""
-    fg = _closing(valid & raised, CLOSING)
+def foreground(valid: torch.Tensor, raised: torch.Tensor, rising: torch.Tensor | None = None) -> torch.Tensor:
+    """Raised valid points, grown through the `rising` valid points connected to them (hysteresis: a thin
+    body whose height sits near the threshold stays whole), closed, holes of missing points inside the
+    object added, specks dropped."""
+    fg = valid & raised
+    if rising is not None:
+        fg = _reach(fg, valid & rising)
+    fg = _closing(fg, CLOSING)
     fg = fg | enclosed_missing(fg, valid)
     return drop_specks(fg)
 
@@ -539,13 +549,16 @@ def points_to_3d_input(
     plane: str = "ransac",
     distance: float = 0.005,
     smoothing: float = SMOOTHING_AT_256,
+    grow_distance: float | None = 0.0025,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Point maps (B, 3, S, S) at model resolution -> (float32 (B, 3, S, S) in [0, 1], bool (B, S, S) fg).
 
     - "depth": height above the plane (plane="none": -z), min-max over the foreground to [0.1, 0.9];
     - "normals": unit surface normals from Sobel gradients of the point map (smoothed over the object
       with a Gaussian of 1.5 px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1.
-    Background is 0. A frame with too few valid points, no fittable plane, or no object gets zeros.
+    The object is the valid points more than `distance` (m) above the plane, grown through the connected
+    points more than `grow_distance` above it (None: no growth). Background is 0. A frame with too few
+    valid points, no fittable plane, or no object gets zeros.
     """
     if representation not in ("normals", "depth"):
         raise ValueError(f"unknown representation {representation!r}; expected 'normals' or 'depth'")
@@ -563,7 +576,7 @@ def points_to_3d_input(
         usable &= ok
         p = planes.to(xyz.dtype)
         signed = (xyz * p[:, :3, None, None]).sum(dim=1) + p[:, 3, None, None]
-        fg = foreground(valid, signed > distance)
+        fg = foreground(valid, signed > distance, None if grow_distance is None else signed > grow_distance)
     fg &= usable.view(b, 1, 1)
     filled, known = fill_missing(xyz, valid & fg, fg)
     fg &= known  # anything filling could not reach stays background
@@ -651,7 +664,7 @@ class Preprocessor:
                 xyz = resize_points([t.to(self.device, non_blocking=True) for t in xyzs], size * k)
                 # the smoothing scales with the resolution: the same blur of the object whatever k is
                 x3d, fg = points_to_3d_input(
-                    xyz, cfg.representation_3d, cfg.plane, cfg.plane_distance, cfg.smoothing_3d
+                    xyz, cfg.representation_3d, cfg.plane, cfg.plane_distance, cfg.smoothing_3d, cfg.plane_grow_distance
                 )
                 if k > 1:
                     x3d = pool_over_object(x3d, fg, k)

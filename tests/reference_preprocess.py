@@ -183,16 +183,27 @@ def _close_and_fill(fg: np.ndarray, valid: np.ndarray, closing: int, min_area: i
 
 
 def foreground_mask(
-    xyz: np.ndarray, plane: np.ndarray, distance: float = 0.005, closing: int = 3, min_area: int = 8
+    xyz: np.ndarray,
+    plane: np.ndarray,
+    distance: float = 0.005,
+    closing: int = 3,
+    min_area: int = 8,
+    grow_distance: float | None = None,
 ) -> np.ndarray:
-    """bool (H, W): valid points raised more than `distance` (m) towards the camera above `plane`.
+    """bool (H, W): valid points raised more than `distance` (m) towards the camera above `plane`, with
+    the components (4-connected) of points raised more than `grow_distance` that hold one of them.
 
     Then a binary closing with a `closing` x `closing` square (<= 1: none), missing points enclosed by
     the object become foreground (to be filled), and components under `min_area` pixels are dropped.
     """
     valid = _valid(xyz)
     signed = xyz @ np.asarray(plane[:3], dtype=F32) + F32(plane[3])
-    return _close_and_fill(valid & (signed > distance), valid, closing, min_area)
+    raised = valid & (signed > distance)
+    if grow_distance is not None:
+        rising = valid & (signed > grow_distance)
+        labels, _ = ndimage.label(rising)
+        raised = rising & np.isin(labels, np.unique(labels[raised]))  # raised lies inside rising
+    return _close_and_fill(raised, valid, closing, min_area)
 
 
 def fill_holes(values: np.ndarray, valid: np.ndarray, region: np.ndarray, max_iter: int = 64) -> np.ndarray:
@@ -277,6 +288,7 @@ def xyz_to_3d_input(
     plane: Literal["ransac", "corners", "none"] = "ransac",
     distance: float = 0.005,
     smoothing: float = 1.5,
+    grow_distance: float | None = 0.0025,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Point map (H, W, 3) -> (float32 (3, size, size) in [0, 1], bool (size, size) foreground).
 
@@ -310,7 +322,7 @@ def xyz_to_3d_input(
             coeffs = fit_background_plane(small, method=plane, distance=distance)
         except ValueError:
             return empty  # no background visible at the border: nothing to measure against
-        fg = foreground_mask(small, coeffs, distance=distance)
+        fg = foreground_mask(small, coeffs, distance=distance, grow_distance=grow_distance)
     if not fg.any():
         return empty
     filled = fill_holes(small, valid & fg, fg)

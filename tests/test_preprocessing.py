@@ -25,11 +25,14 @@ def _as_batch(xyz: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(xyz, dtype=np.float32)).permute(2, 0, 1)[None].contiguous()
 
 
-def foreground_mask(xyz: np.ndarray, plane: np.ndarray, distance: float = 0.005) -> np.ndarray:
+def foreground_mask(
+    xyz: np.ndarray, plane: np.ndarray, distance: float = 0.005, grow_distance: float | None = None
+) -> np.ndarray:
     x = _as_batch(xyz)
     p = torch.from_numpy(plane).float()
     signed = (x * p[:3].view(1, 3, 1, 1)).sum(dim=1) + p[3]
-    return P.foreground(P.valid_points(x), signed > distance)[0].numpy()
+    rising = None if grow_distance is None else signed > grow_distance
+    return P.foreground(P.valid_points(x), signed > distance, rising)[0].numpy()
 
 
 def resize_nearest(a: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -125,6 +128,45 @@ def test_foreground_mask_box_not_plane() -> None:
     assert fg[inner].mean() > 0.99  # scattered missing points and the 6x6 hole are closed / filled
     assert fg[70:76, 90:96].all()
     assert not fg[outer].any()
+
+
+def thin_part_scene(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A level plane at 0.6 m, a 4.7 mm thick plate (0.4 mm sensor noise: half its pixels cross 5 mm)
+    with an 8 mm hub, and loose 3.5 mm specks on the background; returns (xyz, plate mask, speck mask)."""
+    rng = np.random.default_rng(seed)
+    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+    plate = ((v - 80) / 50) ** 2 + ((u - 100) / 60) ** 2 < 1
+    hub = ((v - 80) / 10) ** 2 + ((u - 100) / 10) ** 2 < 1
+    specks = np.zeros((H, W), bool)
+    specks[10:13, 20:23] = specks[140:143, 170:173] = True
+    height = 0.0047 * plate + 0.0033 * hub + 0.0035 * specks + rng.normal(0, 4e-4, (H, W))
+    z = Z0 - height
+    du, dv = (u - (W - 1) / 2) / F, (v - (H - 1) / 2) / F
+    return np.stack([du * z, dv * z, z], axis=-1).astype(np.float32), plate, specks
+
+
+def test_a_thin_part_stays_whole_and_loose_background_specks_stay_out() -> None:
+    from tests import reference_preprocess as ref
+
+    xyz, plate, specks = thin_part_scene()
+    plane = fit_background_plane(xyz, method="corners")
+    inner = plate & np.roll(plate, 3, 0) & np.roll(plate, -3, 0) & np.roll(plate, 3, 1) & np.roll(plate, -3, 1)
+    without = foreground_mask(xyz, plane)
+    grown = foreground_mask(xyz, plane, grow_distance=0.0025)
+    assert without[inner].mean() < 0.9  # the 5 mm threshold alone cuts the plate into pieces
+    assert grown[inner].all()
+    assert not grown[specks].any() and not grown[~plate].any()
+    np.testing.assert_array_equal(grown, ref.foreground_mask(xyz, plane, grow_distance=0.0025))
+
+
+def test_old_checkpoints_keep_the_foreground_they_were_trained_with() -> None:
+    from crd_model.config import CheckpointMeta, CRDConfig
+
+    old = CheckpointMeta.model_validate({"model_id": "x", "config": {"image_size": 64}})
+    assert old.config.plane_grow_distance is None
+    assert CRDConfig().plane_grow_distance == 0.0025
+    with pytest.raises(ValueError, match="below plane_distance"):
+        CRDConfig(plane_grow_distance=0.005)
 
 
 def test_resize_nearest_keeps_values_exactly() -> None:
