@@ -72,7 +72,8 @@ def test_determinism_and_geometry(category: str) -> None:
 
 
 def test_heldout_categories_are_new_and_not_in_the_default_set(tmp_path: Path) -> None:
-    assert set(HELDOUT_CATEGORIES) == {"gear", "cookie"} and not set(HELDOUT_CATEGORIES) & set(SYNTH_CATEGORIES)
+    assert set(HELDOUT_CATEGORIES) == {"gear", "cookie", "hexnut", "lid"}
+    assert not set(HELDOUT_CATEGORIES) & set(SYNTH_CATEGORIES)
     for name, spec in HELDOUT_CATEGORIES.items():
         kinds = {DEFECT_VISIBILITY[d] for d in spec.defect_types}
         assert {"rgb", "3d", "both"} <= kinds, name

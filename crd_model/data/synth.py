@@ -94,6 +94,13 @@ HELDOUT_CATEGORIES: dict[str, CategorySpec] = _by_name(
     CategorySpec("cookie", 208, 192, ("color", "dent", "hole", "crack", "combined"),
                  "round domed biscuit with chocolate chips, baked crumb texture",
                  1450.0, ((206, 160, 96), (170, 118, 62)), (62, 66, 74), -80.0, -60.0),
+    # Written after the 3D foreground's hysteresis (2026-11-27) was frozen, to judge it once.
+    CategorySpec("hexnut", 200, 216, ("contamination", "dent", "crack", "cut", "combined"),
+                 "hexagonal nut with a chamfered top and a bore, zinc-plated",
+                 1500.0, ((188, 190, 178), (142, 146, 140)), (30, 34, 40), 20.0, -120.0),
+    CategorySpec("lid", 216, 200, ("color", "cut", "bump", "dent", "combined"),
+                 "thin round lid: raised rim, recessed centre, a printed band",
+                 1550.0, ((200, 40, 36), (236, 232, 220)), (64, 60, 52), 150.0, 60.0),
 )  # fmt: skip
 
 # Small, shallow 3D-only defects (a 3-6 px bump or pit, 0.25-0.6 mm: about the depth noise's size on a
@@ -254,6 +261,24 @@ def _object(spec: CategorySpec, rng: np.random.Generator, a: np.ndarray, b: np.n
         crumb = _lerp(c0, c1, np.clip(0.4 + 0.25 * lumps + 0.2 * mid + 0.1 * fine, 0, 1))
         chocolate = np.array((62, 38, 26), F32) / 255 * rng.uniform(0.85, 1.15)
         base = _lerp(crumb, np.broadcast_to(chocolate, crumb.shape), chips)
+    elif spec.form == "hexnut":  # hexagon across flats, chamfered top corners, bore; zinc with fine grain
+        apothem, phase = rng.uniform(15, 18) * mm, rng.uniform(0, np.pi / 3)
+        phi = np.arctan2(b, a) - phase
+        sector = np.mod(phi + np.pi / 6, np.pi / 3) - np.pi / 6
+        q = np.hypot(a, b) * np.cos(sector) / apothem  # 1 on the hexagon's sides
+        height, bore = rng.uniform(8, 12) * mm, rng.uniform(7, 9) * mm
+        chamfer = np.clip((np.hypot(a, b) - 0.95 * apothem) * 1.2, 0, None)  # corners lower than the sides
+        hf = np.where(q < 1, np.clip(height - chamfer, 0.3 * height, None), 0.0)
+        hf = np.where(np.hypot(a, b) < bore, 0.0, hf)
+        base = _lerp(c0, c1, np.clip(0.45 + 0.15 * mid + 0.2 * fine + 0.1 * lumps, 0, 1))
+    elif spec.form == "lid":  # thin round lid: raised rim, recessed centre, a printed band
+        ha = rng.uniform(20, 24) * mm
+        r = np.hypot(a, b * rng.uniform(0.97, 1.03)) / ha
+        rim_h, centre_h = rng.uniform(4.5, 6) * mm, rng.uniform(3, 4.5) * mm
+        rim = _smoothstep(0.78, 0.88, r) * (r < 1)
+        hf = np.where(r < 1, centre_h + (rim_h - centre_h) * rim, 0.0) * (1 + 0.01 * lumps)
+        band = _smoothstep(0.45, 0.5, r) * _smoothstep(0.7, 0.65, r)
+        base = _lerp(c1, c0, np.clip(band + 0.6 * rim + 0.05 * mid, 0, 1))
     else:  # tile: thin plate with an embossed groove grid on top; speckled glaze
         ha = rng.uniform(22, 26) * mm
         hb = ha * rng.uniform(0.95, 1.05)
