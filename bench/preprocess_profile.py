@@ -102,8 +102,8 @@ def main() -> int:
     return 0
 
 
-def compare(rev: str, prep: Preprocessor, rgbs: list, xyzs: list, rounds: int, cuda: bool) -> dict:
-    """CPU ms per frame of this checkout's preprocessing and of `rev`'s, timed alternately."""
+def preprocessing_at(rev: str):
+    """crd_model/preprocessing.py as it was at git revision `rev`, as a module."""
     source = subprocess.run(
         ["git", "show", f"{rev}:crd_model/preprocessing.py"], cwd=ROOT, check=True, capture_output=True, text=True
     ).stdout
@@ -113,7 +113,12 @@ def compare(rev: str, prep: Preprocessor, rgbs: list, xyzs: list, rounds: int, c
         spec = importlib.util.spec_from_file_location("preprocessing_at_rev", f.name)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    old = module.Preprocessor(prep.config, prep.device)
+    return module
+
+
+def compare(rev: str, prep: Preprocessor, rgbs: list, xyzs: list, rounds: int, cuda: bool) -> dict:
+    """CPU ms per frame of this checkout's preprocessing and of `rev`'s, timed alternately."""
+    old = preprocessing_at(rev).Preprocessor(prep.config, prep.device)
     times: dict[str, list[float]] = {"this": [], rev: []}
     for fn in (prep, old):  # warm both
         fn(rgbs, xyzs)

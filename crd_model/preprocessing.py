@@ -335,19 +335,27 @@ def _reach(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     return reached
 
 
+def _outside(fg: torch.Tensor, open_at: torch.Tensor | None = None) -> torch.Tensor:
+    """Background pixels (~fg) 4-connected, through background, to the image border or to `open_at`."""
+    region = ~fg
+    seeds = region.clone() if open_at is None else region & open_at
+    if open_at is None:
+        seeds[:, 1:-1, 1:-1] = False
+    else:
+        seeds[:, 0] |= region[:, 0]
+        seeds[:, -1] |= region[:, -1]
+        seeds[:, :, 0] |= region[:, :, 0]
+        seeds[:, :, -1] |= region[:, :, -1]
+    return _reach(seeds, region)
+
+
 def enclosed_missing(fg: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """Holes of `fg` made only of missing points (4-connected, as scipy's fill_holes and label).
 
     A background pixel is outside a hole if its component of ~fg reaches the image border or holds a
     valid point (valid background, e.g. a ring's centre, stays out).
     """
-    region = ~fg
-    seeds = region & valid
-    seeds[:, 0] |= region[:, 0]
-    seeds[:, -1] |= region[:, -1]
-    seeds[:, :, 0] |= region[:, :, 0]
-    seeds[:, :, -1] |= region[:, :, -1]
-    return region & ~_reach(seeds, region)
+    return ~fg & ~_outside(fg, valid)
 
 
 def drop_specks(fg: torch.Tensor, min_area: int = MIN_AREA) -> torch.Tensor:
@@ -363,14 +371,19 @@ def drop_specks(fg: torch.Tensor, min_area: int = MIN_AREA) -> torch.Tensor:
     return fg & (_box_count(fg, 2 * (min_area - 1) + 1) >= min_area)
 
 
-def foreground(valid: torch.Tensor, raised: torch.Tensor, rising: torch.Tensor | None = None) -> torch.Tensor:
+def foreground(
+    valid: torch.Tensor, raised: torch.Tensor, rising: torch.Tensor | None = None, lifted: torch.Tensor | None = None
+) -> torch.Tensor:
     """Raised valid points, grown through the `rising` valid points connected to them (hysteresis: a thin
-    body whose height sits near the threshold stays whole), closed, holes of missing points inside the
-    object added, specks dropped."""
+    body whose height sits near the threshold stays whole), closed, the `lifted` points it encloses (a
+    recessed face still clear of the plane) and its holes of missing points added, specks dropped; a
+    bore, which shows the plane, stays out."""
     fg = valid & raised
     if rising is not None:
         fg = _reach(fg, valid & rising)
     fg = _closing(fg, CLOSING)
+    if lifted is not None:  # what the object encloses and is clear of the plane is the object's
+        fg = fg | (valid & lifted & ~fg & ~_outside(fg))
     fg = fg | enclosed_missing(fg, valid)
     return drop_specks(fg)
 
@@ -557,7 +570,8 @@ def points_to_3d_input(
     - "normals": unit surface normals from Sobel gradients of the point map (smoothed over the object
       with a Gaussian of 1.5 px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1.
     The object is the valid points more than `distance` (m) above the plane, grown through the connected
-    points more than `grow_distance` above it (None: no growth). Background is 0. A frame with too few
+    points more than `grow_distance` above it, with the points it encloses that are more than
+    `grow_distance / 2` above it (None: neither). Background is 0. A frame with too few
     valid points, no fittable plane, or no object gets zeros.
     """
     if representation not in ("normals", "depth"):
@@ -576,7 +590,13 @@ def points_to_3d_input(
         usable &= ok
         p = planes.to(xyz.dtype)
         signed = (xyz * p[:, :3, None, None]).sum(dim=1) + p[:, 3, None, None]
-        fg = foreground(valid, signed > distance, None if grow_distance is None else signed > grow_distance)
+        grow = grow_distance is not None
+        fg = foreground(
+            valid,
+            signed > distance,
+            signed > grow_distance if grow else None,
+            signed > 0.5 * grow_distance if grow else None,
+        )
     fg &= usable.view(b, 1, 1)
     filled, known = fill_missing(xyz, valid & fg, fg)
     fg &= known  # anything filling could not reach stays background

@@ -169,11 +169,15 @@ def _enclosed_missing(fg: np.ndarray, valid: np.ndarray) -> np.ndarray:
     return holes & ~np.isin(labels, with_valid)
 
 
-def _close_and_fill(fg: np.ndarray, valid: np.ndarray, closing: int, min_area: int) -> np.ndarray:
+def _close_and_fill(
+    fg: np.ndarray, valid: np.ndarray, closing: int, min_area: int, lifted: np.ndarray | None = None
+) -> np.ndarray:
     if closing > 1:
         pad = closing  # pad so the closing does not eat objects touching the image border
         st = np.ones((closing, closing), dtype=bool)
         fg = ndimage.binary_closing(np.pad(fg, pad), structure=st)[pad:-pad, pad:-pad]
+    if lifted is not None:  # enclosed points clear of the plane (a recessed face) are the object's
+        fg = fg | (ndimage.binary_fill_holes(fg) & ~fg & valid & lifted)
     fg = fg | _enclosed_missing(fg, valid)
     if min_area > 1 and fg.any():  # drop specks (outliers, edge artefacts)
         labels, n = ndimage.label(fg)
@@ -191,7 +195,8 @@ def foreground_mask(
     grow_distance: float | None = None,
 ) -> np.ndarray:
     """bool (H, W): valid points raised more than `distance` (m) towards the camera above `plane`, with
-    the components (4-connected) of points raised more than `grow_distance` that hold one of them.
+    the components (4-connected) of points raised more than `grow_distance` that hold one of them, and
+    the valid points they enclose (after the closing) more than `grow_distance / 2` above the plane.
 
     Then a binary closing with a `closing` x `closing` square (<= 1: none), missing points enclosed by
     the object become foreground (to be filled), and components under `min_area` pixels are dropped.
@@ -199,11 +204,12 @@ def foreground_mask(
     valid = _valid(xyz)
     signed = xyz @ np.asarray(plane[:3], dtype=F32) + F32(plane[3])
     raised = valid & (signed > distance)
-    if grow_distance is not None:
-        rising = valid & (signed > grow_distance)
-        labels, _ = ndimage.label(rising)
-        raised = rising & np.isin(labels, np.unique(labels[raised]))  # raised lies inside rising
-    return _close_and_fill(raised, valid, closing, min_area)
+    if grow_distance is None:
+        return _close_and_fill(raised, valid, closing, min_area)
+    rising = valid & (signed > grow_distance)
+    labels, _ = ndimage.label(rising)
+    raised = rising & np.isin(labels, np.unique(labels[raised]))  # raised lies inside rising
+    return _close_and_fill(raised, valid, closing, min_area, lifted=signed > 0.5 * grow_distance)
 
 
 def fill_holes(values: np.ndarray, valid: np.ndarray, region: np.ndarray, max_iter: int = 64) -> np.ndarray:

@@ -31,8 +31,9 @@ def foreground_mask(
     x = _as_batch(xyz)
     p = torch.from_numpy(plane).float()
     signed = (x * p[:3].view(1, 3, 1, 1)).sum(dim=1) + p[3]
-    rising = None if grow_distance is None else signed > grow_distance
-    return P.foreground(P.valid_points(x), signed > distance, rising)[0].numpy()
+    grow = grow_distance is not None
+    rising, lifted = (signed > grow_distance, signed > 0.5 * grow_distance) if grow else (None, None)
+    return P.foreground(P.valid_points(x), signed > distance, rising, lifted)[0].numpy()
 
 
 def resize_nearest(a: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
@@ -157,6 +158,28 @@ def test_a_thin_part_stays_whole_and_loose_background_specks_stay_out() -> None:
     assert grown[inner].all()
     assert not grown[specks].any() and not grown[~plate].any()
     np.testing.assert_array_equal(grown, ref.foreground_mask(xyz, plane, grow_distance=0.0025))
+
+
+def test_a_recessed_face_inside_the_object_is_object_and_a_bore_is_not() -> None:
+    """A lid: a 5.5 mm rim around a centre 2.3 mm high (under the growth threshold, clear of the
+    plane), with a bore through which the plane shows."""
+    from tests import reference_preprocess as ref
+
+    rng = np.random.default_rng(1)
+    v, u = np.mgrid[0:H, 0:W].astype(np.float64)
+    r = np.hypot((v - 80) / 60, (u - 100) / 60)
+    rim, centre, bore = (r < 1) & (r > 0.8), r <= 0.8, r < 0.15
+    height = 0.0055 * rim + 0.0023 * (centre & ~bore) + rng.normal(0, 1e-4, (H, W))
+    z = Z0 - height
+    du, dv = (u - (W - 1) / 2) / F, (v - (H - 1) / 2) / F
+    xyz = np.stack([du * z, dv * z, z], axis=-1).astype(np.float32)
+    plane = fit_background_plane(xyz, method="corners")
+    fg = foreground_mask(xyz, plane, grow_distance=0.0025)
+    inside = centre & ~bore & (r > 0.2) & (r < 0.75)
+    assert fg[rim & (r > 0.82) & (r < 0.98)].all() and fg[inside].all()
+    assert not fg[r < 0.12].any()
+    assert foreground_mask(xyz, plane)[inside].mean() < 0.01  # without: the centre is background
+    np.testing.assert_array_equal(fg, ref.foreground_mask(xyz, plane, grow_distance=0.0025))
 
 
 def test_old_checkpoints_keep_the_foreground_they_were_trained_with() -> None:
