@@ -29,37 +29,45 @@ from bench.common import ROOT
 from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visibility_groups
 
 
-def variants_for(
-    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False, tta: bool = False
-) -> dict[str, dict[str, float]]:
+def _evaluation(inspector, data: Path, category: str):
+    """(test split, validation split, the checkpoint's statistics images, score): `score(blurred maps, image
+    scores[, validation image scores])` gives I-AUROC (overall, RGB-only, 3D-only), AUPRO@30% and, with
+    validation scores, the verdicts at a threshold just above every held-out validation score."""
     from crd_model.dataset import load_split
-    from crd_model.inspector import Inspector
     from crd_model.metrics import aupro, image_auroc
 
-    inspector = Inspector(ckpt, "cpu")
-    cal = inspector.meta.calibration
     test = load_split(data, category, "test", inspector.config)
     val = load_split(data, category, "validation", inspector.config)
-    t_maps, v_maps = _raw_scale_maps(inspector, test), _raw_scale_maps(inspector, val)
     names = [str(s.rgb_path.relative_to(data / category / "validation")) for s in val.samples]
-    stats_idx = np.array([names.index(n) for n in cal.source.statistics_images])
+    stats_idx = np.array([names.index(n) for n in inspector.meta.calibration.source.statistics_images])
+    threshold_idx = np.setdiff1d(np.arange(len(val.samples)), stats_idx)
     types = np.array([s.defect_type for s in test.samples])
     good = types == "good"
     groups = visibility_groups()
-    sigma = inspector.config.effective_blur_sigma
-
-    threshold_idx = np.setdiff1d(np.arange(len(val.samples)), stats_idx)
 
     def score(blurred: np.ndarray, scores: np.ndarray, val_scores: np.ndarray | None = None) -> dict[str, float]:
         row = {"i_auroc": image_auroc(test.labels, scores), "aupro_30": aupro(test.gt, blurred, 0.3)}
         for g in ("rgb", "3d"):
             sel = good | np.isin(types, groups[g])
             row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
-        if val_scores is not None:  # verdicts at a threshold just above every held-out validation score
+        if val_scores is not None:
             threshold = float(val_scores[threshold_idx].max())
             row["false_reject_rate"] = float((scores[good] > threshold).mean())
             row["detection_rate"] = float((scores[~good] > threshold).mean())
         return row
+
+    return test, val, stats_idx, score
+
+
+def variants_for(
+    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False, tta: bool = False
+) -> dict[str, dict[str, float]]:
+    from crd_model.inspector import Inspector
+
+    inspector = Inspector(ckpt, "cpu")
+    test, val, stats_idx, score = _evaluation(inspector, data, category)
+    t_maps, v_maps = _raw_scale_maps(inspector, test), _raw_scale_maps(inspector, val)
+    sigma = inspector.config.effective_blur_sigma
 
     def standardised(maps: dict, ref: dict, b: str, scales: list[int]) -> np.ndarray:
         """Branch b's maps at `scales`, summed, standardised on `ref`'s statistics images."""
@@ -152,20 +160,11 @@ def variants_for(
 
 def ensemble_for(ckpts: list[Path], data: Path, category: str) -> dict[str, dict[str, float]]:
     """Students of several training seeds (one teacher), alone and with their raw maps averaged."""
-    from crd_model.dataset import load_split
     from crd_model.inspector import Inspector
-    from crd_model.metrics import aupro, image_auroc
 
     members = [Inspector(c, "cpu") for c in ckpts]
     cal = members[0].meta.calibration
-    test = load_split(data, category, "test", members[0].config)
-    val = load_split(data, category, "validation", members[0].config)
-    names = [str(s.rgb_path.relative_to(data / category / "validation")) for s in val.samples]
-    stats_idx = np.array([names.index(n) for n in cal.source.statistics_images])
-    threshold_idx = np.setdiff1d(np.arange(len(val.samples)), stats_idx)
-    good = np.array([s.defect_type == "good" for s in test.samples])
-    types = np.array([s.defect_type for s in test.samples])
-    groups = visibility_groups()
+    test, val, stats_idx, score = _evaluation(members[0], data, category)
     sigma = members[0].config.effective_blur_sigma
     raw = []  # per member: {branch: (test maps, validation maps)}, the scales summed
     for inspector in members:
@@ -188,16 +187,7 @@ def ensemble_for(ckpts: list[Path], data: Path, category: str) -> dict[str, dict
     chosen_sets = [(f"{c.name} alone", [i]) for i, c in enumerate(ckpts)]
     chosen_sets += [(f"mean of the first {k}", list(range(k))) for k in range(2, len(ckpts) + 1)]
     for label, chosen in chosen_sets:
-        blurred, scores = _blur_max(fused(chosen, 0), sigma)
-        v_scores = _blur_max(fused(chosen, 1), sigma)[1]
-        threshold = float(v_scores[threshold_idx].max())
-        row = {"i_auroc": image_auroc(test.labels, scores), "aupro_30": aupro(test.gt, blurred, 0.3),
-               "false_reject_rate": float((scores[good] > threshold).mean()),
-               "detection_rate": float((scores[~good] > threshold).mean())}  # fmt: skip
-        for g in ("rgb", "3d"):
-            sel = good | np.isin(types, groups[g])
-            row[f"i_auroc_{g}"] = image_auroc(test.labels[sel], scores[sel])
-        out[label] = row
+        out[label] = score(*_blur_max(fused(chosen, 0), sigma), _blur_max(fused(chosen, 1), sigma)[1])
     return out
 
 

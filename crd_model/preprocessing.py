@@ -338,14 +338,11 @@ def _reach(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 def _outside(fg: torch.Tensor, open_at: torch.Tensor | None = None) -> torch.Tensor:
     """Background pixels (~fg) 4-connected, through background, to the image border or to `open_at`."""
     region = ~fg
-    seeds = region.clone() if open_at is None else region & open_at
-    if open_at is None:
-        seeds[:, 1:-1, 1:-1] = False
-    else:
-        seeds[:, 0] |= region[:, 0]
-        seeds[:, -1] |= region[:, -1]
-        seeds[:, :, 0] |= region[:, :, 0]
-        seeds[:, :, -1] |= region[:, :, -1]
+    seeds = torch.zeros_like(region) if open_at is None else region & open_at
+    seeds[:, 0] |= region[:, 0]
+    seeds[:, -1] |= region[:, -1]
+    seeds[:, :, 0] |= region[:, :, 0]
+    seeds[:, :, -1] |= region[:, :, -1]
     return _reach(seeds, region)
 
 
