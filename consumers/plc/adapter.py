@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from consumers.plc.records import PlcResult
@@ -21,6 +23,18 @@ def raise_if_cancelling() -> None:
 
 class PlcUnavailable(Exception):
     """The PLC cannot be reached (or refused a request): retry later, with the same record."""
+
+
+@contextmanager
+def plc_request(what: str, errors: tuple[type[BaseException], ...]) -> Iterator[None]:
+    """Around one request to the PLC library: its `errors` become PlcUnavailable("<what>: <error>"), and
+    a cancellation the library swallowed is handed on whether the request was answered or failed."""
+    try:
+        yield
+    except errors as exc:
+        raise_if_cancelling()
+        raise PlcUnavailable(f"{what}: {exc!r}") from exc
+    raise_if_cancelling()
 
 
 @dataclass

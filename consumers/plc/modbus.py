@@ -8,7 +8,7 @@ import logging
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable, raise_if_cancelling
+from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable, plc_request
 from consumers.plc.records import PlcResult
 from crd_model.stream.settings import ModbusSettings
 
@@ -87,13 +87,9 @@ class ModbusAdapter(HandshakeAdapter):
     async def _call(self, what: str, coro_fn, *args, **kwargs):
         if self.client is None or not self.client.connected:
             raise PlcUnavailable(f"modbus: not connected ({what})")
-        try:
+        with plc_request(f"modbus {what}", (OSError, ModbusException, TimeoutError)):
             async with self._lock:
                 resp = await coro_fn(*args, device_id=self.cfg.device_id, **kwargs)
-        except (OSError, ModbusException, TimeoutError) as exc:
-            raise_if_cancelling()
-            raise PlcUnavailable(f"modbus {what}: {exc}") from exc
-        raise_if_cancelling()
         if resp.isError():
             raise PlcUnavailable(f"modbus {what}: the PLC answered {resp}")
         return resp

@@ -7,7 +7,7 @@ import logging
 from asyncua import Client, ua
 from asyncua.ua.uaerrors import UaError
 
-from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable, raise_if_cancelling
+from consumers.plc.adapter import HandshakeAdapter, HandshakeState, LineStatus, PlcUnavailable, plc_request
 from consumers.plc.records import PlcResult
 from crd_model.stream.settings import OpcUaClientSettings
 
@@ -91,25 +91,17 @@ class OpcUaClientAdapter(HandshakeAdapter):
         """Write (node template, value, scale) in one request; every status must be Good."""
         if self.client is None:
             raise PlcUnavailable("opcua: not connected")
-        try:
+        with plc_request("opcua write", _ERRORS):
             node_ids = [self._id(t, line) for t, _, _ in values if t]
             variants = [await self._variant(self._id(t, line), v, s) for t, v, s in values if t]
             nodes = [self.client.get_node(n) for n in node_ids]
             await self.client.write_values(nodes, [ua.DataValue(v) for v in variants])
-        except _ERRORS as exc:
-            raise_if_cancelling()
-            raise PlcUnavailable(f"opcua write: {exc!r}") from exc
-        raise_if_cancelling()
 
     async def _read(self, line: str, templates: list[str]) -> list[object]:
         if self.client is None:
             raise PlcUnavailable("opcua: not connected")
-        try:
+        with plc_request("opcua read", _ERRORS):
             values = await self.client.read_values([self.client.get_node(self._id(t, line)) for t in templates])
-        except _ERRORS as exc:
-            raise_if_cancelling()
-            raise PlcUnavailable(f"opcua read: {exc!r}") from exc
-        raise_if_cancelling()
         return values
 
     async def read_state(self, line: str) -> HandshakeState:
