@@ -95,16 +95,20 @@ def ensure_data(data: Path, categories: Sequence[str], a: argparse.Namespace) ->
 # ------------------------------------------------------------------------------------ diagnostics
 
 
-def _raw_scale_maps(inspector, split, batch_size: int = 16, per_scale=None) -> dict[str, list[np.ndarray]]:
+def _raw_scale_maps(
+    inspector, split, batch_size: int = 16, per_scale=None, turn=None, turn_back=None
+) -> dict[str, list[np.ndarray]]:
     """branch -> per-scale raw maps (or `per_scale`'s, see `CRDModel.scale_maps`), each (N, S, S) float32,
-    for every image of `split`."""
+    for every image of `split`; `turn` transforms each batch's ModelInput and `turn_back` each map
+    (test-time augmentation)."""
     out: dict[str, list[list[np.ndarray]]] = {}
     for i in range(0, len(split.frames), batch_size):
-        maps = inspector.scale_maps(inspector.stack(split.frames[i : i + batch_size]), per_scale)
+        x = inspector.stack(split.frames[i : i + batch_size])
+        maps = inspector.scale_maps(x if turn is None else turn(x), per_scale)
         for name, scales in maps.items():
             slot = out.setdefault(name, [[] for _ in scales])
             for k, m in enumerate(scales):
-                slot[k].append(m.cpu().numpy())
+                slot[k].append((m if turn_back is None else turn_back(m)).cpu().numpy())
     return {name: [np.concatenate(c) for c in scales] for name, scales in out.items()}
 
 
@@ -262,7 +266,22 @@ def main() -> int:
     ap.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "quality.json"), help="raw results file")
     ap.add_argument("--render", default=None, metavar="JSON", help="only re-render the tables of a saved results file")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine saved runs of the same settings (e.g. other seeds) into --json and render it (only "
+                         "--categories, if given); where two runs hold the same category, model and seed, the later "
+                         "file wins")  # fmt: skip
     a = ap.parse_args()
+    if a.merge:
+        payload = merge_runs([Path(f) for f in a.merge], a.categories)
+        payload["command"] = "bench/quality.py " + " ".join(sys.argv[1:])
+        payload["args"]["section"] = a.section or payload["args"]["section"] or "quality"
+        payload["args"]["title"] = a.title or payload["args"]["title"] or "Quality on synthetic data"
+        Path(a.json).write_text(json.dumps(payload, indent=2, default=float))
+        table = render(payload)
+        print(table)
+        if not a.no_write:
+            write_section(payload["args"]["section"], table)
+        return 0
     if a.render:  # the numbers of a saved run, tables re-rendered (e.g. after a change to render())
         payload = json.loads(Path(a.render).read_text())
         placed = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("section", a.section), ("title", a.title)) if v)
@@ -313,6 +332,46 @@ def main() -> int:
     return 0
 
 
+# Settings that decide what a run measures: runs merged into one table must agree on all of them.
+MEASUREMENT_ARGS = ("image_size", "epochs", "data_seed", "n_train", "n_validation", "n_test_good",
+                    "n_test_per_defect", "size_scale", "false_reject_rate", "config", "train")  # fmt: skip
+
+
+def merge_runs(files: Sequence[Path], categories: Sequence[str] | None = None) -> dict:
+    """One payload from several saved runs of the same settings (say seed 0 from one run, seeds 1-2 from
+    another); a (category, model, seed) in a later file replaces the same one from an earlier file.
+    `categories`: only these, in this order (default: all, in the order first seen)."""
+    payloads = [json.loads(f.read_text()) for f in files]
+    first = payloads[0]["args"]
+    for f, p in zip(files, payloads, strict=True):
+        differing = [k for k in MEASUREMENT_ARGS if p["args"].get(k) != first.get(k)]
+        if differing:
+            raise SystemExit(f"{f} was run with other settings than {files[0]}: {', '.join(differing)}")
+    results: dict[str, dict[str, dict[str, dict]]] = {}
+    source: dict[str, str] = {}
+    for f, p in zip(files, payloads, strict=True):
+        for category, models in p["results"].items():
+            for model, seeds in models.items():
+                for seed, report in seeds.items():
+                    results.setdefault(category, {}).setdefault(model, {})[seed] = report
+                    source[f"{category}/{model}/seed {seed}"] = str(f)
+    if categories:
+        missing = [c for c in categories if c not in results]
+        if missing:
+            raise SystemExit(f"no run holds {', '.join(missing)}")
+        results = {c: results[c] for c in categories}
+        source = {k: v for k, v in source.items() if k.split("/")[0] in categories}
+    machines = sorted({p["machine"] for p in payloads})
+    return {
+        "machine": "; ".join(machines),
+        "args": dict(first),
+        "results": results,
+        "wall_seconds": sum(p["wall_seconds"] for p in payloads),
+        "merged_from": [{"file": str(f), "command": p["command"]} for f, p in zip(files, payloads, strict=True)],
+        "sources": source,
+    }
+
+
 # ------------------------------------------------------------------------------------------ render
 
 
@@ -353,6 +412,15 @@ def _short(name: str) -> str:
     return f"scale {int(rest) + 1}" if kind == "scale" else name.replace(":", " ")
 
 
+def _commands(payload: dict) -> str:
+    """The command(s) that produced a payload's numbers."""
+    if "merged_from" not in payload:
+        return f"Command: `.venv/bin/python {payload['command']}`."
+    runs = "; ".join(f"`.venv/bin/python {m['command']}`" for m in payload["merged_from"])
+    merged = f"`.venv/bin/python {payload['command']}`"
+    return f"Runs {runs}, merged by {merged} (a later run's seed replaces an earlier one's)."
+
+
 def render(payload: dict) -> str:
     results, a = payload["results"], payload["args"]
     categories = list(results)
@@ -362,7 +430,7 @@ def render(payload: dict) -> str:
     lines = [
         f"## {a['title']} (`bench/quality.py`)",
         "",
-        f"Command: `.venv/bin/python {payload['command']}`. Teacher efficientnet_lite0 (ImageNet, offline), "
+        _commands(payload) + " Teacher efficientnet_lite0 (ImageNet, offline), "
         f"{a['image_size']} px, {a['epochs']} epochs, training seeds {', '.join(seeds)}; synthetic data of generator "
         f"seed {a['data_seed']} (100 train, {a['n_validation']} validation, {a['n_test_good']} good + "
         f"{a.get('n_test_per_defect', 8)} per defect type in test, per category"

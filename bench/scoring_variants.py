@@ -200,21 +200,21 @@ def _tta_raw_scale_maps(inspector, split, augment_name: str, batch_size: int = 1
     total: dict[str, list[np.ndarray]] = {}
     symmetries = augment.variants(augment_name)
     for sym in symmetries:
-        out: dict[str, list[list[np.ndarray]]] = {}
-        for i in range(0, len(split.frames), batch_size):
-            x = inspector.stack(split.frames[i : i + batch_size])
-            turned = ModelInput(
+
+        def turn(x, sym=sym):
+            return ModelInput(
                 None if x.rgb is None else augment.transform(x.rgb, sym),
                 None if x.x3d is None else augment.transform(x.x3d, sym, normals=normals),
             )
-            for name, scales in inspector.scale_maps(turned).items():
-                slot = out.setdefault(name, [[] for _ in scales])
-                for k, m in enumerate(scales):
-                    slot[k].append(augment.undo(m, sym).cpu().numpy())
-        for name, scales in out.items():
-            acc = total.setdefault(name, [np.zeros_like(np.concatenate(c)) for c in scales])
-            for k, c in enumerate(scales):
-                acc[k] += np.concatenate(c) / np.float32(len(symmetries))
+
+        def turn_back(m, sym=sym):
+            return augment.undo(m, sym)
+
+        maps = _raw_scale_maps(inspector, split, batch_size, turn=turn, turn_back=turn_back)
+        for name, scales in maps.items():
+            acc = total.setdefault(name, [np.zeros_like(m) for m in scales])
+            for k, m in enumerate(scales):
+                acc[k] += m / np.float32(len(symmetries))
     return total
 
 
