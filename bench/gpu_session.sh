@@ -50,8 +50,11 @@ run_throughput() {  # side, timeout, json
     --frames $frames --sizes "$1" --decode-threads $threads --decode-processes $procs ${THREADS_TOO:+--also-threads} --latency-loads $loads --no-write \
     --json "$OUT/$3" 2>&1 | tail -n 60 > "$OUT/${3%.json}.log"
 }
-log "preprocessing profile"; timeout "$(left 60)" $PY bench/preprocess_profile.py --data runs/gpu/data --size $size \
-  --batches $batch $((batch * 2)) --json "$OUT/preprocess_profile.json" 2>&1 | grep -v "^USDT" | tail -n 8 > "$OUT/preprocess_profile.log"
+for reach in runs pixels; do  # flood fills by runs (the GPU default) against by pixels (the CPU's)
+  log "preprocessing profile, --reach $reach"; timeout "$(left 60)" $PY bench/preprocess_profile.py --data runs/gpu/data --size $size \
+    --batches $batch $((batch * 2)) --reach $reach --json "$OUT/preprocess_profile-$reach.json" 2>&1 | grep -v "^USDT" | tail -n 8 \
+    > "$OUT/preprocess_profile-$reach.log"
+done
 log "throughput $size px model, 200x200 frames"; run_throughput 200 "$t_200" throughput-200.json
 [ "${STEPS:-all}" = all ] || { pkill -f "crd_model.cli work" 2>/dev/null; log "done"; exit 0; }
 pkill -f "crd_model.cli work" 2>/dev/null; log "sizing"; timeout "$(left $t_sizing)" $PY bench/sizing.py $sizing --no-write --json "$OUT/sizing.json" 2>&1 | tail -n 40 > "$OUT/sizing.log"

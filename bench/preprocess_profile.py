@@ -3,10 +3,12 @@
     .venv/bin/python bench/preprocess_profile.py --data DIR [--side 200] [--size 256] [--batches 64 128]
         [--against REV]
 
-Preprocesses batches of the synthetic test split (category disc, resized to --side) for a model of
---size px, as the worker does (tensors already on the device), and reports per batch size: frames/s,
-host (CPU) time per batch, the number of operators launched, and the operators that cost the most
-host and device time (torch.profiler). Writes bench/results/preprocess_profile.json.
+Preprocesses batches of the synthetic test split (category --category, resized to --side) for a model
+of --size px, as the worker does (tensors already on the device), and reports per batch size:
+frames/s, host (CPU) time per batch, the number of operators launched and of host synchronisations
+(flood-fill rounds), and the operators that cost the most host and device time (torch.profiler).
+--reach forces one way of flood filling (crd_model/preprocessing.py `_reach`). Writes
+bench/results/preprocess_profile.json.
 
 --against REV also loads crd_model/preprocessing.py as it was at git revision REV and times the two
 alternately in this process (--rounds rounds each; medians of CPU time per frame and their ratio), so
@@ -45,11 +47,18 @@ def main() -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--against", metavar="REV", help="also time the preprocessing of git revision REV")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--category", default="disc", help="frames of this category's test split")
+    ap.add_argument("--reach", choices=["auto", "pixels", "runs"], default="auto",
+                    help="flood fill one pixel or one run per round (auto: pixels on a CPU, else runs)")  # fmt: skip
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "preprocess_profile.json"))
     a = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    samples = list_samples(Path(a.data), "disc", "test")[:16]
+    import crd_model.preprocessing as P
+
+    if a.reach != "auto":
+        P._reach = {"pixels": P._reach_by_pixels, "runs": P._reach_by_runs}[a.reach]
+    samples = list_samples(Path(a.data), a.category, "test")[:16]
     pairs = [enlarge(read_rgb(s.rgb_path), read_xyz(s.xyz_path), a.side) for s in samples]
     prep = Preprocessor(CRDConfig(image_size=a.size), device)
     cuda = device.type == "cuda"
@@ -79,6 +88,7 @@ def main() -> int:
             run()
         ev = prof.key_averages()
         ops = sum(e.count for e in ev if e.key.startswith("aten::"))
+        syncs = count_syncs(P, run)
         device_key = "self_device_time_total" if cuda else "self_cpu_time_total"
 
         def top(key: str, ev=ev) -> list:
@@ -86,20 +96,38 @@ def main() -> int:
             return [{"op": e.key, "calls": e.count, "ms": getattr(e, key, 0.0) / 1000} for e in best]
 
         row = {"batch": b, "fps": b / wall, "wall_ms_per_batch": 1000 * wall, "host_cpu_ms_per_batch": 1000 * host,
-               "aten_ops_per_batch": ops, "top_host": top("self_cpu_time_total"),
+               "aten_ops_per_batch": ops, "host_syncs_per_batch": syncs, "top_host": top("self_cpu_time_total"),
                "top_device": top(device_key)}  # fmt: skip
         if a.against:
             row["against"] = compare(a.against, prep, rgbs, xyzs, a.rounds, cuda)
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("top")}), flush=True)
         rows.append(row)
-    out = {"machine": machine(), "device": str(device), "side": a.side, "size": a.size, "rows": rows}
+    out = {"machine": machine(), "device": str(device), "side": a.side, "size": a.size, "category": a.category,
+           "reach": a.reach, "rows": rows}  # fmt: skip
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     for row in rows:
         print(f"\nbatch {row['batch']}: {row['fps']:.0f} frames/s, host {row['host_cpu_ms_per_batch']:.1f} ms, "
-              f"{row['aten_ops_per_batch']} ops; top device: "
+              f"{row['aten_ops_per_batch']} ops, {row['host_syncs_per_batch']} syncs; top device: "
               + ", ".join(f"{t['op']} {t['ms']:.1f} ms" for t in row["top_device"][:6]))  # fmt: skip
     return 0
+
+
+def count_syncs(module, run) -> int:
+    """How often one `run()` asks the device whether a flood fill is done (each a host synchronisation
+    on a GPU): calls of the module's `_any`."""
+    calls, original = [0], module._any
+
+    def counted(mask):
+        calls[0] += 1
+        return original(mask)
+
+    module._any = counted
+    try:
+        run()
+    finally:
+        module._any = original
+    return calls[0]
 
 
 def preprocessing_at(rev: str):

@@ -250,6 +250,66 @@ def test_uint8_reductions_match_torch_any() -> None:
     assert P._any(mask) is True and P._any(torch.zeros(3, 3, dtype=torch.bool)) is False
 
 
+def _reach_by_labels(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+    """Independent reference for `_reach`: scipy's 4-connected components of the region that hold a seed
+    or touch a seed outside it, plus the seeds."""
+    from scipy import ndimage
+
+    out = []
+    for s, r in zip(seeds.numpy(), region.numpy(), strict=True):
+        labels, _ = ndimage.label(r)  # 4-connected by default
+        touched = ndimage.binary_dilation(s) & r  # a seed's own pixel and its 4 neighbours
+        out.append(np.isin(labels, np.unique(labels[touched & (labels > 0)])) | s)
+    return torch.from_numpy(np.stack(out))
+
+
+@pytest.mark.parametrize("reach", [P._reach_by_pixels, P._reach_by_runs], ids=["pixels", "runs"])
+def test_both_ways_of_reaching_give_the_connected_components_of_the_seeds(reach) -> None:
+    # Random masks at every density, so that runs, turns, spirals and seeds outside the region all occur;
+    # a spiral needs one round per turn by runs and one per pixel by pixels.
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        b, h, w = (int(torch.randint(1, m, (1,), generator=gen)) for m in (4, 33, 33))
+        region = torch.rand(b, h, w, generator=gen) < float(torch.rand(1, generator=gen))
+        seeds = torch.rand(b, h, w, generator=gen) < 0.02
+        if trial % 2:
+            seeds &= region
+        assert reach(seeds, region).equal(_reach_by_labels(seeds, region)), trial
+    spiral = torch.zeros(1, 21, 21, dtype=torch.bool)
+    for k in range(0, 10, 2):  # concentric squares, each opened into the next: one long winding path
+        spiral[0, k, k : 21 - k] = spiral[0, 20 - k, k : 21 - k] = True
+        spiral[0, k : 21 - k, k] = spiral[0, k : 21 - k, 20 - k] = True
+        spiral[0, k + 1, k] = False
+        if k:
+            spiral[0, k - 1, k] = True
+    seed = torch.zeros_like(spiral)
+    seed[0, 0, 20] = True
+    assert reach(seed, spiral).equal(_reach_by_labels(seed, spiral))
+
+
+def test_outside_is_the_background_a_flood_from_the_border_reaches() -> None:
+    # `_outside` seeds every pixel with a clear straight line to the border, so it floods in a few
+    # rounds; the set must stay what a flood from the border alone gives (bays and bores included).
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(150):
+        b, h, w = (int(torch.randint(1, m, (1,), generator=gen)) for m in (4, 30, 30))
+        fg = torch.rand(b, h, w, generator=gen) < float(torch.rand(1, generator=gen))
+        if trial % 3 == 0:
+            fg[0] = False  # an image without an object: everything is outside
+        open_at = None if trial % 2 else torch.rand(b, h, w, generator=gen) < 0.05
+        border = torch.zeros_like(fg)
+        border[:, [0, -1]] = border[:, :, [0, -1]] = True
+        seeds = ~fg & (border if open_at is None else border | open_at)
+        assert P._outside(fg, open_at).equal(_reach_by_labels(seeds, ~fg)), trial
+    ring = torch.zeros(1, 12, 12, dtype=torch.bool)
+    ring[0, 3:10, 3] = ring[0, 3:10, 8] = ring[0, 9, 3:9] = ring[0, 3, 3:9] = True
+    bay = ring.clone()  # the ring opened at (3, 4) under a roof: outside, but no straight line out
+    bay[0, 3, 4] = False
+    bay[0, 1, 2:10] = True
+    assert not P._outside(ring)[0, 5, 6] and P._outside(bay)[0, 5, 6]
+    assert not P._clear_to_border(bay)[0, 5, 6] and P._clear_to_border(bay)[0, 5, 1]
+
+
 def test_a_point_with_any_non_finite_coordinate_goes_missing_and_no_other() -> None:
     xyz = torch.rand(6, 6, 3) + 0.5
     xyz[1, 2, 0], xyz[3, 3, 1], xyz[4, 0, 2] = float("nan"), float("inf"), float("-inf")
