@@ -36,6 +36,58 @@ def _fast(settings, **worker):
     return settings.model_copy(update={"worker": w, "producer": p})
 
 
+@pytest.mark.parametrize("decode_processes", [0, 1], ids=["threads", "processes"])
+def test_the_region_finder_is_loaded_before_the_first_anomalous_frame(settings, decode_processes):
+    # scipy.ndimage takes about half a second to import: loaded lazily, the first anomalous frame's
+    # result waited for it. A fresh interpreter, so nothing else has imported it yet.
+    code = """
+import sys
+from crd_model.stream.settings import Settings
+from workers.models import ModelRegistry, StandInInspector
+from workers.worker import Worker
+s = Settings.model_validate_json(sys.argv[1])
+assert "scipy.ndimage" not in sys.modules
+worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}))
+assert "scipy.ndimage" in sys.modules, "not loaded by the worker"
+if worker.hostpool is not None:
+    probe = worker.hostpool._submit(eval, "'scipy.ndimage' in __import__('sys').modules")
+    assert probe.result(timeout=60), "not loaded by the pool processes"
+    worker.hostpool.close()
+print("ok")
+"""
+    s = _fast(settings, decode_processes=decode_processes)
+    out = subprocess.run([sys.executable, "-c", code, s.model_dump_json()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("torch_threads", [None, 1], ids=["default", "one"])
+def test_the_model_runs_with_the_torch_threads_set(settings, r, tiny_data, tiny_checkpoint, torch_threads):
+    # The thread count the model really runs with, seen from the device loop, and restored afterwards.
+    import torch
+
+    s = _fast(settings, max_batch=4, torch_threads=torch_threads)
+    producer = Producer(s, camera="cam1", r=r)
+    assert producer.run(ReplaySource(tiny_data, TINY_CATEGORY, "test"), max_frames=4) == 4
+    inspector = Inspector(tiny_checkpoint, "cpu")
+    seen: list[int] = []
+    preprocess = inspector.preprocess
+
+    def watched(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return preprocess(*args, **kwargs)
+
+    inspector.preprocess = watched
+    worker = Worker(s, ModelRegistry({TINY_CATEGORY: inspector}), r=r)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # what the process had: unset keeps it, and the worker leaves nothing behind
+    try:
+        assert worker.run(max_frames=4, idle_exit_s=5) == 4
+        assert seen and set(seen) == {torch_threads or 3}
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("decode_processes", [0, 2], ids=["threads", "processes"])
 def test_n_frames_in_exactly_n_results_out_matching_the_offline_model(
     settings, r, tiny_data, tiny_checkpoint, decode_processes

@@ -30,6 +30,7 @@ import numpy as np
 import structlog
 
 from crd_model.stream import Limits, PointMap, RGBImage
+from workers import regions
 from workers.processing import Item, build_outcome, decode_pair, error_code
 from workers.publish import Outcome
 
@@ -104,6 +105,7 @@ _attached: dict[str, SharedMemory] = {}
 def _start_process(limits_json: str) -> None:
     global _limits
     _limits = Limits.model_validate_json(limits_json)
+    regions.preload()  # pool processes build results too
     # A worker killed outright (SIGKILL, the OOM killer) cannot stop its pool, and a pool process
     # blocked on its call queue would live on: it follows its worker instead.
     parent = mp.parent_process()

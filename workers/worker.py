@@ -18,11 +18,12 @@ an error result. SIGTERM: stop reading, finish and publish everything in hand, l
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ from crd_model.stream.redis_streams import (
     trim_results,
 )
 from crd_model.stream.settings import Settings
+from workers import regions
 from workers.device import Staging, wire_maps
 from workers.hostpool import SLABS, HostPool, PendingDecode, default_processes, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
@@ -191,6 +193,7 @@ class Worker(Daemon):
         }
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
         self.metrics = WorkerMetrics(self.registry)
+        regions.preload()  # results with regions are built in the pool threads
         processes = decode_processes(self.w.decode_processes, models.devices)
         slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
         self.hostpool = self._host_pool(processes, slab_bytes) if processes else None
@@ -243,7 +246,7 @@ class Worker(Daemon):
             threads.append(threading.Thread(target=self._watch_models, name="rollout", daemon=True))
         self.reading.set()
         try:
-            with self.running():
+            with self.running(), intra_op_threads(self.w.torch_threads):
                 for t in [*threads, publisher]:
                     t.start()
                 while True:
@@ -306,7 +309,8 @@ class Worker(Daemon):
                     ensure_group(self.r, key, self.group)
                     ready = True
                     self.health.set_ready(True)
-                    self.log.info("ready", line=line, categories=self.models.categories, group=self.group)
+                    self.log.info("ready", line=line, categories=self.models.categories, group=self.group,
+                                  torch_threads=torch.get_num_threads())  # fmt: skip
                 now = time.monotonic()
                 if now - last_claim >= self.w.claim_every_s:
                     last_claim = now
@@ -700,6 +704,18 @@ class _StageClock:
                 clock.metrics.stage(name, time.thread_time() - self.c, time.perf_counter() - self.t, clock.frames)
 
         return _Timer()
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (None: unchanged) for the block, restored after it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def decode_processes(setting: int | None, devices) -> int:

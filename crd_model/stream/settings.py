@@ -202,6 +202,9 @@ class WorkerSettings(BaseModel):
     # None: processes on a GPU (one per core, less two, at most 16), threads on a CPU (the model needs
     # the cores); 0: threads.
     decode_processes: int | None = Field(None, ge=0, le=256)
+    # torch's intra-op threads while the worker runs (the model on a CPU). None: torch's default, one
+    # per core. Fewer leave cores to other work at a cost in frames/s (BENCHMARKS.md, throughput notes).
+    torch_threads: int | None = Field(None, ge=1, le=1024)
     prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
     # Bounds one frame's cost (decoding a 40 Mpx frame takes seconds and gigabytes): larger frames
     # become `too_large` error results before anything is decoded. The wire's own bound is Limits.
