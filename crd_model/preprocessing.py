@@ -377,7 +377,8 @@ def _clear_to_border(fg: torch.Tensor) -> torch.Tensor:
     clear = None
     for dim in (2, 1):
         n = fg.shape[dim]
-        pos = torch.arange(n, device=fg.device, dtype=torch.int16).view((1, 1, n) if dim == 2 else (1, n, 1))
+        index = torch.int16 if n < 2**15 - 1 else torch.int32  # half the bytes of int32 where it fits
+        pos = torch.arange(n, device=fg.device, dtype=index).view((1, 1, n) if dim == 2 else (1, n, 1))
         last = (u * (pos + 1)).amax(dim=dim, keepdim=True) - 1  # -1 where the line holds no object pixel
         first = n - (u * (n - pos)).amax(dim=dim, keepdim=True)  # n there
         side = (pos < first) | (pos > last)
