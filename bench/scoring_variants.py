@@ -106,6 +106,11 @@ def variants_for(
     out["max of the blurred branch maps"] = score(
         np.maximum.reduce([bb[0] for bb in branch_blurred]), np.maximum.reduce([bb[1] for bb in branch_blurred])
     )
+    # Only evidence above a branch's mean counts: a branch that sees nothing (the 3D branch on a colour
+    # defect) adds no negative or noisy share to the other's peak.
+    rectified = sum(np.maximum(standardised(t_maps, v_maps, b, everything), 0) for b in t_maps)
+    rectified_val = sum(np.maximum(standardised(v_maps, v_maps, b, everything), 0) for b in t_maps)
+    out["rectified branch-standardised sum"] = score(*_blur_max(rectified, sigma), _blur_max(rectified_val, sigma)[1])
     out["branch-standardised, scales 1-2"] = score(*_blur_max(per_branch(everything[:2]), sigma))
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
     out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
