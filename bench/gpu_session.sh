@@ -3,7 +3,7 @@
 # train a 256 px model on the GPU (timing), the throughput benchmark at 200x200 (decode processes, and
 # with THREADS_TOO=1 threads for comparison), then with STEPS=all the sizing table and the throughput benchmark at 800x800.
 # STEPS=quality instead: the quality benchmark at the shipped training defaults (256 px, 200 epochs,
-# QUALITY_SEEDS, default 0) on the five synthetic categories, then the two held-out ones, time-boxed.
+# QUALITY_SEEDS, default 0) on the five synthetic categories, then the four written later, time-boxed.
 # Results under $OUT (default: bench/results/gpu).
 # Run on the device machine from the repo root, after putting the project's dependencies on
 # PYTHONPATH; SCALE=tiny runs the same steps in seconds on a CPU to check the script.
@@ -29,7 +29,7 @@ $PY -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__ver
 
 if [ "${STEPS:-all}" = quality ]; then  # about 1.5 minutes per category and seed on an H200
   if [ "${SCALE:-full}" = tiny ]; then q="--image-size 64 --epochs 1 --categories disc"; qh="--image-size 64 --epochs 1 --categories gear"
-  else q="--image-size 256 --epochs 200"; qh="$q --categories gear cookie"; fi
+  else q="--image-size 256 --epochs 200"; qh="$q --categories gear cookie hexnut lid"; fi
   seeds=${QUALITY_SEEDS:-0}
   log "quality ($q, seeds $seeds)"
   timeout "$(left $((BUDGET - 150)))" $PY bench/quality.py $q --seeds $seeds --no-write --out runs/gpu/quality \
