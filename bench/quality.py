@@ -274,27 +274,16 @@ def main() -> int:
     if a.merge:
         payload = merge_runs([Path(f) for f in a.merge], a.categories)
         payload["command"] = "bench/quality.py " + " ".join(sys.argv[1:])
-        payload["args"]["section"] = a.section or payload["args"]["section"] or "quality"
-        payload["args"]["title"] = a.title or payload["args"]["title"] or "Quality on synthetic data"
+        _place(payload, a)
         Path(a.json).write_text(json.dumps(payload, indent=2, default=float))
-        table = render(payload)
-        print(table)
-        if not a.no_write:
-            write_section(payload["args"]["section"], table)
-        return 0
+        return _publish(payload, a)
     if a.render:  # the numbers of a saved run, tables re-rendered (e.g. after a change to render())
         payload = json.loads(Path(a.render).read_text())
         placed = "".join(f" --{k} {shlex.quote(v)}" for k, v in (("section", a.section), ("title", a.title)) if v)
         payload["rendered_by"] = f"bench/quality.py --render {a.render}{placed}"
-        # --section / --title place a saved run (e.g. one run with --no-write) without editing its file.
-        payload["args"]["section"] = a.section or payload["args"]["section"] or "quality"
-        payload["args"]["title"] = a.title or payload["args"]["title"] or "Quality on synthetic data"
-        table = render(payload)
-        print(table)
-        if not a.no_write:
-            write_section(payload["args"]["section"], table)
-        return 0
-    a.section, a.title = a.section or "quality", a.title or "Quality on synthetic data"
+        _place(payload, a)  # --section / --title place a saved run (e.g. one run with --no-write)
+        return _publish(payload, a)
+    a.section, a.title = a.section or DEFAULT_SECTION, a.title or DEFAULT_TITLE
 
     from crd_model.data.synth import SYNTH_CATEGORIES
     from crd_model.stream.logs import configure_logging
@@ -325,10 +314,24 @@ def main() -> int:
     out_json = Path(a.json)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(payload, indent=2, default=float))
+    return _publish(payload, a)
+
+
+DEFAULT_SECTION, DEFAULT_TITLE = "quality", "Quality on synthetic data"
+
+
+def _place(payload: dict, a: argparse.Namespace) -> None:
+    """The BENCHMARKS.md section and title of a saved payload: the command line's, else its own."""
+    payload["args"]["section"] = a.section or payload["args"]["section"] or DEFAULT_SECTION
+    payload["args"]["title"] = a.title or payload["args"]["title"] or DEFAULT_TITLE
+
+
+def _publish(payload: dict, a: argparse.Namespace) -> int:
+    """Print the payload's tables and, unless --no-write, write them into their BENCHMARKS.md section."""
     table = render(payload)
     print(table)
     if not a.no_write:
-        write_section(a.section, table)
+        write_section(payload["args"]["section"], table)
     return 0
 
 

@@ -81,8 +81,11 @@ def variants_for(
         return sum(standardised(t_maps, v_maps, b, [k]) for b in t_maps for k in scales)
 
     everything = list(range(len(next(iter(t_maps.values())))))
-    model = per_branch(everything)
-    model_val = per_branch(everything, v_maps, v_maps)
+    # Each branch's standardised map (all scales), on the test and the validation images: the model's map
+    # is their sum; several variants below recombine them.
+    branch_test = {b: standardised(t_maps, v_maps, b, everything) for b in t_maps}
+    branch_val = {b: standardised(v_maps, v_maps, b, everything) for b in t_maps}
+    model, model_val = sum(branch_test.values()), sum(branch_val.values())
     model_blurred, model_scores = _blur_max(model, sigma)
     model_val_scores = _blur_max(model_val, sigma)[1]
     out = {"model: branch-standardised sum, all scales": score(model_blurred, model_scores, model_val_scores)}
@@ -102,14 +105,14 @@ def variants_for(
             out[f"per-{unit} image scores standardised, {how}"] = score(model_blurred, reduce(z_test), reduce(z_val))
     for s in (0.5 * sigma, 1.5 * sigma, 2.0 * sigma):
         out[f"blur sigma {s:g} px"] = score(*_blur_max(model, s))
-    branch_blurred = [_blur_max(standardised(t_maps, v_maps, b, everything), sigma) for b in t_maps]
+    branch_blurred = [_blur_max(z, sigma) for z in branch_test.values()]
     out["max of the blurred branch maps"] = score(
         np.maximum.reduce([bb[0] for bb in branch_blurred]), np.maximum.reduce([bb[1] for bb in branch_blurred])
     )
     # Only evidence above a branch's mean counts: a branch that sees nothing (the 3D branch on a colour
     # defect) adds no negative or noisy share to the other's peak.
-    rectified = sum(np.maximum(standardised(t_maps, v_maps, b, everything), 0) for b in t_maps)
-    rectified_val = sum(np.maximum(standardised(v_maps, v_maps, b, everything), 0) for b in t_maps)
+    rectified = sum(np.maximum(z, 0) for z in branch_test.values())
+    rectified_val = sum(np.maximum(z, 0) for z in branch_val.values())
     out["rectified branch-standardised sum"] = score(*_blur_max(rectified, sigma), _blur_max(rectified_val, sigma)[1])
     out["branch-standardised, scales 1-2"] = score(*_blur_max(per_branch(everything[:2]), sigma))
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))

@@ -419,18 +419,20 @@ def drop_specks(fg: torch.Tensor, min_area: int = MIN_AREA) -> torch.Tensor:
 
 
 def foreground(
-    valid: torch.Tensor, raised: torch.Tensor, rising: torch.Tensor | None = None, lifted: torch.Tensor | None = None
+    valid: torch.Tensor, height: torch.Tensor | None, distance: float, grow_distance: float | None = None
 ) -> torch.Tensor:
-    """Raised valid points, grown through the `rising` valid points connected to them (hysteresis: a thin
-    body whose height sits near the threshold stays whole), closed, the `lifted` points it encloses (a
-    recessed face still clear of the plane) and its holes of missing points added, specks dropped; a
-    bore, which shows the plane, stays out."""
-    fg = valid & raised
-    if rising is not None:
-        fg = _reach(fg, valid & rising)
+    """The object: the valid points more than `distance` above the plane (`height` None: every valid
+    point), grown through the valid points 4-connected to them more than `grow_distance` above it
+    (hysteresis: a thin body whose height sits near `distance` stays whole), closed, with the valid
+    points it encloses more than `grow_distance / 2` above the plane (a recessed face) and its holes of
+    missing points added, specks dropped; a bore, which shows the plane, stays out."""
+    grow = height is not None and grow_distance is not None
+    fg = valid if height is None else valid & (height > distance)
+    if grow:
+        fg = _reach(fg, valid & (height > grow_distance))
     fg = _closing(fg, CLOSING)
-    if lifted is not None:  # what the object encloses and is clear of the plane is the object's
-        fg = fg | (valid & lifted & ~fg & ~_outside(fg))
+    if grow:
+        fg = fg | (valid & (height > 0.5 * grow_distance) & ~_outside(fg))
     fg = fg | enclosed_missing(fg, valid)
     return drop_specks(fg)
 
@@ -631,19 +633,13 @@ def points_to_3d_input(
     usable = valid.flatten(1).sum(dim=1) >= MIN_PLANE_POINTS
     planes: torch.Tensor | None = None
     if plane == "none":
-        fg = foreground(valid, torch.ones_like(valid))
+        fg = foreground(valid, None, distance)
     else:
         planes, ok = fit_planes(xyz, plane, distance)
         usable &= ok
         p = planes.to(xyz.dtype)
         signed = (xyz * p[:, :3, None, None]).sum(dim=1) + p[:, 3, None, None]
-        grow = grow_distance is not None
-        fg = foreground(
-            valid,
-            signed > distance,
-            signed > grow_distance if grow else None,
-            signed > 0.5 * grow_distance if grow else None,
-        )
+        fg = foreground(valid, signed, distance, grow_distance)
     fg &= usable.view(b, 1, 1)
     filled, known = fill_missing(xyz, valid & fg, fg)
     fg &= known  # anything filling could not reach stays background
@@ -698,18 +694,21 @@ def pool_over_object(x3d: torch.Tensor, fg: torch.Tensor, k: int) -> torch.Tenso
 
 
 @contextlib.contextmanager
-def _one_cpu_thread(device: torch.device) -> Iterator[None]:
-    """On a CPU, run these many small, memory-bound ops on one thread: OpenMP's fork/join per op costs
-    more than it saves here (and stalls badly when the cores are shared), 1.5-4x measured."""
-    if device.type != "cpu":
-        yield
-        return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `n` (None: unchanged) for the block, restored after it."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
+
+
+def _one_cpu_thread(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """On a CPU, run these many small, memory-bound ops on one thread: OpenMP's fork/join per op costs
+    more than it saves here (and stalls badly when the cores are shared), 1.5-4x measured."""
+    return intra_op_threads(1 if device.type == "cpu" else None)
 
 
 class Preprocessor:

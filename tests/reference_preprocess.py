@@ -177,7 +177,7 @@ def _close_and_fill(
         st = np.ones((closing, closing), dtype=bool)
         fg = ndimage.binary_closing(np.pad(fg, pad), structure=st)[pad:-pad, pad:-pad]
     if lifted is not None:  # enclosed points clear of the plane (a recessed face) are the object's
-        fg = fg | (ndimage.binary_fill_holes(fg) & ~fg & valid & lifted)
+        fg = fg | (ndimage.binary_fill_holes(fg) & valid & lifted)
     fg = fg | _enclosed_missing(fg, valid)
     if min_area > 1 and fg.any():  # drop specks (outliers, edge artefacts)
         labels, n = ndimage.label(fg)

@@ -31,9 +31,7 @@ def foreground_mask(
     x = _as_batch(xyz)
     p = torch.from_numpy(plane).float()
     signed = (x * p[:3].view(1, 3, 1, 1)).sum(dim=1) + p[3]
-    grow = grow_distance is not None
-    rising, lifted = (signed > grow_distance, signed > 0.5 * grow_distance) if grow else (None, None)
-    return P.foreground(P.valid_points(x), signed > distance, rising, lifted)[0].numpy()
+    return P.foreground(P.valid_points(x), signed, distance, grow_distance)[0].numpy()
 
 
 def resize_nearest(a: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:

@@ -18,12 +18,11 @@ an error result. SIGTERM: stop reading, finish and publish everything in hand, l
 
 from __future__ import annotations
 
-import contextlib
 import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -32,6 +31,7 @@ import structlog
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from crd_model.preprocessing import intra_op_threads
 from crd_model.stream import Limits, Shadow
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import (
@@ -704,18 +704,6 @@ class _StageClock:
                 clock.metrics.stage(name, time.thread_time() - self.c, time.perf_counter() - self.t, clock.frames)
 
         return _Timer()
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `n` (None: unchanged) for the block, restored after it."""
-    before = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def decode_processes(setting: int | None, devices) -> int:
