@@ -206,17 +206,24 @@ class WorkerProcess:
             todo.extend(children.get(pid, []))
         return tree
 
-    def cpu_seconds(self, main_only: bool = False) -> float:
-        """CPU of the worker and of its live descendants (utime + stime, all threads); with `main_only`,
-        of the worker process alone (its device loop, readers, batcher and publisher)."""
-        total = 0.0
+    def _stat_sum(self, fields_at: tuple[int, ...], main_only: bool) -> int:
+        total = 0
         for pid in [self.proc.pid] if main_only else self.processes():
             try:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+            total += sum(int(fields[i]) for i in fields_at)
         return total
+
+    def cpu_seconds(self, main_only: bool = False) -> float:
+        """CPU of the worker and of its live descendants (utime + stime, all threads); with `main_only`,
+        of the worker process alone (its device loop, readers, batcher and publisher)."""
+        return self._stat_sum((11, 12), main_only) / CLK_TCK
+
+    def minor_faults(self, main_only: bool = False) -> int:
+        """Pages faulted in (minor faults) by the worker and its live descendants, or by the worker alone."""
+        return self._stat_sum((7,), main_only)
 
     def peak_rss_mb(self) -> float:
         """Peak RSS of the worker plus its descendants' (shared pages counted in each)."""
@@ -285,9 +292,11 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) 
     items = payloads(FrameMaker(rgbs, xyzs, s.line), n)
     worker = WorkerProcess(url, s.line, *worker_args)
     cpu0, main0, rcpu0 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
+    faults0, main_faults0 = worker.minor_faults(), worker.minor_faults(main_only=True)
     fill(r, s.streams.key(s.line, "frames"), items)
     results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
     cpu1, main1, rcpu1 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
+    faults1, main_faults1 = worker.minor_faults(), worker.minor_faults(main_only=True)
     stages, rss = worker.stages(), worker.peak_rss_mb()
     result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(s.line, "results"))]
     worker.stop()
@@ -301,6 +310,8 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) 
         "worker_cpu_ms_per_frame": 1000 * (cpu1 - cpu0) / len(results),
         "worker_main_process_cpu_ms_per_frame": 1000 * (main1 - main0) / len(results),
         "redis_cpu_ms_per_frame": 1000 * (rcpu1 - rcpu0) / len(results),
+        "worker_minor_faults_per_frame": (faults1 - faults0) / len(results),
+        "worker_main_process_minor_faults_per_frame": (main_faults1 - main_faults0) / len(results),
         "stages_ms_per_frame": stages,
         "worker_peak_rss_mb": rss,
         "frame_bytes_median": int(np.median([len(p) for _, p in items])),

@@ -124,6 +124,17 @@ def resize_rgb(rgbs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     return out
 
 
+def _gather_points(xyzs: Sequence[torch.Tensor], points: torch.Tensor, stack_first: bool) -> torch.Tensor:
+    """(B, len(points), 3): the flat pixels `points` of each (H, W, 3) frame (all of one size).
+
+    stack_first: one stack and one gather for the batch (two operator launches whatever its size: a GPU
+    is bound by launches here); else frame by frame, so full-resolution frames are never stacked (a
+    large frame is mostly dropped: on a CPU, stacking 800 x 800 frames first was 4.8x slower)."""
+    if stack_first:
+        return torch.stack(list(xyzs)).flatten(1, 2).index_select(1, points)
+    return torch.stack([t.reshape(-1, 3).index_select(0, points) for t in xyzs])
+
+
 def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     """float (H, W, 3) point maps (any sizes) -> float32 (B, 3, size, size); non-finite points -> missing."""
     for t in xyzs:
@@ -135,11 +146,10 @@ def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
     for (h, w, _), idx in groups.items():
         if (h, w) == (size, size):
             x = torch.stack([xyzs[i] for i in idx]).float()
-        else:  # one copy of the indices per size (no per-frame host -> device copy); gathered frame by
-            # frame, so full-resolution frames are never stacked (a large frame is mostly dropped)
+        else:  # one copy of the indices per size (no per-frame host -> device copy)
             points = _flat_nearest_indices(h, w, size).to(device)
-            x = torch.stack([xyzs[i].reshape(h * w, 3).index_select(0, points) for i in idx]).float()
-            x = x.view(len(idx), size, size, 3)
+            x = _gather_points([xyzs[i] for i in idx], points, stack_first=device.type != "cpu")
+            x = x.float().view(len(idx), size, size, 3)
         if out is None:
             out = x
         else:
@@ -711,6 +721,11 @@ def _one_cpu_thread(device: torch.device) -> contextlib.AbstractContextManager[N
     return intra_op_threads(1 if device.type == "cpu" else None)
 
 
+def _on(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`t` on `device`; a frame the worker uploaded already is taken as it is (no operator launched)."""
+    return t if t.device == device else t.to(device, non_blocking=True)
+
+
 class Preprocessor:
     """Raw frames -> `ModelInput` for one model configuration, on `device`."""
 
@@ -724,10 +739,10 @@ class Preprocessor:
         rgb = x3d = None
         with torch.inference_mode(), _one_cpu_thread(self.device):
             if cfg.uses_rgb:
-                rgb = resize_rgb([t.to(self.device, non_blocking=True) for t in rgbs], size)
+                rgb = resize_rgb([_on(t, self.device) for t in rgbs], size)
             if cfg.uses_3d:
                 k = cfg.oversample_3d
-                xyz = resize_points([t.to(self.device, non_blocking=True) for t in xyzs], size * k)
+                xyz = resize_points([_on(t, self.device) for t in xyzs], size * k)
                 # the smoothing scales with the resolution: the same blur of the object whatever k is
                 x3d, fg = points_to_3d_input(
                     xyz, cfg.representation_3d, cfg.plane, cfg.plane_distance, cfg.smoothing_3d, cfg.plane_grow_distance

@@ -317,6 +317,20 @@ def test_a_point_with_any_non_finite_coordinate_goes_missing_and_no_other() -> N
     assert out.permute(1, 2, 0)[~missing].equal(xyz[~missing])
 
 
+@pytest.mark.parametrize("side", [37, 200])
+def test_gathering_a_batch_at_once_equals_frame_by_frame(side) -> None:
+    # The GPU's form (stack, then one gather) and the CPU's (a gather per frame) pick the same points.
+    rng = np.random.default_rng(side)
+    xyzs = [torch.from_numpy(rng.random((side, side, 3)).astype(np.float32)) for _ in range(5)]
+    points = P._flat_nearest_indices(side, side, 64)
+    at_once = P._gather_points(xyzs, points, stack_first=True)
+    by_frame = P._gather_points(xyzs, points, stack_first=False)
+    assert at_once.shape == (5, 64 * 64, 3)
+    torch.testing.assert_close(at_once, by_frame, rtol=0, atol=0)
+    expected = P.resize_nearest(xyzs[3], (64, 64)).reshape(-1, 3)
+    torch.testing.assert_close(at_once[3], expected, rtol=0, atol=0)
+
+
 def test_a_batch_of_mixed_sizes_resizes_as_each_frame_alone() -> None:
     # Frames of one size are resized together; the batch's order and every value stay as per frame.
     rng = np.random.default_rng(2)

@@ -60,6 +60,38 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize(
+    "decode_processes, keep", [(0, True), (1, True), (1, False)], ids=["threads", "processes", "processes-off"]
+)
+def test_freed_frame_buffers_serve_the_next_batch_without_fresh_pages(settings, decode_processes, keep):
+    # Each frame passes through buffers of its own size, freed with its batch. With glibc's defaults the
+    # next batch faults in fresh zeroed pages for them (~113 per 460 kB buffer); the worker and its pool
+    # processes keep freed memory for reuse unless keep_freed_memory is off. A fresh interpreter: nothing
+    # has changed the defaults yet.
+    code = """
+import sys
+from crd_model.stream.settings import Settings
+from workers.allocator import recycled_page_faults
+from workers.models import ModelRegistry, StandInInspector
+from workers.worker import Worker
+s = Settings.model_validate_json(sys.argv[1])
+keep = s.worker.keep_freed_memory
+before = recycled_page_faults()
+assert before > 50, f"glibc's defaults should fault pages in: {before}"
+worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}))
+after = recycled_page_faults()
+assert (after < 5) == keep, f"worker process: {after} fresh pages per buffer"
+if worker.hostpool is not None:
+    pooled = worker.hostpool._submit(recycled_page_faults).result(timeout=60)
+    assert (pooled < 5) == keep, f"pool process: {pooled} fresh pages per buffer"
+    worker.hostpool.close()
+print("ok")
+"""
+    s = _fast(settings, decode_processes=decode_processes, keep_freed_memory=keep)
+    out = subprocess.run([sys.executable, "-c", code, s.model_dump_json()], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("torch_threads", [None, 1], ids=["default", "one"])
 def test_the_model_runs_with_the_torch_threads_set(settings, r, tiny_data, tiny_checkpoint, torch_threads):
     # The thread count the model really runs with, seen from the device loop, and restored afterwards.

@@ -30,7 +30,7 @@ import numpy as np
 import structlog
 
 from crd_model.stream import Limits, PointMap, RGBImage
-from workers import regions
+from workers import allocator, regions
 from workers.processing import Item, build_outcome, decode_pair, error_code
 from workers.publish import Outcome
 
@@ -102,10 +102,12 @@ _limits = Limits()
 _attached: dict[str, SharedMemory] = {}
 
 
-def _start_process(limits_json: str) -> None:
+def _start_process(limits_json: str, keep_freed_memory: bool) -> None:
     global _limits
     _limits = Limits.model_validate_json(limits_json)
     regions.preload()  # pool processes build results too
+    if keep_freed_memory:
+        allocator.keep_freed_memory()
     # A worker killed outright (SIGKILL, the OOM killer) cannot stop its pool, and a pool process
     # blocked on its call queue would live on: it follows its worker instead.
     parent = mp.parent_process()
@@ -178,8 +180,16 @@ def _header_only(item: Item) -> Item:
 class HostPool:
     """Processes that decode batches into shared-memory slabs and build results."""
 
-    def __init__(self, processes: int, slab_bytes: int, limits: Limits, on_restart: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        processes: int,
+        slab_bytes: int,
+        limits: Limits,
+        on_restart: Callable[[], None] | None = None,
+        keep_freed_memory: bool = True,
+    ):
         self.processes = processes
+        self.keep_freed_memory = keep_freed_memory
         self.on_restart = on_restart  # called when a dead process made the pool be replaced
         self.slab_bytes = slab_bytes
         self._limits_json = limits.model_dump_json()
@@ -204,7 +214,7 @@ class HostPool:
             self.processes,
             mp_context=mp.get_context("forkserver"),
             initializer=_start_process,
-            initargs=(self._limits_json,),
+            initargs=(self._limits_json, self.keep_freed_memory),
         )
         for f in [executor.submit(_started, 0.05) for _ in range(self.processes)]:
             f.result()

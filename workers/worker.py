@@ -45,7 +45,7 @@ from crd_model.stream.redis_streams import (
     trim_results,
 )
 from crd_model.stream.settings import Settings
-from workers import regions
+from workers import allocator, regions
 from workers.device import Staging, wire_maps
 from workers.hostpool import SLABS, HostPool, PendingDecode, default_processes, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
@@ -194,6 +194,8 @@ class Worker(Daemon):
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
         self.metrics = WorkerMetrics(self.registry)
         regions.preload()  # results with regions are built in the pool threads
+        if self.w.keep_freed_memory:
+            allocator.keep_freed_memory()
         processes = decode_processes(self.w.decode_processes, models.devices)
         slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
         self.hostpool = self._host_pool(processes, slab_bytes) if processes else None
@@ -228,7 +230,10 @@ class Worker(Daemon):
             self.log.error("shm_too_small", needed_mb=needed_mb, missing_mb=-(-missing // 2**20), hint=hint)
             return None
         try:
-            return HostPool(processes, slab_bytes, self.limits, on_restart=self.metrics.decoder_restarts.inc)
+            return HostPool(
+                processes, slab_bytes, self.limits, on_restart=self.metrics.decoder_restarts.inc,
+                keep_freed_memory=self.w.keep_freed_memory,
+            )  # fmt: skip
         except OSError as exc:  # ENOSPC while reserving the slabs: the room went meanwhile
             self.log.error("shm_too_small", needed_mb=needed_mb, error=str(exc), hint=hint)
             return None

@@ -205,6 +205,9 @@ class WorkerSettings(BaseModel):
     # torch's intra-op threads while the worker runs (the model on a CPU). None: torch's default, one
     # per core. Fewer leave cores to other work at a cost in frames/s (BENCHMARKS.md, throughput notes).
     torch_threads: int | None = Field(None, ge=1, le=1024)
+    # Freed frame buffers serve the next batch (glibc's mallopt thresholds, workers/allocator.py) instead of
+    # the next batch faulting in fresh pages: the process's memory stays at its peak between batches.
+    keep_freed_memory: bool = True
     prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
     # Bounds one frame's cost (decoding a 40 Mpx frame takes seconds and gigabytes): larger frames
     # become `too_large` error results before anything is decoded. The wire's own bound is Limits.
