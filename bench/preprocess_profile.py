@@ -7,7 +7,9 @@ Preprocesses batches of the synthetic test split (category --category, resized t
 of --size px, as the worker does (tensors already on the device), and reports per batch size:
 frames/s, host (CPU) time per batch, the number of operators launched and of host synchronisations
 (flood-fill rounds), and the operators that cost the most host and device time (torch.profiler).
---reach forces one way of flood filling (crd_model/preprocessing.py `_reach`). Writes
+--reach forces one way of flood filling (crd_model/preprocessing.py `_reach`). --like-gpu takes a
+GPU's code paths on a CPU (whole batches, flood fill by runs, one gather per batch), so the operator
+count there is the one a GPU launches (its times are not a GPU's). Writes
 bench/results/preprocess_profile.json.
 
 --against REV also loads crd_model/preprocessing.py as it was at git revision REV and times the two
@@ -50,12 +52,16 @@ def main() -> int:
     ap.add_argument("--category", default="disc", help="frames of this category's test split")
     ap.add_argument("--reach", choices=["auto", "pixels", "runs"], default="auto",
                     help="flood fill one pixel or one run per round (auto: pixels on a CPU, else runs)")  # fmt: skip
+    ap.add_argument("--like-gpu", action="store_true",
+                    help="on a CPU, a GPU's code paths (preprocessing.launch_bound): its operator count")  # fmt: skip
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "preprocess_profile.json"))
     a = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import crd_model.preprocessing as P
 
+    if a.like_gpu:
+        P.launch_bound = lambda device: True
     if a.reach != "auto":
         P._reach = {"pixels": P._reach_by_pixels, "runs": P._reach_by_runs}[a.reach]
     samples = list_samples(Path(a.data), a.category, "test")[:16]
@@ -103,7 +109,7 @@ def main() -> int:
         print(json.dumps({k: v for k, v in row.items() if not k.startswith("top")}), flush=True)
         rows.append(row)
     out = {"machine": machine(), "device": str(device), "side": a.side, "size": a.size, "category": a.category,
-           "reach": a.reach, "rows": rows}  # fmt: skip
+           "reach": a.reach, "like_gpu": a.like_gpu, "rows": rows}  # fmt: skip
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     for row in rows:

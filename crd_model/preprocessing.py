@@ -54,6 +54,14 @@ class ModelInput:
 
 
 @functools.cache
+def launch_bound(device: torch.device) -> bool:
+    """Whether launching operators, rather than their passes over memory, costs the time on `device` (a
+    GPU): then the whole batch goes at once, flood fills take whole runs per round, and a batch's points
+    are gathered in one operator. On a CPU a few frames at a time stay in cache and each pass counts.
+    (bench/preprocess_profile.py --like-gpu takes these paths on a CPU to count a GPU's operators.)"""
+    return device.type != "cpu"
+
+
 def nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
     """Source index of each output pixel, sampled at pixel centres (as `nearest-exact`), in float64."""
     idx = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out)).long()
@@ -148,7 +156,7 @@ def resize_points(xyzs: Sequence[torch.Tensor], size: int) -> torch.Tensor:
             x = torch.stack([xyzs[i] for i in idx]).float()
         else:  # one copy of the indices per size (no per-frame host -> device copy)
             points = _flat_nearest_indices(h, w, size).to(device)
-            x = _gather_points([xyzs[i] for i in idx], points, stack_first=device.type != "cpu")
+            x = _gather_points([xyzs[i] for i in idx], points, stack_first=launch_bound(device))
             x = x.float().view(len(idx), size, size, 3)
         if out is None:
             out = x
@@ -337,9 +345,9 @@ def _grow4(mask: torch.Tensor) -> torch.Tensor:
 def _reach(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """The pixels of `region` 4-connected to `seeds` within it (seeds outside `region` count as reached,
     and reach their neighbours in it)."""
-    if region.device.type == "cpu":
-        return _reach_by_pixels(seeds, region)
-    return _reach_by_runs(seeds, region)
+    if launch_bound(region.device):
+        return _reach_by_runs(seeds, region)
+    return _reach_by_pixels(seeds, region)
 
 
 def _reach_by_pixels(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
@@ -473,7 +481,7 @@ def fill_missing(
     Iterative (filled pixels become sources in the next round) until nothing is left, nothing changes,
     or `max_iter` rounds. points: (B, C, S, S). Returns (points, known) with the filled pixels known.
     """
-    if points.device.type == "cuda" or len(points) <= CPU_CHUNK:
+    if launch_bound(points.device) or len(points) <= CPU_CHUNK:
         return _fill_missing(points, known, region, max_iter)
     parts = [
         _fill_missing(points[i : i + CPU_CHUNK], known[i : i + CPU_CHUNK], region[i : i + CPU_CHUNK], max_iter)
@@ -683,7 +691,7 @@ def points_to_3d_input(
     rows, cols = box
     # On a CPU these ~50 passes are memory-bound: a few frames at a time stay in cache (5x faster);
     # a GPU takes the whole batch at once.
-    chunk = b if xyz.device.type == "cuda" else CPU_CHUNK
+    chunk = b if launch_bound(xyz.device) else CPU_CHUNK
     blue = torch.tensor([1.0, 1.0, -1.0], device=xyz.device, dtype=xyz.dtype).view(1, 3, 1, 1)
     for i in range(0, b, chunk):
         part = slice(i, i + chunk)
