@@ -11,7 +11,9 @@ enlarged to 800x800, the MVTec 3D-AD size), all at the same batch size:
    frames/s, the worker's CPU per frame, the per-stage CPU and wall ms per frame (from its
    /metrics), its peak RSS, Redis server CPU per frame, bytes per frame and per result;
 3. latency capture -> result (p50/p99) with a paced producer at 50 % and 90 % of the measured rate;
-4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers.
+4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers;
+5. optionally (`--profile-worker DIR`) py-spy stacks of the worker process during the pipeline run
+   (`bench/stack_summary.py` sums them up).
 Uses REDIS_URL, else an embedded Valkey. Writes BENCHMARKS.md (section "throughput") and
 bench/results/throughput.json.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -286,17 +289,22 @@ def fill(r, key: str, items: list[tuple[str, bytes]]) -> None:
     pipe.execute()
 
 
-def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) -> dict:
-    """n frames pre-loaded, one worker drains them; rate from its first read to its last result."""
+def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, profile: Path | None = None) -> dict:
+    """n frames pre-loaded, one worker drains them; rate from its first read to its last result. With
+    `profile`, py-spy samples the worker process meanwhile (GIL-holding stacks, raw format)."""
     s, r = open_line(url, "bench")
     items = payloads(FrameMaker(rgbs, xyzs, s.line), n)
     worker = WorkerProcess(url, s.line, *worker_args)
+    spy = sample_stacks(worker.proc.pid, profile) if profile is not None else None
     cpu0, main0, rcpu0 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
     faults0, main_faults0 = worker.minor_faults(), worker.minor_faults(main_only=True)
     fill(r, s.streams.key(s.line, "frames"), items)
     results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
     cpu1, main1, rcpu1 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
     faults1, main_faults1 = worker.minor_faults(), worker.minor_faults(main_only=True)
+    if spy is not None:
+        spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
+        spy.wait(timeout=60)
     stages, rss = worker.stages(), worker.peak_rss_mb()
     result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(s.line, "results"))]
     worker.stop()
@@ -317,6 +325,23 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int) 
         "frame_bytes_median": int(np.median([len(p) for _, p in items])),
         "result_bytes_median": int(np.median(result_sizes)),
     }
+
+
+def sample_stacks(pid: int, out: Path) -> subprocess.Popen | None:
+    """py-spy sampling process `pid` (its threads' stacks while they hold the GIL) into `out`; None,
+    with a note, where py-spy is not installed (it is not a dependency: `pip install py-spy`)."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        print(f"py-spy not found: no profile written to {out}", flush=True)
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spy = subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", "100", "--gil", "--threads", "--nonblocking",
+         "--format", "raw", "--output", str(out)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    time.sleep(1.0)  # attached before the frames arrive
+    return spy
 
 
 def latency_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, fps: float) -> dict:
@@ -396,6 +421,8 @@ def main() -> int:
     ap.add_argument("--latency-loads", type=float, nargs="+", default=[0.5, 0.9], help="shares of the capacity")
     ap.add_argument("--scaling", action="store_true", help="also measure queueing with 1-8 stand-in workers")
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--profile-worker", metavar="DIR",
+                    help="py-spy the worker during each pipeline run: DIR/pyspy-pipeline-<side>.txt")  # fmt: skip
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "throughput.json"))
     a = ap.parse_args()
 
@@ -450,7 +477,8 @@ def main() -> int:
             print(side, "in process:", row["in_process"], flush=True)
             row["data_path"] = drain_run(url, [*common, "--null-model"], rgbs, xyzs, a.frames)
             print(side, "data path:", row["data_path"], flush=True)
-            row["pipeline"] = drain_run(url, common, rgbs, xyzs, a.frames)
+            profile = Path(a.profile_worker) / f"pyspy-pipeline-{side}.txt" if a.profile_worker else None
+            row["pipeline"] = drain_run(url, common, rgbs, xyzs, a.frames, profile)
             print(side, "pipeline:", row["pipeline"], flush=True)
             if a.also_threads:
                 row["pipeline_threads"] = drain_run(url, [*common, "--decode-processes", "0"], rgbs, xyzs, a.frames)

@@ -1,6 +1,7 @@
 """What the worker process itself costs per frame, with and without keeping freed memory (not a test).
 
     .venv/bin/python bench/worker_overhead.py [--frames 2048] [--side 200] [--rounds 3] [--decode-processes 2]
+        [--data DIR]
 
 A `crd work` process with a stand-in model of zero latency (no preprocessing, no model: what is left is
 reading, unpacking, the slab copies, decoding in the pool, the result round trip and publishing) drains
@@ -64,10 +65,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--decode-processes", type=int, default=2)
+    ap.add_argument("--data", default=None, help=f"holds {DEMO_CATEGORY}/test (default: the demo's)")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "worker_overhead.json"))
     a = ap.parse_args()
 
-    data, _ = ensure_demo_model(ROOT / "runs" / "demo")
+    data = Path(a.data) if a.data else ensure_demo_model(ROOT / "runs" / "demo")[0]
     base = [(read_rgb(s.rgb_path), read_xyz(s.xyz_path)) for s in list_samples(data, DEMO_CATEGORY, "test")]
     pairs = [enlarge(rgb, xyz, a.side) for rgb, xyz in base]
     chosen = (pairs * (a.frames // len(pairs) + 1))[: a.frames]
