@@ -1,10 +1,13 @@
 """Which images' 3D input a change to the preprocessing touches (not a test).
 
     .venv/bin/python bench/preprocess_diff.py --against REV --data DIR [--size 256] [--categories disc lid]
+        [--like-gpu]
 
 Runs this checkout's `points_to_3d_input` and git revision REV's (both at their defaults) on every
 image of each category's train, validation and test splits, and prints per category how many images'
-3D input differ at all. A category with none needs no retraining to judge the change.
+3D input differ at all. A category with none needs no retraining to judge the change. --like-gpu
+takes a GPU's code paths on this CPU in both (`launch_bound`; a revision before it has only its CPU
+paths).
 """
 
 from __future__ import annotations
@@ -28,8 +31,12 @@ def main() -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--categories", nargs="+", required=True)
+    ap.add_argument("--like-gpu", action="store_true")
     a = ap.parse_args()
     old = preprocessing_at(a.against)
+    if a.like_gpu:
+        for module in (this, old):
+            module.launch_bound = lambda device: True
     for category in a.categories:
         changed = total = 0
         for split in ("train", "validation", "test"):

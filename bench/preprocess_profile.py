@@ -6,7 +6,8 @@
 Preprocesses batches of the synthetic test split (category --category, resized to --side) for a model
 of --size px, as the worker does (tensors already on the device), and reports per batch size:
 frames/s, host (CPU) time per batch, the number of operators launched and of host synchronisations
-(flood-fill rounds), and the operators that cost the most host and device time (torch.profiler).
+(flood-fill and hole-filling rounds, bounding boxes), and the operators that cost the most host and
+device time (torch.profiler).
 --reach forces one way of flood filling (crd_model/preprocessing.py `_reach`). --like-gpu takes a
 GPU's code paths on a CPU (whole batches, flood fill by runs, one gather per batch), so the operator
 count there is the one a GPU launches (its times are not a GPU's). Writes
@@ -120,19 +121,26 @@ def main() -> int:
 
 
 def count_syncs(module, run) -> int:
-    """How often one `run()` asks the device whether a flood fill is done (each a host synchronisation
-    on a GPU): calls of the module's `_any`."""
-    calls, original = [0], module._any
+    """How often one `run()` reads a value back from the device (each a host synchronisation on a GPU):
+    calls of the module's `_any` (is a flood fill or hole filling done?) and `_bounding_box` (where is
+    work left?)."""
+    calls = [0]
+    originals = {name: getattr(module, name) for name in ("_any", "_bounding_box")}
 
-    def counted(mask):
-        calls[0] += 1
-        return original(mask)
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls[0] += 1
+            return fn(*args, **kwargs)
 
-    module._any = counted
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(module, name, counted(fn))
     try:
         run()
     finally:
-        module._any = original
+        for name, fn in originals.items():
+            setattr(module, name, fn)
     return calls[0]
 
 

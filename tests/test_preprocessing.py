@@ -317,6 +317,30 @@ def test_a_point_with_any_non_finite_coordinate_goes_missing_and_no_other() -> N
     assert out.permute(1, 2, 0)[~missing].equal(xyz[~missing])
 
 
+@pytest.mark.parametrize("max_iter", [3, 64])
+def test_filling_whole_frames_equals_filling_their_bounding_box(monkeypatch, max_iter) -> None:
+    # A GPU fills every round on the whole frames (no bounding box to ask the device for), a CPU on the
+    # box of what is left: the same values and the same filled pixels, bit for bit.
+    rng = np.random.default_rng(max_iter)
+    points = torch.from_numpy(rng.normal(size=(3, 3, 48, 64)).astype(np.float32))
+    known = torch.from_numpy(rng.random((3, 48, 64)) < 0.3)
+    region = torch.zeros((3, 48, 64), dtype=torch.bool)
+    region[0, 5:30, 10:50] = True  # a box of holes
+    region[1, :, :7] = True  # at the border
+    region[1, 40:, 60:] = True
+    known[2] = False  # nothing known: nothing can be filled
+    region[2, 10:20, 10:20] = True
+    results = {}
+    for whole in (True, False):
+        monkeypatch.setattr(P, "launch_bound", lambda device, whole=whole: whole)
+        results[whole] = P.fill_missing(points, known, region, max_iter)
+    for a, b in zip(results[True], results[False], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    filled = results[True][1] & ~known
+    assert filled[0].any() and filled[1].any() and not filled[2].any()
+    assert not (filled & ~region).any()
+
+
 @pytest.mark.parametrize("side", [37, 200])
 def test_gathering_a_batch_at_once_equals_frame_by_frame(side) -> None:
     # The GPU's form (stack, then one gather) and the CPU's (a gather per frame) pick the same points.
