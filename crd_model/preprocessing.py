@@ -362,12 +362,17 @@ def _reach_by_pixels(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     return reached
 
 
-def _spread_along_rows(reached: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-    """reached | every run of `region` along the last dim (a maximal horizontal segment) holding a
-    reached pixel; (B, H, W) bool."""
+def _run_ids(region: torch.Tensor) -> torch.Tensor:
+    """Flat (B * H * W,) index of the run (maximal horizontal segment) of `region` (B, H, W) each pixel
+    lies in: the k-th run's pixels carry k (other pixels a neighbour's: callers mask them out)."""
     starts = region.clone()
     starts[..., 1:] &= ~region[..., :-1]  # a run starts where the region does, or at a row's first pixel
-    run = starts.flatten().cumsum(0)  # the k-th run's pixels carry k (others a neighbour's: masked below)
+    return starts.flatten().cumsum(0)
+
+
+def _spread_along_runs(reached: torch.Tensor, region: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """reached | every run of `region` holding a reached pixel; (B, H, W) bool. `run` numbers each
+    pixel's run (flat, in `region`'s order): computed once per flood fill, the region does not change."""
     hits = torch.zeros(run.numel() + 1, dtype=torch.int32, device=run.device)
     hits.scatter_add_(0, run, (reached & region).flatten().to(torch.int32))
     return reached | (region & (hits[run] > 0).view_as(region))
@@ -377,11 +382,14 @@ def _reach_by_runs(seeds: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """`_reach` a whole horizontal, then vertical, run of the region per step: one round per turn of
     the longest path instead of one per pixel, so a few rounds (each a host synchronisation on a GPU)
     instead of up to S; heavier operators (scan, scatter, gather), cheap on a GPU."""
+    b, h, w = region.shape
     reached = (_grow4(seeds) & region) | seeds
-    across = region.transpose(1, 2).contiguous()
-    for _ in range(region.shape[1] * region.shape[2]):  # ends when nothing changes
-        grown = _spread_along_rows(reached, region)
-        grown = _spread_along_rows(grown.transpose(1, 2).contiguous(), across).transpose(1, 2).contiguous()
+    rows = _run_ids(region)
+    # Vertical runs are numbered along the columns, then each number is put back at its pixel: the
+    # rounds then scatter and gather in the frames' own layout, with no transposes.
+    columns = _run_ids(region.transpose(1, 2).contiguous()).view(b, w, h).transpose(1, 2).flatten()
+    for _ in range(h * w):  # ends when nothing changes
+        grown = _spread_along_runs(_spread_along_runs(reached, region, rows), region, columns)
         if not _any(grown ^ reached):
             break
         reached = grown
