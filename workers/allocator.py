@@ -3,10 +3,11 @@
 Every frame passes through several buffers of its own size (the reply, the unpacked payloads, the
 decoded arrays), all freed when its batch is done. With glibc's defaults a buffer of a few hundred
 kilobytes is either its own mapping or at the top of a heap that is trimmed once the batch is freed:
-the next batch's buffers then fault in fresh, zeroed pages, about 170 per 200x200 frame in the
-worker's main process. Raising the mapping and trimming thresholds makes the freed memory serve the
-next batch; the process's memory stays at its peak (what a batch's caps bound) instead of shrinking
-between batches.
+the next batch's buffers then fault in fresh, zeroed pages: a third of the worker process's page
+faults per frame (bench/worker_overhead.py). Raising the mapping and trimming thresholds makes the
+freed memory serve the next batch; the process's memory stays at its peak (what a batch's caps
+bound) instead of shrinking between batches. Where faults are cheap that saves no measurable time;
+under a sandbox that makes them dear (gVisor) it can.
 """
 
 from __future__ import annotations
