@@ -53,7 +53,6 @@ class ModelInput:
 # ------------------------------------------------------------------------------------------------ resizing
 
 
-@functools.cache
 def launch_bound(device: torch.device) -> bool:
     """Whether launching operators, rather than their passes over memory, costs the time on `device` (a
     GPU): then the whole batch goes at once, flood fills take whole runs per round, and a batch's points
@@ -62,6 +61,7 @@ def launch_bound(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
+@functools.cache
 def nearest_indices(size_in: int, size_out: int) -> torch.Tensor:
     """Source index of each output pixel, sampled at pixel centres (as `nearest-exact`), in float64."""
     idx = ((torch.arange(size_out, dtype=torch.float64) + 0.5) * (size_in / size_out)).long()
