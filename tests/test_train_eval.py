@@ -175,6 +175,25 @@ def test_padding_to_batch_buckets_changes_no_score(tiny_data: Path, tiny_checkpo
     assert batch_buckets(16) == (1, 2, 4, 8, 16) and batch_buckets(24) == (1, 2, 4, 8, 16, 24)
 
 
+def test_warmup_runs_the_whole_preprocessing_at_the_largest_batch(tiny_checkpoint: Path, monkeypatch):
+    # On a GPU the preprocessing's kernels load lazily and the plane fit's solver initialises on first
+    # use: warm-up runs it before serving, on a scene with an object, so every step (normals included)
+    # runs, at the largest batch shape.
+    import crd_model.preprocessing as P
+
+    seen: list[tuple[int, bool]] = []
+    original = P.points_to_3d_input
+
+    def watched(xyz, *args, **kwargs):
+        x3d, fg = original(xyz, *args, **kwargs)
+        seen.append((len(xyz), bool(fg.flatten(1).any(dim=1).all())))
+        return x3d, fg
+
+    monkeypatch.setattr(P, "points_to_3d_input", watched)
+    Inspector(tiny_checkpoint, "cpu", buckets=(1, 2, 4)).warmup()
+    assert seen == [(4, True)]
+
+
 def test_the_workers_batch_buckets_setting_reaches_its_models(tiny_checkpoint: Path):
     from workers.models import ModelRegistry
 
