@@ -32,6 +32,11 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} logical CPUs{gpu}{torch_v}, Python {platform.python_version()}"
 
 
+def repeated(items: list, n: int) -> list:
+    """`items` over and over, in order, cut to exactly n (a benchmark's frames from a few distinct ones)."""
+    return (list(items) * (n // max(1, len(items)) + 1))[:n]
+
+
 def write_section(name: str, body: str) -> None:
     """Replace the text between `<!-- name:start -->` and `<!-- name:end -->` (append if absent)."""
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"

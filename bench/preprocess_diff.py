@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import crd_model.preprocessing as this
-from bench.preprocess_profile import preprocessing_at
+from bench.preprocess_profile import preprocessing_at, take_gpu_paths
 from crd_model.data.mvtec3d import list_samples, read_xyz
 
 
@@ -35,8 +35,7 @@ def main() -> int:
     a = ap.parse_args()
     old = preprocessing_at(a.against)
     if a.like_gpu:
-        for module in (this, old):
-            module.launch_bound = lambda device: True
+        take_gpu_paths(this, old)
     for category in a.categories:
         changed = total = 0
         for split in ("train", "validation", "test"):

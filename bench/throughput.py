@@ -40,7 +40,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine, write_section
+from bench.common import ROOT, machine, repeated, write_section
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
 from crd_model.inputs import PreparedFrame
@@ -466,8 +466,8 @@ def main() -> int:
     with redis_server_url() as url:
         for side in a.sizes:
             pairs = [enlarge(rgb, xyz, side) for rgb, xyz in base]
-            rgbs = [p[0] for p in (pairs * (a.frames // len(pairs) + 1))[: a.frames]]
-            xyzs = [p[1] for p in (pairs * (a.frames // len(pairs) + 1))[: a.frames]]
+            chosen = repeated(pairs, a.frames)
+            rgbs, xyzs = [p[0] for p in chosen], [p[1] for p in chosen]
             row: dict = {"in_process": in_process(inspector, rgbs, xyzs, a.batch)}
             if inspector._bf16 or inspector._compiled:
                 reference = Inspector(ckpt, inspector.device, bf16=False, compile=False, buckets=())

@@ -22,39 +22,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import ROOT, machine
-from bench.throughput import FrameMaker, WorkerProcess, close_line, enlarge, fill, open_line, payloads
+from bench.common import ROOT, machine, repeated
+from bench.throughput import drain_run, enlarge
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
 from crd_model.stream.embedded import redis_server_url
-from crd_model.stream.results import tail_results
 
 
 def drain(url: str, rgbs: list, xyzs: list, n: int, args: list[str], keep: bool) -> dict:
-    s, r = open_line(url, "overhead")
-    items = payloads(FrameMaker(rgbs, xyzs, s.line), n)
-    os.environ["CRD_WORKER__KEEP_FREED_MEMORY"] = "true" if keep else "false"
-    worker = WorkerProcess(url, s.line, *args)
-    before = (worker.cpu_seconds(main_only=True), worker.cpu_seconds(), worker.minor_faults(main_only=True),
-              worker.minor_faults())  # fmt: skip
-    fill(r, s.streams.key(s.line, "frames"), items)
-    results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
-    after = (worker.cpu_seconds(main_only=True), worker.cpu_seconds(), worker.minor_faults(main_only=True),
-             worker.minor_faults())  # fmt: skip
-    worker.stop()
-    close_line(s, r)
-    start = min(x.timings.started_at for x in results)
-    end = max(x.timings.finished_at for x in results)
-    main_cpu, all_cpu, main_faults, all_faults = (b - a for a, b in zip(before, after, strict=True))
+    os.environ["CRD_WORKER__KEEP_FREED_MEMORY"] = "true" if keep else "false"  # the worker inherits it
+    run = drain_run(url, args, rgbs, xyzs, n)
+    faults, main_faults = run["worker_minor_faults_per_frame"], run["worker_main_process_minor_faults_per_frame"]
     return {
         "keep_freed_memory": keep,
-        "frames": len(results),
-        "errors": sum(1 for x in results if x.verdict == "error"),
-        "fps": len(results) / (end - start),
-        "main_cpu_ms_per_frame": 1000 * main_cpu / n,
-        "worker_cpu_ms_per_frame": 1000 * all_cpu / n,
-        "main_faults_per_frame": main_faults / n,
-        "pool_faults_per_frame": (all_faults - main_faults) / n,
+        "frames": run["frames"],
+        "errors": run["errors"],
+        "fps": run["fps"],
+        "main_cpu_ms_per_frame": run["worker_main_process_cpu_ms_per_frame"],
+        "worker_cpu_ms_per_frame": run["worker_cpu_ms_per_frame"],
+        "main_faults_per_frame": main_faults,
+        "pool_faults_per_frame": faults - main_faults,
     }
 
 
@@ -72,7 +59,7 @@ def main() -> int:
     data = Path(a.data) if a.data else ensure_demo_model(ROOT / "runs" / "demo")[0]
     base = [(read_rgb(s.rgb_path), read_xyz(s.xyz_path)) for s in list_samples(data, DEMO_CATEGORY, "test")]
     pairs = [enlarge(rgb, xyz, a.side) for rgb, xyz in base]
-    chosen = (pairs * (a.frames // len(pairs) + 1))[: a.frames]
+    chosen = repeated(pairs, a.frames)
     rgbs, xyzs = [p[0] for p in chosen], [p[1] for p in chosen]
     args = ["--stand-in-latency-ms", "0", "--stand-in-category", DEMO_CATEGORY, "--max-batch", str(a.batch),
             "--decode-processes", str(a.decode_processes)]  # fmt: skip

@@ -50,21 +50,6 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def warmup_scene(side: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """A synthetic (rgb uint8, xyz float32) frame of side x side: a level plane 0.6 m from the camera
-    with a box 2 cm high on it, a few points missing; enough for every preprocessing step to run."""
-    axis = torch.arange(side, dtype=torch.float32)
-    v, u = torch.meshgrid(axis, axis, indexing="ij")
-    z = torch.full((side, side), 0.6)
-    box = slice(side // 3, 2 * side // 3)
-    z[box, box] -= 0.02
-    focal = 1.5 * side
-    xyz = torch.stack([(u - side / 2) / focal * z, (v - side / 2) / focal * z, z], dim=-1)
-    xyz[side // 2, : side // 8] = 0.0  # missing points, as a sensor leaves them
-    rgb = torch.full((side, side, 3), 128, dtype=torch.uint8)
-    return rgb, xyz
-
-
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
     """Powers of two up to `max_batch` (and `max_batch` itself): the batch shapes a worker runs."""
     sizes = {1 << i for i in range(max_batch.bit_length()) if 1 << i <= max_batch}
@@ -216,13 +201,16 @@ class Inspector:
     def warmup(self, batch_sizes: Sequence[int] | None = None) -> None:
         """Run every batch shape once before serving, so no frame pays for lazy initialisation, cudnn
         autotuning or compilation. A compilation that fails falls back to eager, with a warning.
-        The preprocessing runs once too, on a batch of the largest shape of a synthetic scene with an
-        object (so every step runs): on a GPU its kernels load lazily and the plane fit's solver
+        The preprocessing runs once too, on a batch of the largest shape of one synthetic good part
+        (an object, so every step runs): on a GPU its kernels load lazily and the plane fit's solver
         initialises on first use, which the first served batch would otherwise wait for."""
+        from crd_model.data.synth import render_sample  # the data generator's renderer: only warm-up needs it
+
         s = self.config.image_size
         sizes = list(batch_sizes or self.buckets or (1,))
-        rgb, xyz = warmup_scene(s)
-        self.preprocess([rgb] * max(sizes), [xyz] * max(sizes))
+        rgb, xyz, _ = render_sample("disc", "good", np.random.default_rng(0))
+        rgb_t, xyz_t = torch.from_numpy(rgb), torch.from_numpy(xyz)
+        self.preprocess([rgb_t] * max(sizes), [xyz_t] * max(sizes))
         for n in sizes:
             blank = torch.zeros((n, 3, s, s), device=self.device)
             inputs = ModelInput(blank if self.config.uses_rgb else None, blank if self.config.uses_3d else None)

@@ -30,8 +30,7 @@ import numpy as np
 import structlog
 
 from crd_model.stream import Limits, PointMap, RGBImage
-from workers import allocator, regions
-from workers.processing import Item, build_outcome, decode_pair, error_code
+from workers.processing import Item, build_outcome, decode_pair, error_code, prepare_process
 from workers.publish import Outcome
 
 log = structlog.get_logger("crd.worker.hostpool")
@@ -105,9 +104,7 @@ _attached: dict[str, SharedMemory] = {}
 def _start_process(limits_json: str, keep_freed_memory: bool) -> None:
     global _limits
     _limits = Limits.model_validate_json(limits_json)
-    regions.preload()  # pool processes build results too
-    if keep_freed_memory:
-        allocator.keep_freed_memory()
+    prepare_process(keep_freed_memory)
     # A worker killed outright (SIGKILL, the OOM killer) cannot stop its pool, and a pool process
     # blocked on its call queue would live on: it follows its worker instead.
     parent = mp.parent_process()

@@ -34,6 +34,7 @@ from crd_model.stream import (
 )
 from crd_model.stream.messages import is_ident
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
+from workers import allocator, regions
 from workers.publish import Outcome
 from workers.regions import find_regions
 
@@ -101,6 +102,15 @@ def fallback_frame_id(entry_id: str, fields: dict[bytes, bytes]) -> str:
     except UnicodeDecodeError:
         fid = ""
     return fid if is_ident(fid, Limits().max_id_len) else f"entry:{entry_id}"
+
+
+def prepare_process(keep_freed_memory: bool) -> None:
+    """Once per process that builds results (the worker, each decode process): the region finder
+    loaded now rather than on the first anomalous frame, and with `keep_freed_memory` glibc told to
+    keep freed frame buffers for the next batch (workers/allocator.py)."""
+    regions.preload()
+    if keep_freed_memory:
+        allocator.keep_freed_memory()
 
 
 def unpack_item(

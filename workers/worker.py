@@ -45,11 +45,10 @@ from crd_model.stream.redis_streams import (
     trim_results,
 )
 from crd_model.stream.settings import Settings
-from workers import allocator, regions
 from workers.device import Staging, wire_maps
 from workers.hostpool import SLABS, HostPool, PendingDecode, default_processes, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
-from workers.processing import Item, build_outcome, check_item, decode_item, unpack_item
+from workers.processing import Item, build_outcome, check_item, decode_item, prepare_process, unpack_item
 from workers.publish import Publisher
 from workers.rollout import ModelsFile
 
@@ -193,9 +192,7 @@ class Worker(Daemon):
         }
         self.pool = ThreadPoolExecutor(self.w.decode_threads, thread_name_prefix="codec")
         self.metrics = WorkerMetrics(self.registry)
-        regions.preload()  # results with regions are built in the pool threads
-        if self.w.keep_freed_memory:
-            allocator.keep_freed_memory()
+        prepare_process(self.w.keep_freed_memory)  # results are built in the pool threads too
         processes = decode_processes(self.w.decode_processes, models.devices)
         slab_bytes = int(self.w.max_batch_decoded_mb * 2**20)
         self.hostpool = self._host_pool(processes, slab_bytes) if processes else None
