@@ -171,14 +171,15 @@ def free_port() -> int:
 
 
 class WorkerProcess:
-    def __init__(self, url: str, line: str, *args: str):
+    def __init__(self, url: str, line: str, *args: str, code: Path = ROOT):
+        """`crd work` from the source tree `code` (another revision's checkout, for an A/B)."""
         self.port = free_port()
         env = dict(os.environ, REDIS_URL=url, CRD_LINE=line, PYTHONUNBUFFERED="1")
         env.pop("CRD_REDIS__URL", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "crd_model.cli", "work", "--consumer", "bench", "--plain-logs",
              "--metrics-port", str(self.port), *args],
-            env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, cwd=code, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -289,12 +290,14 @@ def fill(r, key: str, items: list[tuple[str, bytes]]) -> None:
     pipe.execute()
 
 
-def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, profile: Path | None = None) -> dict:
-    """n frames pre-loaded, one worker drains them; rate from its first read to its last result. With
-    `profile`, py-spy samples the worker process meanwhile (GIL-holding stacks, raw format)."""
+def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, profile: Path | None = None,
+              code: Path = ROOT) -> dict:  # fmt: skip
+    """n frames pre-loaded, one worker (run from the source tree `code`) drains them; rate from its first
+    read to its last result. With `profile`, py-spy samples the worker process meanwhile (GIL-holding
+    stacks, raw format)."""
     s, r = open_line(url, "bench")
     items = payloads(FrameMaker(rgbs, xyzs, s.line), n)
-    worker = WorkerProcess(url, s.line, *worker_args)
+    worker = WorkerProcess(url, s.line, *worker_args, code=code)
     spy = sample_stacks(worker.proc.pid, profile) if profile is not None else None
     cpu0, main0, rcpu0 = worker.cpu_seconds(), worker.cpu_seconds(main_only=True), redis_cpu(r)
     faults0, main_faults0 = worker.minor_faults(), worker.minor_faults(main_only=True)

@@ -1,23 +1,31 @@
-"""What the worker process itself costs per frame, with and without keeping freed memory (not a test).
+"""What the worker process itself costs per frame: keeping freed memory on against off, or this source
+tree against another git revision (not a test).
 
     .venv/bin/python bench/worker_overhead.py [--frames 2048] [--side 200] [--rounds 3] [--decode-processes 2]
-        [--data DIR]
+        [--data DIR] [--against REV]
 
 A `crd work` process with a stand-in model of zero latency (no preprocessing, no model: what is left is
 reading, unpacking, the slab copies, decoding in the pool, the result round trip and publishing) drains
-a pre-filled stream of the demo's frames, alternately with `CRD_WORKER__KEEP_FREED_MEMORY` on and off,
-`--rounds` times each. Reports frames/s, CPU ms per frame (worker process alone, and with its pool)
-and minor page faults per frame; medians per setting and their ratio (on, over off), measured in one run
-on one machine. Writes bench/results/worker_overhead.json; the figures are quoted in BENCHMARKS.md.
+a pre-filled stream of the demo's frames, `--rounds` times per variant, the variants alternating. The
+variants: `CRD_WORKER__KEEP_FREED_MEMORY` on and off; with `--against REV`, the worker of this source
+tree and the worker of REV (checked out in a temporary git worktree; both with the setting's default).
+Reports frames/s, CPU ms per frame (worker process alone, and with its pool), the `unpack` stage's CPU
+and minor page faults per frame; medians per variant and their ratio (the first over the second),
+measured in one run on one machine. Writes bench/results/worker_overhead[-against-REV].json; the figures
+are quoted in BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -28,21 +36,38 @@ from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
 from crd_model.stream.embedded import redis_server_url
 
+MEASURES = ["fps", "main_cpu_ms_per_frame", "worker_cpu_ms_per_frame", "unpack_cpu_ms_per_frame",
+            "main_faults_per_frame", "pool_faults_per_frame"]  # fmt: skip
 
-def drain(url: str, rgbs: list, xyzs: list, n: int, args: list[str], keep: bool) -> dict:
+
+def drain(url: str, rgbs: list, xyzs: list, n: int, args: list[str], variant: str, keep: bool, code: Path) -> dict:
     os.environ["CRD_WORKER__KEEP_FREED_MEMORY"] = "true" if keep else "false"  # the worker inherits it
-    run = drain_run(url, args, rgbs, xyzs, n)
+    run = drain_run(url, args, rgbs, xyzs, n, code=code)
     faults, main_faults = run["worker_minor_faults_per_frame"], run["worker_main_process_minor_faults_per_frame"]
     return {
-        "keep_freed_memory": keep,
+        "variant": variant,
         "frames": run["frames"],
         "errors": run["errors"],
         "fps": run["fps"],
         "main_cpu_ms_per_frame": run["worker_main_process_cpu_ms_per_frame"],
         "worker_cpu_ms_per_frame": run["worker_cpu_ms_per_frame"],
+        "unpack_cpu_ms_per_frame": run["stages_ms_per_frame"]["unpack"]["cpu"],
         "main_faults_per_frame": main_faults,
         "pool_faults_per_frame": faults - main_faults,
     }
+
+
+@contextlib.contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """REV's source tree in a temporary git worktree (its `crd work` runs from there)."""
+    with tempfile.TemporaryDirectory(prefix="crd-against-") as tmp:
+        tree = Path(tmp) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev], check=True,
+                       capture_output=True)  # fmt: skip
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
 
 
 def main() -> int:
@@ -53,7 +78,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--decode-processes", type=int, default=2)
     ap.add_argument("--data", default=None, help=f"holds {DEMO_CATEGORY}/test (default: the demo's)")
-    ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "worker_overhead.json"))
+    ap.add_argument("--against", default=None, metavar="REV", help="compare with the worker of git revision REV")
+    ap.add_argument("--json", default=None, help="default: bench/results/worker_overhead[-against-REV].json")
     a = ap.parse_args()
 
     data = Path(a.data) if a.data else ensure_demo_model(ROOT / "runs" / "demo")[0]
@@ -63,34 +89,40 @@ def main() -> int:
     rgbs, xyzs = [p[0] for p in chosen], [p[1] for p in chosen]
     args = ["--stand-in-latency-ms", "0", "--stand-in-category", DEMO_CATEGORY, "--max-batch", str(a.batch),
             "--decode-processes", str(a.decode_processes)]  # fmt: skip
+    suffix = f"-against-{a.against}" if a.against else ""
+    out_json = Path(a.json) if a.json else ROOT / "bench" / "results" / f"worker_overhead{suffix}.json"
     runs = []
-    with redis_server_url() as url:
+    with contextlib.ExitStack() as stack:
+        if a.against:
+            other = stack.enter_context(checkout(a.against))
+            variants = [("this tree", True, ROOT), (a.against, True, other)]
+        else:
+            variants = [("keep_freed_memory on", True, ROOT), ("keep_freed_memory off", False, ROOT)]
+        url = stack.enter_context(redis_server_url())
         for _ in range(a.rounds):
-            for keep in (True, False):
-                runs.append(drain(url, rgbs, xyzs, a.frames, args, keep))
+            for name, keep, code in variants:
+                runs.append(drain(url, rgbs, xyzs, a.frames, args, name, keep, code))
                 print(json.dumps(runs[-1]), flush=True)
     os.environ.pop("CRD_WORKER__KEEP_FREED_MEMORY", None)
-    measures = ["fps", "main_cpu_ms_per_frame", "worker_cpu_ms_per_frame", "main_faults_per_frame",
-                "pool_faults_per_frame"]  # fmt: skip
-    medians = {
-        str(keep): {m: statistics.median(r[m] for r in runs if r["keep_freed_memory"] == keep) for m in measures}
-        for keep in (True, False)
-    }
-    ratios = {m: medians["True"][m] / medians["False"][m] for m in measures if medians["False"][m]}
-    out = {"machine": machine(), "args": vars(a), "runs": runs, "medians": medians, "ratio_on_over_off": ratios}
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2))
+    names = [v[0] for v in variants]
+    medians = {v: {m: statistics.median(r[m] for r in runs if r["variant"] == v) for m in MEASURES} for v in names}
+    ratios = {m: medians[names[0]][m] / medians[names[1]][m] for m in MEASURES if medians[names[1]][m]}
+    out = {"machine": machine(), "args": vars(a), "runs": runs, "medians": medians,
+           f"ratio {names[0]} over {names[1]}": ratios}  # fmt: skip
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(out, indent=2))
     print(f"\nMachine: {out['machine']}; {a.frames} frames of {a.side}x{a.side}, batch {a.batch}, "
           f"{a.decode_processes} decode processes, stand-in model; medians of {a.rounds} runs each.\n")  # fmt: skip
-    print("| keep_freed_memory | frames/s | main process CPU ms/frame | worker CPU ms/frame | "
+    print("| variant | frames/s | main process CPU ms/frame | worker CPU ms/frame | unpack CPU ms/frame | "
           "faults/frame, main | faults/frame, pool |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for keep in ("True", "False"):
-        m = medians[keep]
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        m = medians[name]
         cells = [f"{m['fps']:.0f}", f"{m['main_cpu_ms_per_frame']:.2f}", f"{m['worker_cpu_ms_per_frame']:.2f}",
-                 f"{m['main_faults_per_frame']:.0f}", f"{m['pool_faults_per_frame']:.0f}"]  # fmt: skip
-        print(f"| {'on' if keep == 'True' else 'off'} | " + " | ".join(cells) + " |")
-    print("| on / off | " + " | ".join(f"{ratios[m]:.2f}" for m in measures) + " |")
+                 f"{m['unpack_cpu_ms_per_frame']:.3f}", f"{m['main_faults_per_frame']:.0f}",
+                 f"{m['pool_faults_per_frame']:.0f}"]  # fmt: skip
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"| {names[0]} / {names[1]} | " + " | ".join(f"{ratios.get(m, float('nan')):.2f}" for m in MEASURES) + " |")
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
+import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from crd_model.stream import (
     unpack_result,
 )
 from crd_model.stream.messages import is_ident
+from crd_model.stream.packing import unpack_frame_views
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "wire-format.md"
 
@@ -59,10 +61,34 @@ def test_decoder_codes_are_documented_frame_faults() -> None:
     assert {CODES[c] for c in DECODER_CODES} == {"frame"}
 
 
+def _unpack_both_ways(data: bytes) -> Frame:
+    """`unpack_frame`, after checking that the worker's `unpack_frame_views` gives the same frame (its
+    payloads as views of `data`) or raises the same error, code and message."""
+    try:
+        whole: Frame | WireError = unpack_frame(data)
+    except WireError as exc:
+        whole = exc
+    try:
+        viewed: Frame | WireError = unpack_frame_views(data)
+    except WireError as exc:
+        viewed = exc
+    if isinstance(whole, WireError):
+        assert isinstance(viewed, WireError), viewed
+        assert (viewed.code, str(viewed)) == (whole.code, str(whole))
+        raise whole
+    assert isinstance(viewed, Frame), viewed
+    if isinstance(viewed.rgb.data, memoryview):  # the walk followed the layout: no payload copied
+        assert viewed.rgb.data.obj is data and viewed.xyz.data.obj is data
+    as_bytes = {p: getattr(viewed, p).model_copy(update={"data": bytes(getattr(viewed, p).data)})
+                for p in ("rgb", "xyz")}  # fmt: skip
+    assert viewed.model_copy(update=as_bytes) == whole
+    return whole
+
+
 def _decode(data: bytes) -> tuple[Frame, np.ndarray, np.ndarray] | WireError:
     """The whole decoder path of a worker: msgpack + validation + payloads. Anything but WireError escapes."""
     try:
-        frame = unpack_frame(data)
+        frame = _unpack_both_ways(data)
         rgb, xyz = frame_arrays(frame)
     except WireError as exc:
         assert exc.code in DECODER_CODES, exc.code
@@ -171,6 +197,25 @@ def test_valid_frames_round_trip(case: tuple[Frame, np.ndarray, np.ndarray]) -> 
     assert peek_frame_id(data) == frame.frame_id
     for cut in (len(data) // 2, len(data) - 1):  # truncated after the id: still addressable
         assert peek_frame_id(data[:cut]) == frame.frame_id
+    viewed = unpack_frame_views(data)  # what a worker reads: the payloads in place
+    assert isinstance(viewed.rgb.data, memoryview) and isinstance(viewed.xyz.data, memoryview)
+
+
+@BOUNDED
+@given(frames(), st.randoms(use_true_random=False))
+def test_payloads_are_read_in_place_whatever_the_key_order(case: tuple[Frame, Any, Any], rnd: Any) -> None:
+    """Another producer may write the keys in any order, the payload bins before or after the rest."""
+
+    def shuffled(m: dict[str, Any]) -> dict[str, Any]:
+        items = list(m.items())
+        rnd.shuffle(items)
+        return dict(items)
+
+    d = msgpack.unpackb(pack_frame(case[0]), raw=False)
+    data = msgpack.packb(shuffled({k: shuffled(v) if k in ("rgb", "xyz") else v for k, v in d.items()}))
+    viewed = unpack_frame_views(data)
+    assert viewed.rgb.data.obj is data and viewed.xyz.data.obj is data
+    assert not isinstance(_decode(data), WireError)
 
 
 # -------------------------------------------------------------------------------------- mutated valid frames
@@ -223,6 +268,16 @@ def test_mutated_valid_payloads_never_crash(ops: list[tuple[str, int, int]]) -> 
     data = _mutate(_BASE, ops)
     _decode(data)
     _peek_is_safe(data)
+
+
+@pytest.mark.parametrize("part", ["rgb", "xyz"])
+@pytest.mark.parametrize("value", ["text", 7, None, [1], {"data": b"x"}, msgpack.ExtType(1, b"")])
+def test_a_payload_that_is_not_a_bin_is_refused_the_same_both_ways(part: str, value: Any) -> None:
+    d = msgpack.unpackb(_BASE, raw=False)
+    d[part]["data"] = value
+    with pytest.raises(WireError) as refused:
+        _unpack_both_ways(msgpack.packb(d, use_bin_type=True))
+    assert refused.value.code in {"invalid", "bad_msgpack"}
 
 
 @st.composite

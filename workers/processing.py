@@ -30,9 +30,9 @@ from crd_model.stream import (
     pack_result,
     peek_frame_id,
     quantised_map,
-    unpack_frame,
 )
 from crd_model.stream.messages import is_ident
+from crd_model.stream.packing import unpack_frame_views
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
 from workers import allocator, regions
 from workers.publish import Outcome
@@ -64,7 +64,7 @@ class Item:
     frame_id: str
     started_at: float  # wall clock, when the worker read the entry
     read_at: float = field(default_factory=time.monotonic)  # for the batching deadline
-    frame: Frame | None = None
+    frame: Frame | None = None  # its rgb.data and xyz.data: memoryviews of `payload` (unpack_frame_views)
     rgb: np.ndarray | None = None
     xyz: np.ndarray | None = None
     image_hw: tuple[int, int] | None = None
@@ -133,7 +133,7 @@ def unpack_item(
             raise WireError("max_deliveries", f"delivered {deliveries} times (limit {max_deliveries})")
         if not payload:
             raise WireError("invalid", "entry has no payload field")
-        item.frame = unpack_frame(payload, limits)
+        item.frame = unpack_frame_views(payload, limits)  # payloads as views of `payload`: no copy
         item.frame_id = item.frame.frame_id
         if registry.get(item.frame.category) is None:
             raise WireError(
