@@ -40,6 +40,7 @@ from crd_model.stream import (
     make_frame,
     pack_frame,
     pack_result,
+    quantised_map,
     peek_frame_id,
     unpack_frame,
     unpack_result,
@@ -223,6 +224,17 @@ def test_map_png8_downscale_and_scale() -> None:
     ref = np.asarray(Image.fromarray(amap).resize((256, 154), Image.Resampling.BILINEAR))
     assert np.abs(back - ref).max() <= (hi - lo) / 255 * 0.51 + 1e-5  # quantisation only
     assert back.min() == pytest.approx(lo) and back.max() == pytest.approx(hi)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (9, 1), (57, 91), (200, 200)])
+def test_map_png8_is_a_plain_png_of_exactly_its_pixels(shape: tuple[int, int]) -> None:
+    """Workers write the map's PNG themselves (one fixed filter): any decoder must read the exact pixels,
+    rough ones included (every byte value, differences wrapping modulo 256)."""
+    pixels = np.random.default_rng(sum(shape)).integers(0, 256, shape, dtype=np.uint8)
+    am = quantised_map(pixels, shape, (0.0, 1.0))
+    with Image.open(io.BytesIO(am.data), formats=["PNG"]) as im:
+        assert im.mode == "L" and im.size == (shape[1], shape[0])
+        assert np.array_equal(np.asarray(im), pixels)
 
 
 def test_map_png8_flat_and_small() -> None:
