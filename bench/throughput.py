@@ -257,6 +257,26 @@ class WorkerProcess:
             if frames.get(st)
         }
 
+    def gc_pauses(self) -> dict[str, float]:
+        """The worker process's garbage collections so far: full ones (generation 2) and their seconds,
+        and collections of any generation longer than 25 ms (crd_worker_gc_pause_seconds)."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        out = {"full": 0.0, "full_seconds": 0.0, "over_25ms": 0.0}
+        for fam in text_string_to_metric_families(text):
+            for sample in fam.samples:
+                if not sample.name.startswith("crd_worker_gc_pause_seconds"):
+                    continue
+                full = sample.labels.get("generation") == "2"
+                if sample.name.endswith("_count"):
+                    out["full"] += sample.value if full else 0.0
+                    out["over_25ms"] += sample.value
+                elif sample.name.endswith("_sum") and full:
+                    out["full_seconds"] += sample.value
+                elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.025":
+                    out["over_25ms"] -= sample.value
+        return out
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         try:
@@ -308,7 +328,7 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, 
     if spy is not None:
         spy.send_signal(signal.SIGINT)  # py-spy writes its file when interrupted
         spy.wait(timeout=60)
-    stages, rss = worker.stages(), worker.peak_rss_mb()
+    stages, rss, gc = worker.stages(), worker.peak_rss_mb(), worker.gc_pauses()
     result_sizes = [len(f[F_PAYLOAD]) for _, f in r.xrange(s.streams.key(s.line, "results"))]
     worker.stop()
     close_line(s, r)
@@ -324,6 +344,7 @@ def drain_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int, 
         "worker_minor_faults_per_frame": (faults1 - faults0) / len(results),
         "worker_main_process_minor_faults_per_frame": (main_faults1 - main_faults0) / len(results),
         "stages_ms_per_frame": stages,
+        "worker_gc": gc,
         "worker_peak_rss_mb": rss,
         "frame_bytes_median": int(np.median([len(p) for _, p in items])),
         "result_bytes_median": int(np.median(result_sizes)),

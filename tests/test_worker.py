@@ -378,6 +378,68 @@ def test_metrics_and_health_endpoints(settings, r):
     thread.join(timeout=20)
 
 
+class _CollectingStandIn(StandInInspector):
+    """Notes, at each batch, how many objects are frozen out of the garbage collector, and runs a full
+    collection (the kind that paused every thread for 100+ ms with start-up's objects in sight)."""
+
+    def __init__(self) -> None:
+        super().__init__(1)
+        self.frozen: list[int] = []
+
+    def forward(self, inputs):
+        import gc
+
+        self.frozen.append(gc.get_freeze_count())
+        gc.collect()
+        return super().forward(inputs)
+
+
+@pytest.mark.parametrize("freeze", [True, False], ids=["frozen", "off"])
+def test_startup_objects_are_frozen_while_serving_and_collections_are_measured(settings, r, freeze):
+    import gc
+
+    s = _fast(settings, freeze_startup_objects=freeze)
+    _produce(s, r, 3)
+    inspector = _CollectingStandIn()
+    worker = Worker(s, ModelRegistry({"disc": inspector}), r=r)
+    alive_before = len(gc.get_objects())
+    assert worker.run(max_frames=3) == 3
+    if freeze:  # everything alive when serving began: torch, the registry, this test's process
+        assert min(inspector.frozen) > alive_before // 2, (inspector.frozen, alive_before)
+    else:
+        assert max(inspector.frozen) == 0
+    assert gc.get_freeze_count() == 0  # thawed when the worker stopped
+    body = worker.metrics.gc_pauses.labels("2").collect()[0].samples
+    count = next(x.value for x in body if x.name.endswith("_count"))
+    assert count >= len(inspector.frozen), body
+
+
+def test_a_model_set_swapped_out_is_freed_while_startup_objects_stay_frozen(settings, r):
+    """A model held only by a reference cycle is freed by the cyclic collector alone: frozen with the
+    rest of start-up, it would stay in memory (a GPU's too) for good after a swap."""
+    import gc
+    import weakref
+
+    from workers import collector
+
+    old = StandInInspector(1)
+    old.cycle = old  # type: ignore[attr-defined]  # reachable only through itself once swapped out
+    gone = weakref.ref(old)
+    worker = Worker(_fast(settings), ModelRegistry({"disc": old}), r=r)
+    del old
+    try:
+        collector.freeze()  # what run() does when serving starts
+        worker._next_models = ModelRegistry({"disc": StandInInspector(1)})
+        worker._swap_models()
+        gc.collect()
+        assert gone() is None, "the swapped-out model is still alive"
+        assert gc.get_freeze_count() > 0  # the new set and the rest of start-up: frozen again
+    finally:
+        collector.thaw()
+        if worker.hostpool is not None:
+            worker.hostpool.close()
+
+
 def test_a_frame_redelivered_too_often_is_dead_lettered_with_an_error_result(settings, r):
     """A poison frame (it keeps killing workers) stops after max_deliveries, and its PLC gets an answer."""
     s = _fast(settings, claim_idle_ms=100, max_deliveries=3)

@@ -45,6 +45,7 @@ from crd_model.stream.redis_streams import (
     trim_results,
 )
 from crd_model.stream.settings import Settings
+from workers import collector
 from workers.device import Staging, wire_maps
 from workers.hostpool import SLABS, HostPool, PendingDecode, default_processes, shm_shortfall, slab_cost
 from workers.models import ModelRegistry
@@ -113,6 +114,13 @@ class WorkerMetrics:
         )  # fmt: skip
         self.stage_frames = Counter(
             "crd_worker_stage_frames_total", "Frames through each stage", ["stage"], registry=registry
+        )
+        self.gc_pauses = Histogram(
+            "crd_worker_gc_pause_seconds",
+            "Python garbage collections in the worker process (every thread waits), by generation",
+            ["generation"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=registry,
         )
         self.decoder_restarts = Counter(
             "crd_worker_decoder_restarts_total",
@@ -209,6 +217,7 @@ class Worker(Daemon):
         self._fatal: BaseException | None = None
         self._readers: list[threading.Thread] = []
         self._device_done = threading.Event()
+        self._gc_pauses = collector.Pauses()
         # Rollout: a models file watched by a thread that loads new models beside the live ones.
         self.loader = loader
         self.models_file = ModelsFile(self.w.models_file) if self.w.models_file and loader else None
@@ -247,12 +256,15 @@ class Worker(Daemon):
         if self.models_file is not None:
             threads.append(threading.Thread(target=self._watch_models, name="rollout", daemon=True))
         self.reading.set()
+        if self.w.freeze_startup_objects:
+            self.log.info("startup_objects_frozen", objects=collector.freeze())
         try:
-            with self.running(), intra_op_threads(self.w.torch_threads):
+            with self.running(), intra_op_threads(self.w.torch_threads), self._gc_pauses:
                 for t in [*threads, publisher]:
                     t.start()
                 while True:
                     self.health.beat()
+                    self._count_gc_pauses()
                     if self._fatal is not None:
                         raise self._fatal
                     if self._should_stop_reading(max_frames, idle_exit_s):
@@ -287,8 +299,15 @@ class Worker(Daemon):
                 self.hostpool.close()
             for line in self.lines:
                 self._leave_group(line)
+            self._count_gc_pauses()
+            if self.w.freeze_startup_objects:
+                collector.thaw()
             self.log.info("stopped", published=self.published)
         return self.published
+
+    def _count_gc_pauses(self) -> None:
+        for generation, seconds in self._gc_pauses.drain():
+            self.metrics.gc_pauses.labels(str(generation)).observe(seconds)
 
     def _should_stop_reading(self, max_frames: int | None, idle_exit_s: float | None) -> bool:
         if self.stopping.is_set():
@@ -656,6 +675,8 @@ class Worker(Daemon):
             return
         old = self.models.model_ids()
         self.models = new  # a new device gets its staging buffers on its first batch (_infer_group)
+        if self.w.freeze_startup_objects:  # the old set may be held by cycles alone: frozen, never freed
+            self.log.info("objects_refrozen", objects=collector.freeze())
         self.metrics.model_swaps.inc()
         self._show_models()
         self.log.info("models_swapped", old=old, new=new.model_ids())

@@ -208,6 +208,10 @@ class WorkerSettings(BaseModel):
     # Freed frame buffers serve the next batch (glibc's mallopt thresholds, workers/allocator.py) instead of
     # the next batch faulting in fresh pages: the process's memory stays at its peak between batches.
     keep_freed_memory: bool = True
+    # Everything alive once the models are loaded and warm is frozen out of Python's cyclic garbage
+    # collector (gc.freeze, workers/collector.py): its full collections then walk only what serving
+    # allocated, instead of pausing every thread for 100+ ms now and then.
+    freeze_startup_objects: bool = True
     prefetch_batches: int = Field(4, ge=1, description="frames in hand (read, in a stage, publishing), in batches")
     # Bounds one frame's cost (decoding a 40 Mpx frame takes seconds and gigabytes): larger frames
     # become `too_large` error results before anything is decoded. The wire's own bound is Limits.
