@@ -10,7 +10,9 @@ shared-memory handoff could reach). Payloads are the synthetic test split under 
 resized to --side. Prints a table; writes bench/results/decode_scaling.json.
 
 First, in one thread: CPU ms per point map decoded with each zlib inflater a worker may have (ISA-L's,
-from the model extra, and the standard library's), timed alternately, and their ratio.
+from the model extra, and the standard library's), and CPU ms per RGB image decoded with each PNG
+decoder (libspng through imagecodecs, from the model extra, and Pillow's), timed alternately, and
+their ratios.
 """
 
 from __future__ import annotations
@@ -76,6 +78,30 @@ def compare_inflaters(payloads: list[bytes], rounds: int = 5) -> dict[str, float
     return out
 
 
+def compare_png_decoders(payloads: list[bytes], rounds: int = 5) -> dict[str, float]:
+    """CPU ms per RGB image decoded (decode_rgb, one thread) with libspng and with Pillow, alternately."""
+    import crd_model.stream.codecs as codecs
+
+    images = [unpack_frame(p).rgb for p in payloads[:64]]
+    chosen = codecs._spng_decode
+    decoders = {"pillow": None} | ({"libspng": chosen} if chosen is not None else {})
+    times: dict[str, list[float]] = {name: [] for name in decoders}
+    try:
+        for _ in range(rounds):
+            for name, decoder in decoders.items():
+                codecs._spng_decode = decoder
+                t = time.process_time()
+                for img in images:
+                    decode_rgb(img)
+                times[name].append(1000 * (time.process_time() - t) / len(images))
+    finally:
+        codecs._spng_decode = chosen
+    out = {f"{name}_ms": float(np.median(v)) for name, v in times.items()}
+    if "libspng_ms" in out:
+        out["libspng_over_pillow"] = out["libspng_ms"] / out["pillow_ms"]
+    return out
+
+
 def rate(pool, fn, payloads: list[bytes]) -> float:
     list(pool.map(fn, payloads[:32]))  # warm: imports, first allocations
     t = time.perf_counter()
@@ -99,6 +125,8 @@ def main() -> int:
     payloads = [maker.packed(i, f"d:{i}") for i in range(a.frames)]
     inflate = compare_inflaters(payloads)
     print(json.dumps({"decode_xyz_cpu_ms_per_frame": inflate}), flush=True)
+    png = compare_png_decoders(payloads)
+    print(json.dumps({"decode_rgb_cpu_ms_per_frame": png}), flush=True)
     rows = []
     for k in a.workers:
         row = {"workers": k}
@@ -111,7 +139,7 @@ def main() -> int:
         rows.append(row)
     out = {"machine": machine(), "side": a.side, "xyz_dtype": a.xyz_dtype, "frames": a.frames,
            "payload_bytes_median": int(np.median([len(p) for p in payloads])), "inflaters": inflate,
-           "rows": rows}  # fmt: skip
+           "png_decoders": png, "rows": rows}  # fmt: skip
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(out, indent=2))
     print(f"\nMachine: {out['machine']}; {a.side}x{a.side} frames, xyz {a.xyz_dtype}, "

@@ -30,6 +30,7 @@ from crd_model.stream import (
     RGBImage,
     Timings,
     WireError,
+    codecs,
     decode_map,
     decode_rgb,
     decode_xyz,
@@ -40,8 +41,8 @@ from crd_model.stream import (
     make_frame,
     pack_frame,
     pack_result,
-    quantised_map,
     peek_frame_id,
+    quantised_map,
     unpack_frame,
     unpack_result,
 )
@@ -235,6 +236,31 @@ def test_map_png8_is_a_plain_png_of_exactly_its_pixels(shape: tuple[int, int]) -
     with Image.open(io.BytesIO(am.data), formats=["PNG"]) as im:
         assert im.mode == "L" and im.size == (shape[1], shape[0])
         assert np.array_equal(np.asarray(im), pixels)
+
+
+@pytest.mark.skipif(codecs._spng_decode is None, reason="imagecodecs (libspng) is not installed")
+@pytest.mark.parametrize("level", [0, 1, 9])
+@pytest.mark.parametrize("shape", [(1, 1), (7, 13), (200, 200), (31, 800)])
+def test_rgb_pngs_decode_the_same_through_libspng_as_through_pillow(shape, level, monkeypatch) -> None:
+    rgb = np.random.default_rng(level).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    rgb[: shape[0] // 2] //= 16  # smooth and rough rows: the encoder picks different row filters
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=level)
+    img = RGBImage(encoding="png", shape=(*shape, 3), data=buf.getvalue())
+    calls = []
+    monkeypatch.setattr(codecs, "_spng_decode", lambda data, real=codecs._spng_decode: calls.append(1) or real(data))
+    fast = decode_rgb(img)
+    assert calls, "8-bit RGB PNGs go through libspng"
+    monkeypatch.setattr(codecs, "_spng_decode", None)
+    assert np.array_equal(fast, rgb) and np.array_equal(fast, decode_rgb(img))
+    assert fast.flags.writeable
+    cut = img.model_copy(update={"data": img.data[: len(img.data) * 2 // 3]})
+    with pytest.raises(WireError, match="cannot decode png") as refused:
+        decode_rgb(cut)  # Pillow, and (below) libspng: a truncated image is a bad payload
+    monkeypatch.undo()
+    with pytest.raises(WireError, match="cannot decode png") as refused_fast:
+        decode_rgb(cut)
+    assert refused.value.code == refused_fast.value.code == "bad_rgb"
 
 
 def test_map_png8_flat_and_small() -> None:
