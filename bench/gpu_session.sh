@@ -6,8 +6,9 @@
 # QUALITY_SEEDS, default 0) on the five synthetic categories, then the four written later, time-boxed.
 # Results under $OUT (default: bench/results/gpu).
 # Run on the device machine from the repo root, after putting the project's dependencies on
-# PYTHONPATH (../shared/tools/device-wheels.sh isal py-spy; py-spy's binary in .site/bin on PATH lets
-# the throughput step sample the worker process); SCALE=tiny runs the same steps in seconds on a CPU
+# PYTHONPATH (../shared/tools/device-wheels.sh isal imagecodecs py-spy, about 45 MB of the 64 MiB a
+# call carries: without imagecodecs RGB PNGs decode through Pillow; py-spy's binary in .site/bin on
+# PATH lets the throughput step sample the worker process); SCALE=tiny runs the same steps in seconds on a CPU
 # to check the script. At most 8 files come back from a device call: STEPS=200 writes 8.
 set -u
 OUT=${OUT:-bench/results/gpu}
@@ -61,9 +62,9 @@ for reach in runs pixels; do  # flood fills by runs (the GPU default) against by
 done
 log "throughput $size px model, 200x200 frames"; run_throughput 200 "$t_200" throughput-200.json
 pkill -f "crd_model.cli work" 2>/dev/null
-log "worker overhead, CRD_WORKER__KEEP_FREED_MEMORY on/off (stand-in model)"
+log "worker overhead, CRD_WORKER__FREEZE_STARTUP_OBJECTS on/off (stand-in model)"
 timeout "$(left $t_overhead)" $PY bench/worker_overhead.py --data runs/gpu/data --frames $frames --batch $batch --decode-processes $procs \
-  --rounds $rounds --json "$OUT/worker_overhead.json" 2>&1 | grep "^|" | tee -a "$OUT/steps.log"
+  --rounds $rounds --toggle freeze-startup-objects --json "$OUT/worker_overhead.json" 2>&1 | grep "^|" | tee -a "$OUT/steps.log"
 [ "${STEPS:-all}" = all ] || { pkill -f "crd_model.cli work" 2>/dev/null; log "done"; exit 0; }
 pkill -f "crd_model.cli work" 2>/dev/null; log "sizing"; timeout "$(left $t_sizing)" $PY bench/sizing.py $sizing --no-write --json "$OUT/sizing.json" 2>&1 | tail -n 40 > "$OUT/sizing.log"
 pkill -f "crd_model.cli work" 2>/dev/null; log "throughput, ${sides800}x${sides800} frames"; run_throughput "$sides800" "$t_800" throughput-800.json

@@ -56,6 +56,23 @@ def test_png8_wire_maps_match_the_codec_within_a_quantisation_step(image_shape):
     assert out[1].values.max() > out[0].values.max() + 5  # the anomaly survived the resize
 
 
+def test_float_maps_come_back_only_for_the_frames_that_need_them():
+    """Regions are cut from anomalous frames' float maps only: the others' stay on the device, and
+    what goes on the wire is the same either way."""
+    rng = np.random.default_rng(2)
+    maps = torch.from_numpy(rng.normal(0, 2, (4, 64, 64)).astype(np.float32))
+    shapes = [(200, 200), (96, 300), (200, 200), (96, 300)]  # two wire shapes, two groups
+    keep = [False, True, True, False]
+    every = wire_maps(maps, shapes, max_side=256)
+    some = wire_maps(maps, shapes, max_side=256, keep_values=keep)
+    for k, (a, b) in enumerate(zip(every, some, strict=True)):
+        assert np.array_equal(a.pixels, b.pixels) and (a.lo, a.hi, a.image_shape) == (b.lo, b.hi, b.image_shape)
+        if keep[k]:
+            assert np.array_equal(a.values, b.values)
+        else:
+            assert b.values is None
+
+
 def test_flat_and_float16_maps():
     flat = torch.full((1, 32, 32), -3.0)
     (wm,) = wire_maps(flat, [(32, 32)], max_side=256)

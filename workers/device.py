@@ -66,11 +66,16 @@ def wire_shape(image_hw: tuple[int, int], max_side: int) -> tuple[int, int]:
 
 
 def wire_maps(
-    maps: torch.Tensor, image_shapes: Sequence[tuple[int, int]], max_side: int, encoding: str = "png8"
+    maps: torch.Tensor,
+    image_shapes: Sequence[tuple[int, int]],
+    max_side: int,
+    encoding: str = "png8",
+    keep_values: Sequence[bool] | None = None,
 ) -> list[WireMap]:
     """Model-resolution maps (B, S, S) on the device -> per frame, the map resized to its wire shape and
-    quantised (png8: uint8 with the map's own min/max; float16: halfs), copied back in one transfer
-    per distinct shape."""
+    quantised (png8: uint8 with the map's own min/max; float16: halfs), copied back per distinct shape.
+    The float maps themselves (`values`, for cutting regions) come back only for the frames marked in
+    `keep_values` (the anomalous ones; default: all)."""
     if encoding not in ("png8", "float16"):
         raise ValueError(f"unknown map encoding {encoding!r}")
     out: list[WireMap | None] = [None] * len(image_shapes)
@@ -94,7 +99,10 @@ def wire_maps(
                 px = px.to(torch.uint8)
             else:
                 px = m.clamp(-65504.0, 65504.0).half()
-            values, px, lo, hi = m.cpu().numpy(), px.cpu().numpy(), lo.tolist(), hi.tolist()
+            kept = [k for k, i in enumerate(idx) if keep_values is None or keep_values[i]]
+            values = m[kept].cpu().numpy() if len(kept) < len(idx) else m.cpu().numpy()
+            value_of = {k: values[j] for j, k in enumerate(kept)}
+            px, (lo, hi) = px.cpu().numpy(), torch.stack([lo, hi]).tolist()
             for k, i in enumerate(idx):
-                out[i] = WireMap(values[k], px[k], float(lo[k]), float(hi[k]), tuple(image_shapes[i]))
+                out[i] = WireMap(value_of.get(k), px[k], float(lo[k]), float(hi[k]), tuple(image_shapes[i]))
     return [w for w in out if w is not None]

@@ -168,10 +168,7 @@ def _header_only(item: Item) -> Item:
     f = item.frame
     assert f is not None
     frame = f.model_copy(update={"rgb": _without_data(f.rgb), "xyz": _without_data(f.xyz)})
-    wm = item.wire_map
-    if wm is not None and item.score is not None and item.threshold is not None and item.score < item.threshold:
-        wm = dataclasses.replace(wm, values=None)  # regions are only cut from anomalous maps
-    return dataclasses.replace(item, payload=b"", frame=frame, rgb=None, xyz=None, wire_map=wm)
+    return dataclasses.replace(item, payload=b"", frame=frame, rgb=None, xyz=None)
 
 
 class HostPool:

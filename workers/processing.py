@@ -46,7 +46,7 @@ if TYPE_CHECKING:  # torch: this module runs in the decode processes too, which 
 class WireMap:
     """One frame's anomaly map at wire resolution, back on the host."""
 
-    values: np.ndarray | None  # float32 (h, w) at wire resolution, for regions (None once not needed)
+    values: np.ndarray | None  # float32 (h, w) at wire resolution, for regions: anomalous frames only
     pixels: np.ndarray  # uint8 (h, w) for "png8" (value = lo + px / 255 * (hi - lo)), float16 for "float16"
     lo: float
     hi: float

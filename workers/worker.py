@@ -550,17 +550,19 @@ class Worker(Daemon):
             inputs = inspector.preprocess(on_device[0::2], on_device[1::2])
         with clock("model"):
             out = inspector.forward(inputs)
+        threshold = float(inspector.threshold)
         with clock("postprocess"):
+            scores = out.pred_score.float().cpu().tolist()
             maps = wire_maps(
                 out.anomaly_map,
                 [it.image_hw for it in group],
                 self.w.result_map_max_side,
                 self.w.result_map_encoding,
+                keep_values=[score >= threshold for score in scores],  # regions: anomalous frames only
             )
-            scores = out.pred_score.float().cpu().tolist()
         version = self.models.model_version(group[0].frame.category)
         for it, wm, score in zip(group, maps, scores, strict=True):
-            it.wire_map, it.score, it.threshold = wm, float(score), float(inspector.threshold)
+            it.wire_map, it.score, it.threshold = wm, float(score), threshold
             it.model_id, it.model_version = inspector.model_id, version
         candidate = self.models.shadow(group[0].frame.category)
         if candidate is not None:
