@@ -3,10 +3,11 @@
     .venv/bin/python bench/wire.py [--frames 48]
 
 For the demo's 200x200 frames and the same frames at 800x800 (the MVTec 3D-AD size), per option
-(default PNG + float32 + zlib; float16 xyz; `--downscale` 512 and 256; JPEG RGB): the payload's
-median size, the producer's CPU to encode one frame, and, for `--frames` frames XADDed to a fresh
-stream, the server's memory per entry (MEMORY USAGE) and CPU per XADD (INFO cpu). Uses REDIS_URL,
-else an embedded Valkey. Writes BENCHMARKS.md (section "wire") and bench/results/wire.json.
+(default PNG + float32 + zlib; float16 xyz; xyz without zlib; `--downscale` 512 and 256; JPEG RGB):
+the payload's median size, the producer's CPU to encode one frame, the worker's CPU to decode it (RGB
+and point map, one thread), and, for `--frames` frames XADDed to a fresh stream, the server's memory
+per entry (MEMORY USAGE) and CPU per XADD (INFO cpu). Uses REDIS_URL, else an embedded Valkey. Writes
+BENCHMARKS.md (section "wire") and bench/results/wire.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bench.common import ROOT, machine, write_section
 from bench.throughput import enlarge
 from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
 from crd_model.demo import DEMO_CATEGORY, ensure_demo_model
-from crd_model.stream import make_frame, pack_frame
+from crd_model.stream import frame_arrays, make_frame, pack_frame, unpack_frame
 from crd_model.stream.embedded import redis_server_url
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, connect
 from crd_model.stream.settings import RedisSettings
@@ -34,6 +35,8 @@ from producers.producer import downscale
 OPTIONS = {
     "png + float32 (default)": {},
     "png + float16": {"xyz_dtype": "float16"},
+    "png + float32, xyz not deflated": {"xyz_compression": "none"},
+    "png + float16, xyz not deflated": {"xyz_dtype": "float16", "xyz_compression": "none"},
     "--downscale 512": {"downscale": 512},
     "--downscale 256": {"downscale": 256},
     "--downscale 256 + float16": {"downscale": 256, "xyz_dtype": "float16"},
@@ -52,11 +55,16 @@ def measure(r, pairs: list, option: dict, n: int) -> dict:
             rgb, xyz, meta = downscale(rgb, xyz, meta, option["downscale"])
         frame = make_frame(rgb, xyz, frame_id=f"w:{i}", line="wire", camera="c", seq=i, category=DEMO_CATEGORY,
                            rgb_encoding=option.get("rgb_encoding", "png"),
-                           xyz_dtype=option.get("xyz_dtype", "float32"), meta=meta)  # fmt: skip
+                           xyz_dtype=option.get("xyz_dtype", "float32"),
+                           xyz_compression=option.get("xyz_compression", "zlib"), meta=meta)  # fmt: skip
         payload = pack_frame(frame)
         cpu += time.process_time() - t
         sizes.append(len(payload))
         payloads.append(payload)
+    t = time.process_time()
+    for p in payloads:
+        frame_arrays(unpack_frame(p))
+    decode_cpu = time.process_time() - t
     key = f"bench-wire:{time.time_ns()}"
     info0 = r.info("cpu")
     for i, p in enumerate(payloads):
@@ -68,6 +76,7 @@ def measure(r, pairs: list, option: dict, n: int) -> dict:
     return {
         "payload_bytes_median": int(np.median(sizes)),
         "producer_encode_ms": 1000 * cpu / n,
+        "worker_decode_ms": 1000 * decode_cpu / n,
         "redis_bytes_per_entry": memory / n,
         "redis_cpu_ms_per_xadd": 1000 * server_cpu / n,
     }
@@ -98,15 +107,16 @@ def main() -> int:
         "(200x200) and the same frames enlarged to 800x800. Medians of the payload sizes; Redis memory is "
         "MEMORY USAGE of the stream over its entries.",
         "",
-        "| frame | option | payload bytes | vs default | producer encode ms | Redis bytes/entry | Redis CPU ms/XADD |",
-        "|---|---|---|---|---|---|---|",
+        "| frame | option | payload bytes | vs default | producer encode ms | worker decode ms | Redis bytes/entry "
+        "| Redis CPU ms/XADD |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for side, rows in out["sizes"].items():
         ref = rows["png + float32 (default)"]["payload_bytes_median"]
         for name, v in rows.items():
             lines.append(
                 f"| {side}x{side} | {name} | {v['payload_bytes_median']:,} | {v['payload_bytes_median'] / ref:.2f} | "
-                f"{v['producer_encode_ms']:.1f} | {v['redis_bytes_per_entry']:,.0f} | "
+                f"{v['producer_encode_ms']:.1f} | {v['worker_decode_ms']:.1f} | {v['redis_bytes_per_entry']:,.0f} | "
                 f"{v['redis_cpu_ms_per_xadd']:.3f} |"
             )
     text = "\n".join(lines)

@@ -187,6 +187,7 @@ _PRODUCE_FLAGS = {
     "backpressure": ("producer", "backpressure"),
     "rgb_encoding": ("producer", "rgb_encoding"),
     "xyz_dtype": ("producer", "xyz_dtype"),
+    "xyz_compression": ("producer", "xyz_compression"),
     "downscale": ("producer", "downscale_max_side"),
 }
 _WORK_FLAGS = {
@@ -509,6 +510,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backpressure", default=None, choices=["block", "slow"])
     p.add_argument("--rgb-encoding", default=None, choices=["png", "jpeg", "raw"])
     p.add_argument("--xyz-dtype", default=None, choices=["float32", "float16"])
+    p.add_argument(
+        "--xyz-compression", default=None, choices=["zlib", "none"],
+        help="none: more bytes on the wire, no deflate here and no inflate in the worker",
+    )  # fmt: skip
     p.add_argument(
         "--downscale", type=int, default=None, metavar="PIXELS",
         help="shrink frames to this longer side before sending (fewer bytes; maps then cover the smaller image)",

@@ -101,7 +101,8 @@ def test_flags_win_over_the_environment_and_are_validated_with_it(monkeypatch: p
 
 def test_good_flags_reach_the_running_producer(settings, r, capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["produce", "--redis-url", settings.redis.url, "--line", settings.line, "--source", "synthetic"]
-    rc = main([*argv, "--count", "2", "--fps", "200", "--rgb-encoding", "raw", "--max-outstanding", "50"])
+    rc = main([*argv, "--count", "2", "--fps", "200", "--rgb-encoding", "raw", "--max-outstanding", "50",
+               "--xyz-compression", "none"])  # fmt: skip
     assert rc == 0, capsys.readouterr().err
     key = settings.streams.key(settings.line, "frames")
     assert r.xlen(key) == 2
@@ -109,6 +110,7 @@ def test_good_flags_reach_the_running_producer(settings, r, capsys: pytest.Captu
 
     first = unpack_frame(r.xrange(key)[0][1][b"payload"])
     assert first.rgb.encoding == "raw" and first.line == settings.line
+    assert first.xyz.compression == "none"
 
 
 @pytest.mark.parametrize("argv", [["work", "--batch", "8"], ["train", "--data", "d", "--category", "c", "--out", "o",
