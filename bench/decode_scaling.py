@@ -46,13 +46,34 @@ def decode_discard(payload: bytes) -> int:
     return rgb.nbytes + xyz.nbytes
 
 
-def compare_inflaters(payloads: list[bytes], rounds: int = 5) -> dict[str, float]:
-    """CPU ms per point map decoded (decode_xyz, one thread) with each inflater, alternately."""
-    import zlib
-
+def _alternating(attr: str, variants: dict, items: list, decode, rounds: int) -> dict[str, float]:
+    """CPU ms per item of `decode`, with `codecs.<attr>` set to each variant in turn (one thread, the
+    variants alternating `rounds` times); medians per variant, and the second over the first."""
     import crd_model.stream.codecs as codecs
 
-    maps = [unpack_frame(p).xyz for p in payloads[:64]]
+    chosen = getattr(codecs, attr)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    try:
+        for _ in range(rounds):
+            for name, variant in variants.items():
+                setattr(codecs, attr, variant)
+                t = time.process_time()
+                for item in items:
+                    decode(item)
+                times[name].append(1000 * (time.process_time() - t) / len(items))
+    finally:
+        setattr(codecs, attr, chosen)
+    out = {f"{name}_ms": float(np.median(v)) for name, v in times.items()}
+    if len(variants) == 2:
+        first, second = variants
+        out[f"{second}_over_{first}"] = out[f"{second}_ms"] / out[f"{first}_ms"]
+    return out
+
+
+def compare_inflaters(payloads: list[bytes], rounds: int = 5) -> dict[str, float]:
+    """CPU ms per point map decoded (decode_xyz) with each inflater a worker may have, alternately."""
+    import zlib
+
     inflaters = {"zlib": zlib}
     try:
         from isal import isal_zlib
@@ -60,46 +81,15 @@ def compare_inflaters(payloads: list[bytes], rounds: int = 5) -> dict[str, float
         inflaters["isal"] = isal_zlib
     except ImportError:
         pass
-    chosen = codecs._INFLATE
-    times: dict[str, list[float]] = {name: [] for name in inflaters}
-    try:
-        for _ in range(rounds):
-            for name, module in inflaters.items():
-                codecs._INFLATE = module
-                t = time.process_time()
-                for pm in maps:
-                    decode_xyz(pm)
-                times[name].append(1000 * (time.process_time() - t) / len(maps))
-    finally:
-        codecs._INFLATE = chosen
-    out = {f"{name}_ms": float(np.median(v)) for name, v in times.items()}
-    if "isal_ms" in out:
-        out["isal_over_zlib"] = out["isal_ms"] / out["zlib_ms"]
-    return out
+    return _alternating("_INFLATE", inflaters, [unpack_frame(p).xyz for p in payloads[:64]], decode_xyz, rounds)
 
 
 def compare_png_decoders(payloads: list[bytes], rounds: int = 5) -> dict[str, float]:
-    """CPU ms per RGB image decoded (decode_rgb, one thread) with libspng and with Pillow, alternately."""
+    """CPU ms per RGB image decoded (decode_rgb) with Pillow and with libspng (where installed), alternately."""
     import crd_model.stream.codecs as codecs
 
-    images = [unpack_frame(p).rgb for p in payloads[:64]]
-    chosen = codecs._spng_decode
-    decoders = {"pillow": None} | ({"libspng": chosen} if chosen is not None else {})
-    times: dict[str, list[float]] = {name: [] for name in decoders}
-    try:
-        for _ in range(rounds):
-            for name, decoder in decoders.items():
-                codecs._spng_decode = decoder
-                t = time.process_time()
-                for img in images:
-                    decode_rgb(img)
-                times[name].append(1000 * (time.process_time() - t) / len(images))
-    finally:
-        codecs._spng_decode = chosen
-    out = {f"{name}_ms": float(np.median(v)) for name, v in times.items()}
-    if "libspng_ms" in out:
-        out["libspng_over_pillow"] = out["libspng_ms"] / out["pillow_ms"]
-    return out
+    decoders = {"pillow": None} | ({"libspng": codecs._spng_decode} if codecs._spng_decode is not None else {})
+    return _alternating("_spng_decode", decoders, [unpack_frame(p).rgb for p in payloads[:64]], decode_rgb, rounds)
 
 
 def rate(pool, fn, payloads: list[bytes]) -> float:

@@ -240,17 +240,19 @@ class WorkerProcess:
             total += next((int(x.split()[1]) / 1024.0 for x in status.splitlines() if x.startswith("VmHWM:")), 0.0)
         return total
 
-    def stages(self) -> dict[str, dict[str, float]]:
+    def _metric_samples(self) -> list:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
             text = resp.read().decode()
+        return [sample for fam in text_string_to_metric_families(text) for sample in fam.samples]
+
+    def stages(self) -> dict[str, dict[str, float]]:
         seconds: dict[tuple[str, str], float] = {}
         frames: dict[str, float] = {}
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                if sample.name == "crd_worker_stage_seconds_total":
-                    seconds[(sample.labels["stage"], sample.labels["clock"])] = sample.value
-                elif sample.name == "crd_worker_stage_frames_total":
-                    frames[sample.labels["stage"]] = sample.value
+        for sample in self._metric_samples():
+            if sample.name == "crd_worker_stage_seconds_total":
+                seconds[(sample.labels["stage"], sample.labels["clock"])] = sample.value
+            elif sample.name == "crd_worker_stage_frames_total":
+                frames[sample.labels["stage"]] = sample.value
         return {
             st: {clock: 1000 * seconds.get((st, clock), 0.0) / frames[st] for clock in ("cpu", "wall")}
             for st in STAGES
@@ -260,21 +262,18 @@ class WorkerProcess:
     def gc_pauses(self) -> dict[str, float]:
         """The worker process's garbage collections so far: full ones (generation 2) and their seconds,
         and collections of any generation longer than 25 ms (crd_worker_gc_pause_seconds)."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
         out = {"full": 0.0, "full_seconds": 0.0, "over_25ms": 0.0}
-        for fam in text_string_to_metric_families(text):
-            for sample in fam.samples:
-                if not sample.name.startswith("crd_worker_gc_pause_seconds"):
-                    continue
-                full = sample.labels.get("generation") == "2"
-                if sample.name.endswith("_count"):
-                    out["full"] += sample.value if full else 0.0
-                    out["over_25ms"] += sample.value
-                elif sample.name.endswith("_sum") and full:
-                    out["full_seconds"] += sample.value
-                elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.025":
-                    out["over_25ms"] -= sample.value
+        for sample in self._metric_samples():
+            if not sample.name.startswith("crd_worker_gc_pause_seconds"):
+                continue
+            full = sample.labels.get("generation") == "2"
+            if sample.name.endswith("_count"):
+                out["full"] += sample.value if full else 0.0
+                out["over_25ms"] += sample.value
+            elif sample.name.endswith("_sum") and full:
+                out["full_seconds"] += sample.value
+            elif sample.name.endswith("_bucket") and sample.labels.get("le") == "0.025":
+                out["over_25ms"] -= sample.value
         return out
 
     def stop(self) -> None:

@@ -25,6 +25,7 @@ from crd_model.checkpoint import load_checkpoint
 from crd_model.config import CheckpointMeta, CRDConfig
 from crd_model.inputs import PreparedFrame, check_pair
 from crd_model.preprocessing import ModelInput, Preprocessor
+from crd_model.stream.messages import is_anomalous
 from crd_model.torch_model import CRDModel
 
 log = structlog.get_logger(__name__)
@@ -39,7 +40,7 @@ class Inspection:
 
     @property
     def anomalous(self) -> bool:
-        return self.score >= self.threshold
+        return is_anomalous(self.score, self.threshold)
 
     @property
     def verdict(self) -> str:

@@ -213,6 +213,15 @@ def test_limits_frozen_and_defaults() -> None:
         Limits(max_pixels=0)
 
 
+def test_the_verdict_rule_is_the_documented_one() -> None:
+    """docs/wire-format.md: anomalous iff score >= threshold, equality anomalous (the worker, its
+    shadow scoring and the offline Inspector all take it from is_anomalous)."""
+    from crd_model.stream.messages import is_anomalous
+
+    assert is_anomalous(6.5, 6.5) and is_anomalous(6.5000001, 6.5) and is_anomalous(-1.0, -2.0)
+    assert not is_anomalous(6.4999999, 6.5) and not is_anomalous(float("nan"), 6.5)
+
+
 def test_map_png8_downscale_and_scale() -> None:
     yy, xx = np.mgrid[0:300, 0:500].astype(np.float32)
     amap = 0.2 + xx / 499 * 3.0 + yy / 299 * 0.5  # 0.2 .. 3.7

@@ -31,7 +31,7 @@ from crd_model.stream import (
     peek_frame_id,
     quantised_map,
 )
-from crd_model.stream.messages import is_ident
+from crd_model.stream.messages import is_anomalous, is_ident
 from crd_model.stream.packing import unpack_frame_views
 from crd_model.stream.redis_streams import F_FRAME_ID, F_PAYLOAD, entry_time
 from workers import allocator, regions
@@ -252,7 +252,7 @@ def _build_outcome(item: Item, worker: str, region_min_area: int, max_regions: i
         )
     assert f is not None
     wm = item.wire_map
-    anomalous = item.score >= item.threshold
+    anomalous = is_anomalous(item.score, item.threshold)
     regions = []
     if anomalous:
         regions = find_regions(wm.values, item.threshold, region_min_area, max_regions, image_shape=wm.image_shape)

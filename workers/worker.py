@@ -34,6 +34,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from crd_model.preprocessing import intra_op_threads
 from crd_model.stream import Limits, Shadow
 from crd_model.stream.daemon import Daemon
+from crd_model.stream.messages import is_anomalous
 from crd_model.stream.redis_streams import (
     TRANSIENT_ERRORS,
     Backoff,
@@ -558,7 +559,7 @@ class Worker(Daemon):
                 [it.image_hw for it in group],
                 self.w.result_map_max_side,
                 self.w.result_map_encoding,
-                keep_values=[score >= threshold for score in scores],  # regions: anomalous frames only
+                keep_values=[is_anomalous(score, threshold) for score in scores],  # regions: anomalous only
             )
         version = self.models.model_version(group[0].frame.category)
         for it, wm, score in zip(group, maps, scores, strict=True):
@@ -576,7 +577,7 @@ class Worker(Daemon):
             scores = candidate.forward(candidate.preprocess(on_device[0::2], on_device[1::2])).pred_score
             threshold = float(candidate.threshold)
             for it, score in zip(group, scores.float().cpu().tolist(), strict=True):
-                verdict = "anomalous" if score >= threshold else "ok"
+                verdict = "anomalous" if is_anomalous(score, threshold) else "ok"
                 it.shadow = Shadow(
                     model_id=candidate.model_id, score=float(score), threshold=threshold, verdict=verdict
                 )

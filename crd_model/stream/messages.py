@@ -122,6 +122,11 @@ def check_dims(h: int, w: int, limits: Limits) -> None:
         raise WireError(*problem)
 
 
+def is_anomalous(score: float, threshold: float) -> bool:
+    """The verdict rule (docs/wire-format.md): anomalous iff `score >= threshold` (equality is anomalous)."""
+    return score >= threshold
+
+
 def is_ident(v: str, max_len: int) -> bool:
     return 0 < len(v) <= max_len and _ID_RE.fullmatch(v) is not None
 
