@@ -7,7 +7,8 @@ The image score is the blurred map's maximum. For each test image (good, and per
 reports where that maximum sits: its signed distance to the silhouette of the 3D foreground at the
 model's size (negative = outside the object), as the share of images peaking within 4 px of it,
 and whether a defective image's peak lies on its ground-truth defect (within 4 px). A good part whose peak sits on
-the rim says the rim, not the surface, sets the scores that good parts reach.
+the rim says the rim, not the surface, sets the scores that good parts reach. It also reports, per
+type, the median share of each branch in the score at the peak (its standardised map, blurred).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
     from scipy import ndimage
 
     from bench.scoring_variants import signed_distance_to_silhouette
+    from crd_model.anomaly_map import gaussian_blur
     from crd_model.dataset import load_split
     from crd_model.inspector import Inspector
 
@@ -35,9 +37,17 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
     if not inspector.config.uses_3d:
         raise SystemExit(f"{ckpt}: the silhouette comes from the 3D input; this model has no 3D branch")
     test = load_split(data, category, "test", inspector.config)
+    head = inspector.model.anomaly_map_generator
     rows: dict[str, list[tuple[float, bool]]] = {}
+    at_peak: dict[str, dict[str, list[float]]] = {}
     for i in range(0, len(test.frames), 16):
         frames = test.frames[i : i + 16]
+        # Each branch's share of the score: its standardised map, blurred as the model blurs the sum.
+        raw = inspector.branch_maps(inspector.stack(frames))
+        shares = {
+            b: gaussian_blur((raw[b] - head.mean[j]) / head.std[j], head.sigma).numpy()
+            for j, b in enumerate(head.branches)
+        }
         for k, ins in enumerate(inspector.infer(frames)):
             n = i + k
             m = ins.model_map
@@ -48,6 +58,8 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
             on_defect = bool(near is not None and near[y, x] <= RIM_PX)
             assert abs(float(m.max()) - ins.score) <= 1e-5 * max(1.0, abs(ins.score))  # the score is this peak
             rows.setdefault(test.samples[n].defect_type, []).append((float(signed[y, x]), on_defect))
+            for b, m_b in shares.items():
+                at_peak.setdefault(test.samples[n].defect_type, {}).setdefault(b, []).append(float(m_b[k, y, x]))
     out = {}
     for kind, vals in sorted(rows.items()):
         d = np.array([v[0] for v in vals])
@@ -57,6 +69,7 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
             "share_peaking_outside": float((d < 0).mean()),
             "median_distance_px": float(np.median(d)),
             "share_peaking_on_defect": float(np.mean([v[1] for v in vals])) if kind != "good" else 0.0,
+            "median_branch_share_at_peak": {b: float(np.median(v)) for b, v in at_peak[kind].items()},
         }
     return out
 
@@ -76,7 +89,8 @@ def main() -> int:
         print(f"{a.category:>10} {kind:<14} n={r['n']:>3}  peak within {RIM_PX} px of the silhouette "
               f"{r['share_peaking_near_rim']:.2f}  outside {r['share_peaking_outside']:.2f}  "
               f"median distance {r['median_distance_px']:+.1f} px  "
-              f"on the defect {r['share_peaking_on_defect']:.2f}")  # fmt: skip
+              f"on the defect {r['share_peaking_on_defect']:.2f}  at the peak "
+              + ", ".join(f"{b} {v:.1f}" for b, v in r["median_branch_share_at_peak"].items()))  # fmt: skip
     if a.json:
         command = "bench/peak_location.py " + " ".join(sys.argv[1:])
         Path(a.json).write_text(json.dumps({"command": command, "args": vars(a), "results": result}, indent=2))

@@ -114,6 +114,16 @@ def variants_for(
     rectified = sum(np.maximum(z, 0) for z in branch_test.values())
     rectified_val = sum(np.maximum(z, 0) for z in branch_val.values())
     out["rectified branch-standardised sum"] = score(*_blur_max(rectified, sigma), _blur_max(rectified_val, sigma)[1])
+    # Each branch blurred at its own scale: a good part's highest RGB responses are its texture's small
+    # spikes (pores, speckle), while a colour defect is a patch; the 3D branch's defects are sharper.
+    for rgb_x, x3d_x in ((1.5, 1.0), (2.0, 1.0), (1.0, 0.5), (1.5, 0.5)):
+        if len(branch_test) < 2:
+            break
+        own = {"rgb": rgb_x * sigma, "3d": x3d_x * sigma}
+        blurred = sum(_blur_max(z, own[b])[0] for b, z in branch_test.items())
+        blurred_val = sum(_blur_max(z, own[b])[0] for b, z in branch_val.items())
+        peaks, peaks_val = (m.reshape(len(m), -1).max(axis=1) for m in (blurred, blurred_val))
+        out[f"blur rgb x{rgb_x:g}, 3d x{x3d_x:g}"] = score(blurred, peaks, peaks_val)
     out["branch-standardised, scales 1-2"] = score(*_blur_max(per_branch(everything[:2]), sigma))
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
     out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
@@ -124,6 +134,16 @@ def variants_for(
     # mean and std (statistics images), then blur and max as the model does.
     if test.frames[0].x3d is not None:
         t_bands, v_bands = _rim_bands(test.frames), _rim_bands(val.frames)
+        # The score taken only on the object (the 3D foreground, widened by 0 or 16 px): a defect lies on the
+        # part, so a background response should not set a good part's score.
+        t_signed = np.stack([signed_distance_to_silhouette(f) for f in test.frames])
+        v_signed = np.stack([signed_distance_to_silhouette(f) for f in val.frames])
+        for widen in (0, 16):
+            out[f"max over the object (3D foreground + {widen} px)"] = score(
+                model_blurred,
+                _masked_max(model_blurred, t_signed > -widen),
+                _masked_max(_blur_max(model_val, sigma)[0], v_signed > -widen),
+            )
         bands = _band_stats(model_val[stats_idx], v_bands[stats_idx])
         out["model, rim-aware standardisation"] = score(
             *_blur_max(_band_standardise(model, t_bands, bands), sigma),
@@ -316,6 +336,12 @@ def _memory_bank_variants(inspector, data, category, splits, model_maps, score, 
 
 
 RIM_BANDS = (-np.inf, -4, -2, 0, 2, 4, 8, np.inf)  # signed px to the silhouette at the model's size (- = outside)
+
+
+def _masked_max(maps: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Each map's maximum over its `keep` pixels (the whole map where it keeps none)."""
+    inside = np.where(keep, maps, -np.inf).reshape(len(maps), -1).max(axis=1)
+    return np.where(np.isfinite(inside), inside, maps.reshape(len(maps), -1).max(axis=1))
 
 
 def signed_distance_to_silhouette(frame) -> np.ndarray:

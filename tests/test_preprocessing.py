@@ -339,6 +339,17 @@ def test_filling_whole_frames_equals_filling_their_bounding_box(monkeypatch, max
     filled = results[True][1] & ~known
     assert filled[0].any() and filled[1].any() and not filled[2].any()
     assert not (filled & ~region).any()
+    for trial in range(40):  # random holes of every size, at the edges too, and a few rounds or all of them
+        b, h, w = (int(v) for v in rng.integers(1, (4, 40, 40)))
+        points = torch.from_numpy(rng.normal(size=(b, 3, h, w)).astype(np.float32))
+        known = torch.from_numpy(rng.random((b, h, w)) < rng.random())
+        region = torch.from_numpy(rng.random((b, h, w)) < rng.random())
+        rounds = int(rng.integers(1, 70))
+        for whole in (True, False):
+            monkeypatch.setattr(P, "launch_bound", lambda device, whole=whole: whole)
+            results[whole] = P.fill_missing(points, known, region, rounds)
+        for gpu_way, cpu_way in zip(results[True], results[False], strict=True):
+            assert gpu_way.equal(cpu_way), trial
 
 
 @pytest.mark.parametrize("side", [37, 200])
