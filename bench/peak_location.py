@@ -42,21 +42,21 @@ def peaks(ckpt: Path, data: Path, category: str) -> dict[str, dict[str, float]]:
     at_peak: dict[str, dict[str, list[float]]] = {}
     for i in range(0, len(test.frames), 16):
         frames = test.frames[i : i + 16]
-        # Each branch's share of the score: its standardised map, blurred as the model blurs the sum.
         raw = inspector.branch_maps(inspector.stack(frames))
+        fused = head(raw)  # the model's map and score, from the same branch maps
+        # Each branch's share of the score: its standardised map, blurred as the model blurs the sum.
         shares = {
             b: gaussian_blur((raw[b] - head.mean[j]) / head.std[j], head.sigma).numpy()
             for j, b in enumerate(head.branches)
         }
-        for k, ins in enumerate(inspector.infer(frames)):
+        for k, (m, score) in enumerate(zip(fused.anomaly_map.numpy(), fused.pred_score.tolist(), strict=True)):
             n = i + k
-            m = ins.model_map
             y, x = np.unravel_index(int(np.argmax(m)), m.shape)
             signed = signed_distance_to_silhouette(test.frames[n])
             # On the defect: within RIM_PX of its ground truth (a 3-6 px defect's blurred peak may sit beside it).
             near = ndimage.distance_transform_edt(~test.gt[n]) if test.gt is not None and test.gt[n].any() else None
             on_defect = bool(near is not None and near[y, x] <= RIM_PX)
-            assert abs(float(m.max()) - ins.score) <= 1e-5 * max(1.0, abs(ins.score))  # the score is this peak
+            assert abs(float(m.max()) - score) <= 1e-5 * max(1.0, abs(score))  # the score is this peak
             rows.setdefault(test.samples[n].defect_type, []).append((float(signed[y, x]), on_defect))
             for b, m_b in shares.items():
                 at_peak.setdefault(test.samples[n].defect_type, {}).setdefault(b, []).append(float(m_b[k, y, x]))

@@ -87,7 +87,7 @@ def variants_for(
     branch_val = {b: standardised(v_maps, v_maps, b, everything) for b in t_maps}
     model, model_val = sum(branch_test.values()), sum(branch_val.values())
     model_blurred, model_scores = _blur_max(model, sigma)
-    model_val_scores = _blur_max(model_val, sigma)[1]
+    model_val_blurred, model_val_scores = _blur_max(model_val, sigma)
     out = {"model: branch-standardised sum, all scales": score(model_blurred, model_scores, model_val_scores)}
     # Image scores per detector (a branch, or a (branch, scale)), each standardised on the statistics
     # images' scores, then their maximum or sum: a textured object's RGB tail no longer hides what only
@@ -116,9 +116,7 @@ def variants_for(
     out["rectified branch-standardised sum"] = score(*_blur_max(rectified, sigma), _blur_max(rectified_val, sigma)[1])
     # Each branch blurred at its own scale: a good part's highest RGB responses are its texture's small
     # spikes (pores, speckle), while a colour defect is a patch; the 3D branch's defects are sharper.
-    for rgb_x, x3d_x in ((1.5, 1.0), (2.0, 1.0), (1.0, 0.5), (1.5, 0.5)):
-        if len(branch_test) < 2:
-            break
+    for rgb_x, x3d_x in ((1.5, 1.0), (2.0, 1.0), (1.0, 0.5), (1.5, 0.5)) if set(branch_test) == {"rgb", "3d"} else ():
         own = {"rgb": rgb_x * sigma, "3d": x3d_x * sigma}
         blurred = sum(_blur_max(z, own[b])[0] for b, z in branch_test.items())
         blurred_val = sum(_blur_max(z, own[b])[0] for b, z in branch_val.items())
@@ -142,7 +140,7 @@ def variants_for(
             out[f"max over the object (3D foreground + {widen} px)"] = score(
                 model_blurred,
                 _masked_max(model_blurred, t_signed > -widen),
-                _masked_max(_blur_max(model_val, sigma)[0], v_signed > -widen),
+                _masked_max(model_val_blurred, v_signed > -widen),
             )
         bands = _band_stats(model_val[stats_idx], v_bands[stats_idx])
         out["model, rim-aware standardisation"] = score(

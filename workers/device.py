@@ -100,8 +100,7 @@ def wire_maps(
             else:
                 px = m.clamp(-65504.0, 65504.0).half()
             kept = [k for k, i in enumerate(idx) if keep_values is None or keep_values[i]]
-            values = m[kept].cpu().numpy() if len(kept) < len(idx) else m.cpu().numpy()
-            value_of = {k: values[j] for j, k in enumerate(kept)}
+            value_of = dict(zip(kept, (m if len(kept) == len(idx) else m[kept]).cpu().numpy(), strict=True))
             px, (lo, hi) = px.cpu().numpy(), torch.stack([lo, hi]).tolist()
             for k, i in enumerate(idx):
                 out[i] = WireMap(value_of.get(k), px[k], float(lo[k]), float(hi[k]), tuple(image_shapes[i]))

@@ -84,7 +84,7 @@ def _open_image(data: bytes, fmt: Literal["png", "jpeg"], h: int, w: int, modes:
             try:
                 return _spng_decode(data)
             except Exception as e:  # any parser failure on untrusted bytes is a bad payload, never a crash
-                raise WireError(code, f"cannot decode {fmt}: {type(e).__name__}: {str(e)[:200]}") from None
+                raise _undecodable(code, fmt, e) from None
     try:
         # formats=[...]: only that one plugin may parse these untrusted bytes.
         with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]]) as im:
@@ -100,8 +100,12 @@ def _open_image(data: bytes, fmt: Literal["png", "jpeg"], h: int, w: int, modes:
     except Image.DecompressionBombError as e:
         raise WireError("too_large", f"{fmt}: {e}") from None
     except Exception as e:  # any parser failure on untrusted bytes is a bad payload, never a crash
-        raise WireError(code, f"cannot decode {fmt}: {type(e).__name__}: {str(e)[:200]}") from None
+        raise _undecodable(code, fmt, e) from None
     return arr
+
+
+def _undecodable(code: str, fmt: str, e: Exception) -> WireError:
+    return WireError(code, f"cannot decode {fmt}: {type(e).__name__}: {str(e)[:200]}")
 
 
 def encode_rgb(rgb: np.ndarray, encoding: Literal["png", "jpeg", "raw"] = "png", jpeg_quality: int = 95
