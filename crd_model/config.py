@@ -158,6 +158,8 @@ class TrainingInfo(BaseModel):
     bf16: bool | None = None
     loss: str | None = None
     augment: str | None = None
+    shift: int | None = None
+    gain: float | None = None
     seconds_per_epoch: float | None = None
     fit_seconds: float | None = None
 

@@ -51,6 +51,8 @@ class TrainOptions:
     bf16: bool | None = None  # bf16 autocast of the students' forward/backward; None = on CUDA only
     loss: str = "position"  # "position" (mean of 1 - cos), "global" (TRD's flattened cosine), "magnitude" (experiment)
     augment: str = "none"  # "none" (the paper), "flips" or "d4" (flips and quarter turns): crd_model/augment.py
+    shift: int = 0  # > 0: each training image moved by up to this many pixels per epoch (teacher run per batch)
+    gain: float = 0.0  # > 0: each RGB channel scaled by 1 +- up to this per image and epoch (teacher run per batch)
 
 
 def seed_everything(seed: int) -> None:
@@ -90,18 +92,31 @@ def fit(
     symmetries = augment.variants(options.augment)
     normals = model.config.representation_3d == "normals"
 
-    def encode(idx: np.ndarray, symmetry: tuple[bool, bool, bool]) -> dict[str, list[torch.Tensor]]:
+    def encode(
+        idx: np.ndarray,
+        symmetry: tuple[bool, bool, bool],
+        offsets: torch.Tensor | None = None,
+        gains: torch.Tensor | None = None,
+    ) -> dict[str, list[torch.Tensor]]:
         rgb = _to_device(None if rgb_all is None else rgb_all[idx], device)
         x3d = _to_device(None if x3d_all is None else x3d_all[idx], device)
+        if rgb is not None:
+            rgb = augment.transform(rgb, symmetry)
+        if x3d is not None:
+            x3d = augment.transform(x3d, symmetry, normals=normals)
+        if offsets is not None:
+            rgb = None if rgb is None else augment.translate(rgb, offsets)
+            x3d = None if x3d is None else augment.translate(x3d, offsets)
+        if gains is not None and rgb is not None:
+            rgb = augment.recolour(rgb, gains.to(device))
         with torch.inference_mode():
-            return model.encode(
-                None if rgb is None else augment.transform(rgb, symmetry),
-                None if x3d is None else augment.transform(x3d, symmetry, normals=normals),
-            )
+            return model.encode(rgb, x3d)
 
-    # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget.
+    # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget. Shifted or
+    # recoloured images are new every epoch, so their features are computed per batch.
     cache = None
-    if _features_nbytes(model, n * len(symmetries), model.config) <= options.cache_budget_mb * 2**20:
+    fits = _features_nbytes(model, n * len(symmetries), model.config) <= options.cache_budget_mb * 2**20
+    if fits and options.shift <= 0 and options.gain <= 0:
         chunks = [
             encode(np.arange(i, min(i + options.batch_size, n)), sym)
             for sym in symmetries
@@ -119,6 +134,8 @@ def fit(
         name: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=options.lr_decay) for name, opt in optimisers.items()
     }
     generator = torch.Generator().manual_seed(options.seed)
+    # Shifts and gains draw from their own stream, so turning them on leaves the batches as they were.
+    jitter = torch.Generator().manual_seed(options.seed + 1)
     # bf16 autocast on CUDA only: the students' convolutions run in bf16, the cosine loss in float32
     # (autocast's float32 list), and the parameters and Adam's state stay float32, so no loss scaling is
     # needed (bf16 has float32's exponent range). CPUs train in float32.
@@ -137,13 +154,27 @@ def fit(
                 continue  # BatchNorm cannot train on a batch of one
             # One symmetry per image, drawn only when augmenting (the unaugmented draws stay as they were).
             sym = torch.randint(len(symmetries), (len(idx),), generator=generator) if len(symmetries) > 1 else None
+            offsets = None
+            if options.shift > 0:
+                offsets = torch.randint(-options.shift, options.shift + 1, (len(idx), 2), generator=jitter)
+            gains = None
+            if options.gain > 0:
+                gains = 1 + options.gain * (2 * torch.rand((len(idx), 3), generator=jitter) - 1)
             if cache is not None:
                 rows = idx if sym is None else sym * n + idx
                 dev_rows = rows.to(device)
                 feats = {m: [f.index_select(0, dev_rows) for f in fs] for m, fs in cache.items()}
             else:
                 ks = [0] if sym is None else sorted(set(sym.tolist()))
-                parts = [encode((idx if sym is None else idx[sym == k]).numpy(), symmetries[k]) for k in ks]
+                parts = [
+                    encode(
+                        (idx if sym is None else idx[sym == k]).numpy(),
+                        symmetries[k],
+                        None if offsets is None else (offsets if sym is None else offsets[sym == k]),
+                        None if gains is None else (gains if sym is None else gains[sym == k]),
+                    )
+                    for k in ks
+                ]
                 feats = {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))]
                          for m, fs in parts[0].items()}  # fmt: skip
             # Separate optimisers, stepped one after the other (the branches share no parameters).
@@ -278,6 +309,8 @@ def train_category(
             bf16=bf16_enabled(options, device),
             loss=options.loss,
             augment=options.augment,
+            shift=options.shift,
+            gain=options.gain,
             seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 3),
             fit_seconds=round(fit_seconds, 2),
         ),

@@ -57,3 +57,21 @@ def test_the_identity_comes_first_and_unknown_settings_are_refused() -> None:
 def test_undo_returns_every_pixel_to_its_place(symmetry) -> None:
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
     assert torch.equal(augment.undo(augment.transform(x, symmetry), symmetry), x)
+
+
+def test_translate_moves_each_image_by_its_own_offset_and_replicates_the_edges():
+    x = torch.arange(2 * 1 * 6 * 6, dtype=torch.float32).view(2, 1, 6, 6)
+    moved = augment.translate(x, torch.tensor([[2, -1], [0, 0]]))
+    # Image 0 moved 2 rows down and 1 column left: pixel (r, c) holds the source's (r - 2, c + 1).
+    assert torch.equal(moved[0, 0, 2:, :5], x[0, 0, :4, 1:])
+    assert torch.equal(moved[0, 0, :2, :5], x[0, 0, :1, 1:].expand(2, 5))  # top rows: the edge row, repeated
+    assert torch.equal(moved[0, 0, 2:, 5], x[0, 0, :4, 5])  # right column: the edge column, repeated
+    assert torch.equal(moved[1], x[1])
+    assert torch.equal(augment.translate(x, torch.zeros(2, 2, dtype=torch.long)), x)
+
+
+def test_recolour_scales_each_channel_of_each_image_and_clips():
+    rgb = torch.full((2, 3, 4, 4), 0.5)
+    got = augment.recolour(rgb.clone(), torch.tensor([[1.1, 0.9, 1.0], [3.0, 1.0, 1.0]]))
+    assert torch.allclose(got[0, :, 0, 0], torch.tensor([0.55, 0.45, 0.5]))
+    assert torch.equal(got[1, :, 0, 0], torch.tensor([1.0, 0.5, 0.5]))  # 1.5 clipped to the image's range

