@@ -237,8 +237,8 @@ def test_a_saved_checkpoint_scores_exactly_as_the_model_did_before_saving(tmp_pa
     np.testing.assert_allclose(np.stack([a.model_map for a in after]), before_maps.numpy(), rtol=1e-4, atol=1e-5)
 
 
-def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_features(tiny_data: Path):
-    """The cache of (symmetry, image) teacher features and the per-batch path see the same turned inputs."""
+def _trainer(tiny_data: Path):
+    """Train a fresh 64 px CRD for 2 epochs with the given TrainOptions; returns its last losses."""
     import torch
 
     from crd_model.config import CRDConfig
@@ -255,6 +255,12 @@ def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_feature
         return fit(model, train, TrainOptions(epochs=2, batch_size=8, progress=False, seed=0, **options),
                    torch.device("cpu"))  # fmt: skip
 
+    return trained
+
+
+def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_features(tiny_data: Path):
+    """The cache of (symmetry, image) teacher features and the per-batch path see the same turned inputs."""
+    trained = _trainer(tiny_data)
     cached, fresh, plain = trained(augment="d4"), trained(augment="d4", cache_budget_mb=0), trained()
     for name in cached:  # (Adam turns float rounding into visible parameter differences: compare the losses)
         assert cached[name] == pytest.approx(fresh[name], rel=1e-4)
@@ -263,22 +269,7 @@ def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_feature
 
 def test_shifted_or_recoloured_training_trains_on_changed_images(tiny_data: Path):
     """`shift` / `gain` move / recolour the images per batch (teacher run per batch); at 0 the cached recipe."""
-    import torch
-
-    from crd_model.config import CRDConfig
-    from crd_model.dataset import load_split
-    from crd_model.torch_model import CRDModel
-    from crd_model.train import TrainOptions, fit
-
-    config = CRDConfig(image_size=64)
-    train = load_split(tiny_data, TINY_CATEGORY, "train", config)
-
-    def trained(**options) -> dict[str, float]:
-        torch.manual_seed(0)
-        model = CRDModel(config, teacher_weights=True)
-        return fit(model, train, TrainOptions(epochs=2, batch_size=8, progress=False, seed=0, **options),
-                   torch.device("cpu"))  # fmt: skip
-
+    trained = _trainer(tiny_data)
     plain, fresh, shifted, recoloured = trained(), trained(cache_budget_mb=0), trained(shift=4), trained(gain=0.2)
     for name in plain:
         assert plain[name] == pytest.approx(fresh[name], rel=1e-4)
