@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+LOSS_KINDS = ("position", "global", "magnitude")
+
 
 def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-position 1 - cos(a, b) over channels: (B, C, H, W) x2 -> (B, H, W)."""
@@ -36,7 +38,7 @@ def distillation_loss(
             for p, t in zip(predicted, target, strict=True)
         )
     else:
-        raise ValueError(f"unknown loss {kind!r}; expected 'position', 'global' or 'magnitude'")
+        raise ValueError(f"unknown loss {kind!r}; expected one of {list(LOSS_KINDS)}")
     return sum(terms, start=torch.zeros((), device=target[0].device))
 
 

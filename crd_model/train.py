@@ -29,6 +29,7 @@ from crd_model.checkpoint import save_checkpoint
 from crd_model.config import Calibration, CheckpointMeta, CRDConfig, TrainingInfo
 from crd_model.dataset import LoadedSplit, load_split
 from crd_model.inspector import Inspector, default_device
+from crd_model.loss import LOSS_KINDS
 from crd_model.torch_model import CRDModel
 
 log = structlog.get_logger(__name__)
@@ -53,6 +54,27 @@ class TrainOptions:
     augment: str = "none"  # "none" (the paper), "flips" or "d4" (flips and quarter turns): crd_model/augment.py
     shift: int = 0  # > 0: each training image moved by up to this many pixels per epoch (teacher run per batch)
     gain: float = 0.0  # > 0: each RGB channel scaled by 1 +- up to this per image and epoch (teacher run per batch)
+
+    def __post_init__(self) -> None:
+        # Refused here, before minutes of preprocessing, rather than silently read as "off" later.
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 1,
+            "learning_rate": self.learning_rate > 0,
+            "lr_decay": 0 < self.lr_decay <= 1,
+            "false_reject_rate": 0 <= self.false_reject_rate <= 1,
+            "shift": self.shift >= 0,
+            "gain": 0 <= self.gain < 1,
+        }
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"invalid training options: {', '.join(bad)} (epochs, batch_size >= 1; learning_rate > 0; "
+                "0 < lr_decay <= 1; 0 <= false_reject_rate <= 1; shift >= 0 pixels; 0 <= gain < 1)"
+            )
+        if self.loss not in LOSS_KINDS:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {list(LOSS_KINDS)}")
+        augment.variants(self.augment)  # raises on an unknown name
 
 
 def seed_everything(seed: int) -> None:

@@ -275,3 +275,25 @@ def test_shifted_or_recoloured_training_trains_on_changed_images(tiny_data: Path
         assert plain[name] == pytest.approx(fresh[name], rel=1e-4)
         assert shifted[name] != pytest.approx(plain[name], rel=1e-3)
     assert recoloured["rgb"] != pytest.approx(plain["rgb"], rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"shift": -2}, "shift=-2"),
+        ({"gain": -0.1}, "gain=-0.1"),
+        ({"gain": 1.5}, "gain=1.5"),
+        ({"epochs": 0}, "epochs=0"),
+        ({"lr_decay": 0.0}, "lr_decay=0.0"),
+        ({"loss": "cosine"}, "unknown loss 'cosine'"),
+        ({"augment": "rot90"}, "unknown augment 'rot90'"),
+    ],
+)
+def test_training_options_refuse_values_that_would_train_something_else(options: dict, named: str):
+    """A negative shift or gain used to train as if it were off; now every bad option is refused up front."""
+    from crd_model.train import TrainOptions
+
+    with pytest.raises(ValueError, match=named.replace("(", r"\(")) as caught:
+        TrainOptions(**options)
+    print(caught.value)
+    TrainOptions(shift=3, gain=0.2, augment="d4", loss="global")  # valid ones still construct
