@@ -5,7 +5,8 @@
 For each `<checkpoints>/<category>/crd-seed<seed>` trained by bench/quality.py, scores the test split
 with other ways of turning the per-scale (1 - cos) maps into a map and a score: the blur's sigma, the
 maximum of the two blurred branch maps instead of their sum, standardisation per (branch, scale), and
-subsets of the scales; with `--memory-bank`, PatchCore on the checkpoint's own teacher (alone and added to
+subsets of the scales, each image's peak against its own level over the object, a local-contrast (difference
+of Gaussians) map; with `--memory-bank`, PatchCore on the checkpoint's own teacher (alone and added to
 the model's map). Statistics come from the checkpoint's own calibration statistics images. Prints
 I-AUROC (overall, RGB-only and 3D-only defects) and AUPRO@30% per variant; writes them to `--json`.
 """
@@ -120,8 +121,12 @@ def variants_for(
         own = {"rgb": rgb_x * sigma, "3d": x3d_x * sigma}
         blurred = sum(_blur_max(z, own[b])[0] for b, z in branch_test.items())
         blurred_val = sum(_blur_max(z, own[b])[0] for b, z in branch_val.items())
-        peaks, peaks_val = (m.reshape(len(m), -1).max(axis=1) for m in (blurred, blurred_val))
-        out[f"blur rgb x{rgb_x:g}, 3d x{x3d_x:g}"] = score(blurred, peaks, peaks_val)
+        out[f"blur rgb x{rgb_x:g}, 3d x{x3d_x:g}"] = score(blurred, _peaks(blurred), _peaks(blurred_val))
+    # Local contrast (a difference of Gaussians): the map blurred as the model does, minus the map blurred
+    # 4x wider, so a broad rise of the response (a textured zone) drops out and a patch-sized peak stays.
+    wide, wide_val = _blur_max(model, 4 * sigma)[0], _blur_max(model_val, 4 * sigma)[0]
+    dog, dog_val = model_blurred - wide, model_val_blurred - wide_val
+    out["local contrast: blur minus 4x wider blur"] = score(dog, _peaks(dog), _peaks(dog_val))
     out["branch-standardised, scales 1-2"] = score(*_blur_max(per_branch(everything[:2]), sigma))
     out["per-(branch, scale) standardised, all scales"] = score(*_blur_max(per_scale(everything), sigma))
     out["per-(branch, scale) standardised, scales 1-2"] = score(*_blur_max(per_scale(everything[:2]), sigma))
@@ -141,6 +146,17 @@ def variants_for(
                 model_blurred,
                 _masked_max(model_blurred, t_signed > -widen),
                 _masked_max(model_val_blurred, v_signed > -widen),
+            )
+        # Each image against its own level: the peak minus the median of the blurred map over the object
+        # (or that excess in units of the object's own spread). A good part whose whole surface responds a
+        # little higher (its tint, pose or texture density) no longer reaches the threshold by that offset;
+        # a defect is a local excess over the image's own response.
+        for robust in (False, True):
+            name = "(peak - object median) / object MAD" if robust else "peak - object median"
+            out[name] = score(
+                model_blurred,
+                _over_own_level(model_blurred, t_signed > 0, robust),
+                _over_own_level(model_val_blurred, v_signed > 0, robust),
             )
         bands = _band_stats(model_val[stats_idx], v_bands[stats_idx])
         out["model, rim-aware standardisation"] = score(
@@ -334,6 +350,24 @@ def _memory_bank_variants(inspector, data, category, splits, model_maps, score, 
 
 
 RIM_BANDS = (-np.inf, -4, -2, 0, 2, 4, 8, np.inf)  # signed px to the silhouette at the model's size (- = outside)
+
+
+def _peaks(maps: np.ndarray) -> np.ndarray:
+    return maps.reshape(len(maps), -1).max(axis=1)
+
+
+def _over_own_level(maps: np.ndarray, keep: np.ndarray, robust: bool) -> np.ndarray:
+    """Each map's peak over its `keep` pixels' median (whole map where it keeps under 16), or, robust,
+    that excess divided by those pixels' median absolute deviation (x 1.4826: a standard deviation)."""
+    out = []
+    for m, k in zip(maps, keep, strict=True):
+        level = m[k] if k.sum() >= 16 else m.ravel()
+        median = float(np.median(level))
+        excess = float(m.max()) - median
+        if robust:
+            excess /= max(1.4826 * float(np.median(np.abs(level - median))), 1e-6)
+        out.append(excess)
+    return np.asarray(out)
 
 
 def _masked_max(maps: np.ndarray, keep: np.ndarray) -> np.ndarray:
