@@ -3,9 +3,9 @@
     .venv/bin/python bench/quality.py [--seeds 0 1 2] [--categories disc tile] [--epochs 30] [--image-size 192]
                                       [--models crd rgb 3d fused] [--config KEY=VALUE ...] [--train KEY=VALUE ...]
 
-Generates the benchmark's synthetic data set (generator seed `--data-seed`, 100 train, `--n-validation`
-validation and `--n-test-good` good test images per category, `--n-test-per-defect` per defect type, images
-`--size-scale` times the generator's size) unless it exists, then
+Generates the benchmark's synthetic data set (generator seed `--data-seed`, `--n-train` train (default 100),
+`--n-validation` validation and `--n-test-good` good test images per category, `--n-test-per-defect` per
+defect type, images `--size-scale` times the generator's size) unless it exists, then
 per category and training seed trains the model with the default teacher, calibrates it (held-out,
 `--false-reject-rate`), evaluates it on the test split and measures
 
@@ -435,7 +435,8 @@ def render(payload: dict) -> str:
         "",
         _commands(payload) + " Teacher efficientnet_lite0 (ImageNet, offline), "
         f"{a['image_size']} px, {a['epochs']} epochs, training seeds {', '.join(seeds)}; synthetic data of generator "
-        f"seed {a['data_seed']} (100 train, {a['n_validation']} validation, {a['n_test_good']} good + "
+        f"seed {a['data_seed']} ({a.get('n_train', 100)} train, {a['n_validation']} validation, "
+        f"{a['n_test_good']} good + "
         f"{a.get('n_test_per_defect', 8)} per defect type in test, per category"
         + (f", images x{a['size_scale']:g} the generator's size" if a.get("size_scale", 1.0) != 1.0 else "")
         + f"); held-out calibration for a false-reject rate of {a['false_reject_rate']:g}."
