@@ -353,6 +353,7 @@ RIM_BANDS = (-np.inf, -4, -2, 0, 2, 4, 8, np.inf)  # signed px to the silhouette
 
 
 def _peaks(maps: np.ndarray) -> np.ndarray:
+    """Each map's maximum: the model's image score, for maps made outside the model."""
     return maps.reshape(len(maps), -1).max(axis=1)
 
 
@@ -372,8 +373,8 @@ def _over_own_level(maps: np.ndarray, keep: np.ndarray, robust: bool) -> np.ndar
 
 def _masked_max(maps: np.ndarray, keep: np.ndarray) -> np.ndarray:
     """Each map's maximum over its `keep` pixels (the whole map where it keeps none)."""
-    inside = np.where(keep, maps, -np.inf).reshape(len(maps), -1).max(axis=1)
-    return np.where(np.isfinite(inside), inside, maps.reshape(len(maps), -1).max(axis=1))
+    inside = _peaks(np.where(keep, maps, -np.inf))
+    return np.where(np.isfinite(inside), inside, _peaks(maps))
 
 
 def signed_distance_to_silhouette(frame) -> np.ndarray:

@@ -334,7 +334,7 @@ def train_category(
             augment=options.augment,
             shift=options.shift,
             gain=options.gain,
-            seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 3),
+            seconds_per_epoch=round(fit_seconds / options.epochs, 3),
             fit_seconds=round(fit_seconds, 2),
         ),
     )
@@ -347,7 +347,7 @@ def train_category(
         bf16=bf16_enabled(options, device),
         seconds=round(seconds, 1),
         fit_seconds=round(fit_seconds, 1),
-        seconds_per_epoch=round(fit_seconds / max(options.epochs, 1), 2),
+        seconds_per_epoch=round(fit_seconds / options.epochs, 2),
         threshold=round(calibration.threshold, 4),
     )
     return meta
