@@ -61,7 +61,13 @@ def _evaluation(inspector, data: Path, category: str):
 
 
 def variants_for(
-    ckpt: Path, data: Path, category: str, skip_magnitude: bool = False, memory_bank: bool = False, tta: bool = False
+    ckpt: Path,
+    data: Path,
+    category: str,
+    skip_magnitude: bool = False,
+    memory_bank: bool = False,
+    tta: bool = False,
+    feature_space: bool = False,
 ) -> dict[str, dict[str, float]]:
     from crd_model.inspector import Inspector
 
@@ -90,6 +96,9 @@ def variants_for(
     model_blurred, model_scores = _blur_max(model, sigma)
     model_val_blurred, model_val_scores = _blur_max(model_val, sigma)
     out = {"model: branch-standardised sum, all scales": score(model_blurred, model_scores, model_val_scores)}
+    if feature_space:  # the model and the feature-space variants only
+        out.update(_feature_space_variants(inspector, test, val, stats_idx, score, sigma))
+        return out
     # Image scores per detector (a branch, or a (branch, scale)), each standardised on the statistics
     # images' scores, then their maximum or sum: a textured object's RGB tail no longer hides what only
     # the 3D branch sees. The map (AUPRO) stays the model's.
@@ -410,6 +419,118 @@ def _band_standardise(maps: np.ndarray, bands: np.ndarray, stats: dict[int, tupl
     return out
 
 
+def _branch_features(inspector, frames: list, batch_size: int = 16):
+    """Per batch of `frames`: branch -> (teacher features, student features), shallow scale first."""
+    import torch
+
+    model = inspector.model
+    for i in range(0, len(frames), batch_size):
+        x = inspector.stack(frames[i : i + batch_size])
+        with torch.inference_mode():
+            outs = model.run_branches(model.encode(x.rgb, x.x3d))
+        yield {name: (o.target, o.mixed) for name, o in outs.items()}
+
+
+def _unit_error(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """The student's error on the unit sphere, (B, C, h, w): |e|^2 / 2 is the model's 1 - cos."""
+    import torch.nn.functional as F
+
+    return F.normalize(t.float(), dim=1) - F.normalize(s.float(), dim=1)
+
+
+def _feature_space_maps(inspector, split, per_scale) -> dict[str, list[np.ndarray]]:
+    """branch -> per-scale maps `per_scale(branch, k, teacher, student)` (B, 1, h, w), upsampled bilinearly
+    to the input size as the model's maps are, (N, S, S) float32 each."""
+    import torch.nn.functional as F
+
+    size = (inspector.config.image_size, inspector.config.image_size)
+    out: dict[str, list[list[np.ndarray]]] = {}
+    for feats in _branch_features(inspector, split.frames):
+        for name, (teacher, student) in feats.items():
+            slot = out.setdefault(name, [[] for _ in teacher])
+            for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                d = F.interpolate(per_scale(name, k, t, s), size=size, mode="bilinear", align_corners=False)
+                slot[k].append(d[:, 0].numpy())
+    return {name: [np.concatenate(c) for c in scales] for name, scales in out.items()}
+
+
+def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> dict[str, dict[str, float]]:
+    """The student's error measured otherwise than by its per-position 1 - cos (evaluation only):
+    - of the features averaged over 3 x 3 positions first: a student that errs in a random direction at
+      each position of a normal texture cancels out, a coherent (defect) deviation stays;
+    - whitened per channel: sum over channels of e_c^2 / var_c (optionally centred on the channel's mean
+      error), var_c from the statistics images, so channels the students always get wrong on good parts
+      (texture) weigh less than channels they reproduce well."""
+    import torch
+    import torch.nn.functional as F
+
+    stats_frames = [val.frames[i] for i in stats_idx]
+    sums: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for feats in _branch_features(inspector, stats_frames):
+        for name, (teacher, student) in feats.items():
+            for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                e = _unit_error(t, s).double()
+                acc = sums.setdefault((name, k), [torch.zeros(()), 0.0, 0.0])
+                acc[0] = acc[0] + e.sum(dim=(0, 2, 3))
+                acc[1] = acc[1] + (e * e).sum(dim=(0, 2, 3))
+                acc[2] += e.shape[0] * e.shape[2] * e.shape[3]
+    moments = {key: (s1 / n, s2 / n) for key, (s1, s2, n) in sums.items()}
+    # Second pass: each (branch, scale)'s full error covariance, shrunk towards its diagonal's mean (the
+    # deep scale has few positions per channel), and its inverse square root.
+    outer: dict[tuple[str, int], torch.Tensor] = {}
+    for feats in _branch_features(inspector, stats_frames):
+        for name, (teacher, student) in feats.items():
+            for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                e = _unit_error(t, s).double() - moments[(name, k)][0].view(1, -1, 1, 1)
+                flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+                outer[(name, k)] = outer.get((name, k), 0) + flat.T @ flat
+    whiteners = {}
+    for key, o in outer.items():
+        n = sums[key][2]
+        cov = o / (n - 1)
+        c = cov.shape[0]
+        cov = 0.9 * cov + 0.1 * torch.eye(c, dtype=cov.dtype) * cov.diagonal().mean()
+        vals, vecs = torch.linalg.eigh(cov)
+        whiteners[key] = (vecs @ torch.diag(vals.rsqrt()) @ vecs.T).float()
+
+    def pooled(name, k, t, s):
+        t3 = F.avg_pool2d(t.float(), 3, stride=1, padding=1, count_include_pad=False)
+        s3 = F.avg_pool2d(s.float(), 3, stride=1, padding=1, count_include_pad=False)
+        return (1.0 - F.cosine_similarity(t3, s3, dim=1)).unsqueeze(1)
+
+    def whitened(centred: bool):
+        def per_scale(name, k, t, s):
+            mean, square = moments[(name, k)]
+            var = (square - mean * mean) if centred else square
+            e = _unit_error(t, s)
+            if centred:
+                e = e - mean.float().view(1, -1, 1, 1)
+            return (e * e / var.float().clamp_min(1e-12).view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
+
+        return per_scale
+
+    def mahalanobis(name, k, t, s):
+        e = _unit_error(t, s) - moments[(name, k)][0].float().view(1, -1, 1, 1)
+        z = torch.einsum("ij,bjhw->bihw", whiteners[(name, k)], e)
+        return (z * z).mean(dim=1, keepdim=True)
+
+    out = {}
+    for label, per_scale in (
+        ("error whitened, full covariance", mahalanobis),
+        ("1 - cos of 3x3-averaged features", pooled),
+        ("error whitened per channel", whitened(False)),
+        ("error whitened per channel, centred", whitened(True)),
+    ):
+        t_maps, v_maps = _feature_space_maps(inspector, test, per_scale), _feature_space_maps(inspector, val, per_scale)
+        fused, fused_val = 0, 0
+        for b in t_maps:
+            m, sd = _stats(_branch_sum([v[stats_idx] for v in v_maps[b]]))
+            fused = fused + (_branch_sum(t_maps[b]) - np.float32(m)) / np.float32(sd)
+            fused_val = fused_val + (_branch_sum(v_maps[b]) - np.float32(m)) / np.float32(sd)
+        out[label] = score(*_blur_max(fused, sigma), _blur_max(fused_val, sigma)[1])
+    return out
+
+
 def _magnitude_maps(teacher: list, student: list, size: tuple[int, int]) -> list:
     """Per scale, |‖t‖ - ‖s‖| / ‖t‖ at each position, upsampled like the (1 - cos) maps."""
     import torch.nn.functional as F
@@ -432,6 +553,8 @@ def main() -> int:
     ap.add_argument("--skip-magnitude", action="store_true", help="leave out the feature-magnitude variants")
     ap.add_argument("--memory-bank", action="store_true", help="add the PatchCore (teacher memory bank) variants")
     ap.add_argument("--tta", action="store_true", help="add test-time augmentation (flips, flips and turns)")
+    ap.add_argument("--feature-space", action="store_true",
+                    help="add the feature-space variants (averaged features, whitened errors)")  # fmt: skip
     ap.add_argument("--ensemble-seeds", type=int, nargs="*", help="instead: each seed's students, and their mean")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
     a = ap.parse_args()
@@ -445,7 +568,7 @@ def main() -> int:
             results[c] = ensemble_for(ckpts, Path(a.data), c)
         else:
             ckpt = Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}"
-            results[c] = variants_for(ckpt, Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta)
+            results[c] = variants_for(ckpt, Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta, a.feature_space)
         for name, r in results[c].items():
             verdicts = (
                 f"  FRR {r['false_reject_rate']:.3f} det {r['detection_rate']:.3f}" if "detection_rate" in r else ""
