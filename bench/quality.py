@@ -11,8 +11,9 @@ per category and training seed trains the model with the default teacher, calibr
 
 - the usual metrics overall and per defect visibility (RGB only, 3D only, both: the generator's types);
 - what each branch contributes (each branch's standardised map alone, blurred, max) and each feature
-  scale (that scale's (1 - cos) maps of both branches, standardised per branch and scale on the
-  calibration's statistics images, summed, blurred, max): I-AUROC overall / per visibility, AUPRO@30%;
+  scale (that scale's maps of both branches, (1 - cos) or whitened as the model scores, standardised per
+  branch and scale on the calibration's statistics images, summed, blurred, max): I-AUROC overall / per
+  visibility, AUPRO@30%;
 - verdicts on good parts calibration never saw (the test split's good images): false-reject and
   detection rates at the stored threshold, and for contrast with thresholds calibrated on only the
   first 20 validation images, held out and the pre-split way (statistics and threshold from the same
@@ -115,7 +116,7 @@ def _raw_scale_maps(
 def _branch_sum(scales: list[np.ndarray]) -> np.ndarray:
     total = scales[0]
     for m in scales[1:]:
-        total = total + m  # the order of anomaly_map.branch_anomaly_map
+        total = total + m  # the order of CRDModel.branch_maps
     return total
 
 
@@ -477,7 +478,7 @@ def render(payload: dict) -> str:
         "",
         f"### Where `{crd}` wins and loses: branches and feature scales (I-AUROC; AUPRO@30%)",
         "",
-        "Each branch's standardised map alone, and each feature scale alone (both branches' (1 - cos) at that "
+        "Each branch's standardised map alone, and each feature scale alone (both branches' maps at that "
         "scale, standardised per branch and scale), blurred and maxed as the model does; the fused map is the "
         "model's output. Columns by defect visibility: that visibility's test images plus all good ones.",
         "",

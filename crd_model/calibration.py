@@ -40,7 +40,8 @@ import torch
 from scipy import stats as sps
 
 import crd_model
-from crd_model.config import BranchStats, Calibration, CalibrationSource
+from crd_model.anomaly_map import error_sums
+from crd_model.config import BranchStats, Calibration, CalibrationSource, ScaleErrorMoments
 from crd_model.inputs import PreparedFrame
 
 log = structlog.get_logger(__name__)
@@ -53,6 +54,7 @@ ENOUGH_FACTOR = 3.0  # a set is big enough when the 95 % bound is within this fa
 REPEAT_CHECK_IMAGES = 16  # top-scoring threshold images scored again one at a time
 GUARD_FACTOR = 4.0
 MIN_GUARD_ULPS = 8
+ERROR_SHRINKAGE = 0.1  # of the error covariance, towards its mean variance x identity (whitened scoring)
 
 
 def split_for_calibration(n: int, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
@@ -147,6 +149,42 @@ def branch_statistics(inspector, frames: Sequence[PreparedFrame], batch_size: in
     return out
 
 
+def error_moments(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> dict[str, list[ScaleErrorMoments]]:
+    """Per branch and scale, the students' unit error over every position of `frames`: its mean and the
+    inverse square root of its covariance, shrunk towards the identity (`moments_from_sums`); accumulated
+    per image in float64, so independent of batching."""
+    sums: dict[str, list[torch.Tensor]] = {}
+    for i in range(0, len(frames), batch_size):
+        inputs = inspector.stack(frames[i : i + batch_size])
+        for name, scales in inspector.scale_maps(inputs, per_scale=error_sums).items():
+            acc = sums.setdefault(name, [torch.zeros(s.shape[1], dtype=torch.float64) for s in scales])
+            for k, per_image in enumerate(scales):
+                acc[k] += per_image.to("cpu", torch.float64).sum(dim=0)
+    return {name: [moments_from_sums(total) for total in scales] for name, scales in sums.items()}
+
+
+def moments_from_sums(total: torch.Tensor) -> ScaleErrorMoments:
+    """`error_sums`' (C + C * C + 1,) totals over images -> the error's mean and whitener.
+
+    The covariance is shrunk as (1 - s) x cov + s x (mean variance) x I, s = `ERROR_SHRINKAGE`, or C / n
+    where n positions (over all statistics images) are few for C channels: the deep scale has a hundred
+    channels and a few thousand positions per calibration, and a direction the students happen to reproduce
+    almost exactly there must not blow a new part's noise up."""
+    c = math.isqrt(total.numel() - 1)
+    n = float(total[-1])
+    mean = total[:c] / n
+    second = total[c : c + c * c].view(c, c) / n
+    cov = (second - torch.outer(mean, mean)) * (n / max(n - 1.0, 1.0))
+    cov = (cov + cov.T) / 2
+    level = max(float(cov.diagonal().mean()), 1e-24)
+    shrinkage = min(max(ERROR_SHRINKAGE, c / n), 1.0)
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * level * torch.eye(c, dtype=cov.dtype)
+    values, vectors = torch.linalg.eigh(shrunk)
+    whitener = vectors @ torch.diag(values.clamp_min(shrinkage * level).rsqrt()) @ vectors.T
+    # float32 values, as the model holds them: config.json then round-trips exactly what calibration used.
+    return ScaleErrorMoments(mean=mean.float().tolist(), whitener=whitener.float().flatten().tolist())
+
+
 def score_frames(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> np.ndarray:
     """Image scores (float32) through the inspector's serving path, in batches of `batch_size`."""
     scores = [
@@ -194,7 +232,14 @@ def calibrate_frames(
             "set on held-out scores (give more good images)"
         )
 
-    stats = branch_statistics(inspector, [frames[i] for i in s_idx], batch_size)
+    stats_frames = [frames[i] for i in s_idx]
+    moments = None
+    if inspector.model.error_whitening is not None:  # the map the statistics describe is measured with these
+        moments = error_moments(inspector, stats_frames, batch_size)
+        inspector.model.error_whitening.set_moments(
+            {k: [(m.mean, m.whitener) for m in scales] for k, scales in moments.items()}
+        )
+    stats = branch_statistics(inspector, stats_frames, batch_size)
     inspector.model.set_calibration({k: (s.mean, s.std) for k, s in stats.items()})
 
     thr_frames = [frames[i] for i in t_idx]
@@ -261,6 +306,7 @@ def calibrate_frames(
         score_repeat_error=repeat_error,
         warnings=warnings,
         source=source,
+        error_moments=moments,
     )
     log.info(
         "calibrated",
@@ -287,8 +333,10 @@ __all__ = [
     "FalseRejectBound",
     "branch_statistics",
     "calibrate_frames",
+    "error_moments",
     "false_reject_bound",
     "images_needed",
+    "moments_from_sums",
     "score_frames",
     "split_for_calibration",
     "threshold_above",

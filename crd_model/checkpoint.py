@@ -215,7 +215,18 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     model.teacher.pretrained = True
     if meta.calibration is not None:
         cal = meta.calibration
-        if not all(math.isfinite(v) for v in (cal.threshold, *[x for s in cal.statistics().values() for x in s])):
+        moments = cal.moments()
+        values = [cal.threshold, *[x for s in cal.statistics().values() for x in s]]
+        values += [x for scales in (moments or {}).values() for mean, std in scales for x in (*mean, *std)]
+        if not all(math.isfinite(v) for v in values):
             raise CheckpointError(f"{meta_path}: calibration holds NaN or infinite values")
-        model.set_calibration(cal.statistics())
+        if (meta.config.scoring == "whitened") != (moments is not None):
+            raise CheckpointError(
+                f"{meta_path}: scoring {meta.config.scoring!r} but the calibration "
+                f"{'lacks' if moments is None else 'holds'} error moments: recalibrate it (crd calibrate)"
+            )
+        try:
+            model.set_calibration(cal.statistics(), moments)
+        except ValueError as exc:  # moments that do not fit this network's channels
+            raise CheckpointError(f"{meta_path}: {exc}") from None
     return model.to(device).eval(), meta

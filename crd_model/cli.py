@@ -66,6 +66,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["ransac", "corners", "none"],
         help="background-plane removal of the xyz images",
     )
+    p.add_argument(
+        "--scoring",
+        default="whitened",
+        choices=["whitened", "cosine"],
+        help="each scale's map: the students' error whitened at calibration (default), or the paper's 1 - cos",
+    )
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -96,6 +102,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         image_size=a.image_size,
         representation_3d=a.representation_3d,
         plane=a.plane,
+        scoring=a.scoring,
     )
     options = TrainOptions(
         epochs=a.epochs,
@@ -133,7 +140,8 @@ def cmd_calibrate(a: argparse.Namespace) -> int:
     from crd_model.stream.logs import configure_logging
 
     configure_logging()
-    meta = recalibrate(a.checkpoint, a.folder, a.false_reject_rate, out=a.out, device=a.device, batch_size=a.batch_size)
+    options = {"out": a.out, "device": a.device, "batch_size": a.batch_size, "scoring": a.scoring}
+    meta = recalibrate(a.checkpoint, a.folder, a.false_reject_rate, **options)
     cal = meta.calibration
     assert cal is not None and cal.source is not None and cal.false_reject_rate_interval is not None
     lo, hi = cal.false_reject_rate_interval
@@ -481,6 +489,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="write the recalibrated checkpoint here (default: in place)")
     p.add_argument("--batch-size", type=_COUNT, default=16)
     p.add_argument("--device", default=None)
+    p.add_argument(
+        "--scoring",
+        default=None,
+        choices=["whitened", "cosine"],
+        help="switch how the checkpoint scores (default: keep its own); the weights and model id stay",
+    )
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("predict", help="scores, verdicts, anomaly maps and overlays")

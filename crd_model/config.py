@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Architecture = Literal["crd", "rgb", "3d", "fused"]
 Representation3D = Literal["normals", "depth"]
 PlaneMethod = Literal["ransac", "corners", "none"]
+Scoring = Literal["cosine", "whitened"]
 
 CHECKPOINT_FORMAT_VERSION = 1
 
@@ -44,6 +45,10 @@ class CRDConfig(BaseModel):
     amplifier_expansion: int = Field(2, ge=1, le=8)
     # Gaussian blur of the fused map, in pixels at 256 px; scaled with image_size.
     blur_sigma: float = Field(4.0, ge=0)
+    # Each scale's map: "cosine" = 1 - cos(teacher, student) per position (the paper's); "whitened" = the
+    # students' unit error whitened with its mean and covariance measured at calibration (a Mahalanobis
+    # distance; docs/model.md, "Whitened errors"). Checkpoints written before it existed score "cosine".
+    scoring: Scoring = "whitened"
 
     @model_validator(mode="after")
     def _grow_below_the_threshold(self) -> CRDConfig:
@@ -85,6 +90,23 @@ class BranchStats(BaseModel):
 
     mean: float
     std: float = Field(gt=0)
+
+
+class ScaleErrorMoments(BaseModel):
+    """The students' unit error at one feature scale over every position of the statistics images
+    (`scoring="whitened"`): its mean per channel, and the inverse square root of its covariance (shrunk
+    towards a multiple of the identity), row-major C x C, as the model applies it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mean: list[float]
+    whitener: list[float]
+
+    @model_validator(mode="after")
+    def _square(self) -> ScaleErrorMoments:
+        if not self.mean or len(self.whitener) != len(self.mean) ** 2:
+            raise ValueError("a whitener needs C x C values for C channel means")
+        return self
 
 
 class CalibrationSource(BaseModel):
@@ -132,10 +154,18 @@ class Calibration(BaseModel):
     score_repeat_error: float | None = Field(None, ge=0)  # largest score change measured at another batch size
     warnings: list[str] = []
     source: CalibrationSource | None = None
+    # --- whitened scoring: per branch, per scale (shallow first); None for scoring="cosine" ---
+    error_moments: dict[str, list[ScaleErrorMoments]] | None = None
 
     def statistics(self) -> dict[str, tuple[float, float]]:
         """Per-branch (mean, std), as the model's scoring head takes them."""
         return {k: (s.mean, s.std) for k, s in self.branch_stats.items()}
+
+    def moments(self) -> dict[str, list[tuple[list[float], list[float]]]] | None:
+        """Per-branch, per-scale (mean, whitener) of the students' error, as the model takes them."""
+        if self.error_moments is None:
+            return None
+        return {k: [(m.mean, m.whitener) for m in scales] for k, scales in self.error_moments.items()}
 
 
 class TrainingInfo(BaseModel):
@@ -166,7 +196,7 @@ class TrainingInfo(BaseModel):
 
 # Settings added after checkpoints were first written whose new default changes what a model sees: a
 # config.json without them gets the value that reproduces how that checkpoint was trained.
-LEGACY_DEFAULTS: dict[str, object] = {"plane_grow_distance": None}
+LEGACY_DEFAULTS: dict[str, object] = {"plane_grow_distance": None, "scoring": "cosine"}
 
 
 class CheckpointMeta(BaseModel):

@@ -57,6 +57,11 @@ def batch_buckets(max_batch: int) -> tuple[int, ...]:
     return tuple(sorted(sizes | {max_batch}))
 
 
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """bf16 maps as float32; float64 sums (calibration's error moments) stay float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 class Inspector:
     def __init__(
         self,
@@ -156,14 +161,14 @@ class Inspector:
         return {name: torch.cat([maps[name][:m].float() for maps, m in parts]) for name in parts[0][0]}
 
     def scale_maps(self, inputs: ModelInput, per_scale=None) -> dict[str, list[torch.Tensor]]:
-        """Diagnostics (bench/quality.py): each branch's per-scale (1 - cos) maps, or `per_scale`'s (see
+        """Diagnostics (bench/quality.py): each branch's per-scale maps as the model scores them, or `per_scale`'s (see
         `CRDModel.scale_maps`), through the same path."""
         kw = {} if per_scale is None else {"per_scale": per_scale}
         parts = self._in_buckets(
             inputs, lambda rgb, x3d: self._context_run(lambda r, x: self.model.scale_maps(r, x, **kw), rgb, x3d)
         )
         return {
-            name: [torch.cat([maps[name][k][:m].float() for maps, m in parts]) for k in range(len(scales))]
+            name: [torch.cat([_at_least_float32(maps[name][k][:m]) for maps, m in parts]) for k in range(len(scales))]
             for name, scales in parts[0][0].items()
         }
 

@@ -18,7 +18,7 @@ def distillation_loss(
 ) -> torch.Tensor:
     """Sum over scales of a cosine loss.
 
-    - "position": mean over positions of (1 - cos) between feature vectors (what inference scores);
+    - "position": mean over positions of (1 - cos) between feature vectors (what `scoring="cosine"` scores);
     - "global": 1 - cos between each image's whole flattened feature map, averaged over the batch
       (RD4AD's and TRD's `loss_distil`): large-norm positions weigh more;
     - "magnitude": "position" plus the mean squared relative norm error ((|p| - |t|) / |t|)^2, so the

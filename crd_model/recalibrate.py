@@ -1,4 +1,5 @@
-"""`crd calibrate`: new branch statistics and threshold for a checkpoint from a folder of good parts.
+"""`crd calibrate`: new branch statistics and threshold for a checkpoint from a folder of good parts
+(and, with `scoring`, another way of scoring it).
 
 The weights, and so the model id, stay as they are: the statistics are non-persistent buffers set from
 config.json at load, and the threshold lives there too. Only config.json is (re)written, with a record of
@@ -14,10 +15,11 @@ import structlog
 
 from crd_model.calibration import calibrate_frames
 from crd_model.checkpoint import META, WEIGHTS, read_meta
-from crd_model.config import CheckpointMeta
+from crd_model.config import CheckpointMeta, Scoring
 from crd_model.data.mvtec3d import list_pairs
 from crd_model.dataset import load_samples
 from crd_model.inspector import Inspector
+from crd_model.torch_model import CRDModel
 
 log = structlog.get_logger(__name__)
 
@@ -29,16 +31,25 @@ def recalibrate(
     out: str | Path | None = None,
     device: str | None = None,
     batch_size: int = 16,
+    scoring: Scoring | None = None,
 ) -> CheckpointMeta:
     """Calibrate `checkpoint` on the good parts in `folder` (rgb/*.png + xyz/*.tiff pairs, as
     `crd predict --folder` reads them) and write config.json to `out` (default: in place).
 
-    `false_reject_rate` None keeps the checkpoint's own requested rate.
+    `false_reject_rate` None keeps the checkpoint's own requested rate. `scoring` ("whitened" or
+    "cosine") switches how the checkpoint scores (e.g. one trained before whitened errors existed); it
+    only changes calibration and scoring, so the weights and the model id stay. None keeps it.
     """
     checkpoint, folder = Path(checkpoint), Path(folder)
     inspector = Inspector(checkpoint, device)
     meta = inspector.meta
     assert meta is not None and meta.calibration is not None  # Inspector refuses uncalibrated checkpoints
+    if scoring is not None and scoring != meta.config.scoring:
+        meta = meta.model_copy(update={"config": meta.config.model_copy(update={"scoring": scoring})})
+        model = CRDModel(meta.config, teacher_weights=None)
+        model.load_state_dict(inspector.model.state_dict())  # the same weights, scored the new way
+        model.teacher.pretrained = True
+        inspector = Inspector.from_model(model, inspector.device, model_id=meta.model_id)
     rate = meta.calibration.false_reject_rate if false_reject_rate is None else false_reject_rate
     samples = list_pairs(folder)
     if not samples:

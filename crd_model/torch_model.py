@@ -15,13 +15,15 @@ scores (`InferenceBatch`) in one graph; in training mode it returns each branch'
 
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from crd_model.anomaly_map import AnomalyMapGenerator, InferenceBatch, branch_anomaly_map, scale_anomaly_maps
+from crd_model.anomaly_map import AnomalyMapGenerator, ErrorWhitening, InferenceBatch, scale_anomaly_maps
 from crd_model.backbones import Teacher
 from crd_model.components.bottleneck import OneClassBottleneck
 from crd_model.components.crossmodal_amplifier import CrossmodalAmplifier
@@ -116,6 +118,12 @@ class CRDModel(nn.Module):
         else:
             branches = {arch: RDBranch(widths, reductions, **kw)}
         self.branches = nn.ModuleDict(branches)
+        # The student's error per channel, whitened with calibration's moments (config.scoring).
+        self.error_whitening = (
+            ErrorWhitening({name: [2 * w for w in widths] if name == "fused" else widths for name in branches})
+            if config.scoring == "whitened"
+            else None
+        )
         self.anomaly_map_generator = AnomalyMapGenerator(config.branches, config.effective_blur_sigma)
 
     def trainable_parameters(self) -> int:
@@ -146,25 +154,33 @@ class CRDModel(nn.Module):
         return {name: self.run_branch(feats, name) for name in self.branches}
 
     def branch_maps(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Raw (unstandardised) anomaly map per branch, (B, H, W) at the input resolution."""
-        return self._per_branch(branch_anomaly_map, rgb, x3d)
+        """Raw (unstandardised) anomaly map per branch, (B, H, W) at the input resolution: the sum over
+        scales, shallow first, of `scale_maps`."""
+        return {name: functools.reduce(operator.add, maps) for name, maps in self.scale_maps(rgb, x3d).items()}
 
     def scale_maps(
-        self, rgb: torch.Tensor | None, x3d: torch.Tensor | None, per_scale=scale_anomaly_maps
+        self, rgb: torch.Tensor | None, x3d: torch.Tensor | None, per_scale=None
     ) -> dict[str, list[torch.Tensor]]:
-        """Diagnostics: each branch's per-scale (1 - cos) maps, (B, H, W) at the input resolution, shallow
-        scale first. Their sum, in that order, is `branch_maps`. `per_scale(teacher, student, size)`
-        computes another per-scale map instead (bench/scoring_variants.py)."""
-        return self._per_branch(per_scale, rgb, x3d)
-
-    def _per_branch(self, maps, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict:
-        """`maps(teacher features, student features, input size)` of every branch."""
+        """Each branch's per-scale maps, (B, H, W) at the input resolution, shallow scale first: (1 - cos)
+        or, with `scoring="whitened"`, the whitened error. `per_scale(teacher, student, size)` computes
+        another per-scale quantity instead (calibration's error sums, bench/scoring_variants.py)."""
         size = tuple((rgb if rgb is not None else x3d).shape[-2:])
         outputs = self.run_branches(self.encode(rgb, x3d))
-        return {name: maps(o.target, o.mixed, size) for name, o in outputs.items()}
+        if per_scale is not None:
+            return {name: per_scale(o.target, o.mixed, size) for name, o in outputs.items()}
+        if self.error_whitening is not None:
+            return {name: self.error_whitening.scale_maps(name, o.target, o.mixed, size) for name, o in outputs.items()}
+        return {name: scale_anomaly_maps(o.target, o.mixed, size) for name, o in outputs.items()}
 
-    def set_calibration(self, stats: dict[str, tuple[float, float]]) -> None:
-        """Per-branch (mean, std) that standardise the raw maps before they are fused."""
+    def set_calibration(
+        self,
+        stats: dict[str, tuple[float, float]],
+        error_moments: dict[str, list[tuple[list[float], list[float]]]] | None = None,
+    ) -> None:
+        """Per-branch (mean, std) that standardise the raw maps before they are fused and, for
+        `scoring="whitened"`, the per-channel (mean, std) of the students' error they are measured with."""
+        if self.error_whitening is not None and error_moments is not None:
+            self.error_whitening.set_moments(error_moments)
         self.anomaly_map_generator.set_statistics(stats)
 
     def forward(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> InferenceBatch | dict[str, BranchOutput]:

@@ -203,6 +203,9 @@ def test_crd_calibrate_recalibrates_from_a_folder_without_touching_the_weights(
     assert cal.source.kind == "folder" and cal.source.path == str(good_folder) and cal.source.n_images == 16
     assert cal.source.previous_threshold == before.calibration.threshold
     assert cal.false_reject_rate == 0.0 and cal.n_statistics == 4 and cal.n_threshold == 12
+    # The students' error moments are measured again, on the folder's statistics images.
+    assert before.config.scoring == "whitened" and cal.error_moments is not None
+    assert cal.error_moments != before.calibration.error_moments
     assert all(n.startswith("rgb/") for n in cal.source.threshold_images)
 
     # The threshold comes from the folder: at rate 0 it sits just above the highest score of the folder's
@@ -231,6 +234,34 @@ def test_crd_calibrate_recalibrates_from_a_folder_without_touching_the_weights(
     assert rewritten.calibration.source.kind == "folder"
 
 
+def test_crd_calibrate_switches_the_scoring_without_touching_the_weights(
+    tiny_checkpoint: Path, good_folder: Path, tmp_path: Path
+):
+    before = read_meta(tiny_checkpoint)
+    assert before.config.scoring == "whitened"
+    cosine, back = tmp_path / "cosine", tmp_path / "back"
+    base = ["calibrate", "--folder", str(good_folder), "--scoring"]
+    assert main([*base, "cosine", "--checkpoint", str(tiny_checkpoint), "--out", str(cosine)]) == 0
+    assert main([*base, "whitened", "--checkpoint", str(cosine), "--out", str(back)]) == 0
+    for out, scoring in ((cosine, "cosine"), (back, "whitened")):
+        meta = read_meta(out)
+        whitened = scoring == "whitened"
+        assert meta.config.scoring == scoring and (meta.calibration.error_moments is not None) == whitened
+        assert meta.model_id == before.model_id
+        assert (out / WEIGHTS).read_bytes() == (tiny_checkpoint / WEIGHTS).read_bytes()
+        # The checkpoint scores the new way: its own threshold images as calibration scored them.
+        inspector = Inspector(out, "cpu")
+        assert (inspector.model.error_whitening is not None) == whitened
+        by_name = {s.relpath: s for s in list_pairs(good_folder)}
+        chosen = [by_name[n] for n in meta.calibration.source.threshold_images]
+        results = inspector.inspect([read_rgb(s.rgb_path) for s in chosen], [read_xyz(s.xyz_path) for s in chosen])
+        np.testing.assert_allclose([r.score for r in results], meta.calibration.source.threshold_scores, rtol=1e-6)
+    # The two scorings are not the same numbers (the switch took effect), the same images calibrated both.
+    a, b = read_meta(cosine).calibration, read_meta(back).calibration
+    assert a.source.threshold_images == b.source.threshold_images
+    assert not np.allclose(a.source.threshold_scores, b.source.threshold_scores)
+
+
 def test_crd_calibrate_names_what_is_wrong(tiny_checkpoint: Path, tmp_path: Path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -248,9 +279,11 @@ def test_checkpoints_calibrated_before_the_split_still_load(tiny_checkpoint: Pat
     data["calibration"] = {k: v for k, v in data["calibration"].items() if k in keep}
     for k in ("device", "bf16", "loss", "seconds_per_epoch", "fit_seconds"):
         data["training"].pop(k)
+    data["config"].pop("scoring")  # nor the whitened scoring: (1 - cos) maps
     (old / META).write_text(json.dumps(data))
     meta = read_meta(old)
     assert meta.calibration.method is None and meta.calibration.source is None and meta.calibration.warnings == []
+    assert meta.config.scoring == "cosine" and meta.calibration.error_moments is None
     inspector = Inspector(old, "cpu")
     assert inspector.threshold == data["calibration"]["threshold"]
     blank = np.zeros((40, 40, 3), np.uint8), np.zeros((40, 40, 3), np.float32)
@@ -285,10 +318,12 @@ def test_eval_reports_the_threshold_a_target_detection_rate_needs(tiny_data: Pat
 def test_crd_train_says_how_long_a_category_took_and_warns(tiny_data: Path, tmp_path: Path, capsys):
     out = tmp_path / "ckpt"
     args = ["train", "--data", str(tiny_data), "--category", TINY_CATEGORY, "--out", str(out), "--image-size", "64",
-            "--epochs", "2", "--batch-size", "8", "--seed", "1"]  # fmt: skip
+            "--epochs", "2", "--batch-size", "8", "--seed", "1", "--scoring", "cosine"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
-    training = read_meta(out).training
+    meta = read_meta(out)
+    assert meta.config.scoring == "cosine" and meta.calibration.error_moments is None  # the paper's maps, on request
+    training = meta.training
     assert training.device == "cpu" and training.bf16 is False and training.epochs == 2
     assert training.seconds_per_epoch > 0 and 0 < training.fit_seconds <= training.seconds
     assert f"{training.seconds_per_epoch:.2f}s per epoch on cpu" in printed and "s in all" in printed

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from crd_model.checkpoint import META, WEIGHTS, CheckpointError, load_checkpoint, save_checkpoint, weights_digest
-from crd_model.config import BranchStats, Calibration, CheckpointMeta
+from crd_model.config import BranchStats, Calibration, CheckpointMeta, ScaleErrorMoments
 
 
 @pytest.fixture(scope="module")
@@ -22,6 +22,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
 
     torch.manual_seed(0)
     model = create_model(image_size=64, teacher_weights=None)
+    widths = model.teacher.channels
     calibration = Calibration(
         branch_stats={"rgb": BranchStats(mean=0.5, std=2.0), "3d": BranchStats(mean=-0.25, std=0.5)},
         threshold=1.5,
@@ -29,10 +30,14 @@ def saved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, tor
         n_validation=4,
         validation_score_max=1.4,
         validation_score_median=0.2,
+        error_moments={  # the default scoring is "whitened": per branch and scale, each channel's error moments
+            b: [ScaleErrorMoments(mean=[0.01] * c, whitener=torch.eye(c).flatten().mul(3.0).tolist()) for c in widths]
+            for b in ("rgb", "3d")
+        },
     )
     out = tmp_path_factory.mktemp("ckpt") / "good"
     save_checkpoint(out, model, CheckpointMeta(model_id="pending", config=model.config, calibration=calibration))
-    model.set_calibration(calibration.statistics())
+    model.set_calibration(calibration.statistics(), calibration.moments())
     return out, {k: v.detach().clone() for k, v in model.state_dict().items()}, model.eval()
 
 
@@ -196,3 +201,45 @@ def test_cli_prints_one_error_line_and_exits_2(ckpt: Path, capsys: pytest.Captur
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"crd work: error: {ckpt / WEIGHTS}: truncated") and "Traceback" not in err
+
+
+def _edit_meta(ckpt_dir: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    meta = json.loads((ckpt_dir / META).read_text())
+    edit(meta)
+    (ckpt_dir / META).write_text(json.dumps(meta))
+
+
+def test_whitened_scoring_without_its_error_moments(ckpt: Path) -> None:
+    _edit_meta(ckpt, lambda m: m["calibration"].pop("error_moments"))
+    _refused(ckpt, str(ckpt / META), "scoring 'whitened' but the calibration lacks error moments", "crd calibrate")
+
+
+def test_error_moments_with_a_cosine_scoring(ckpt: Path) -> None:
+    _edit_meta(ckpt, lambda m: m["config"].update(scoring="cosine"))
+    _refused(ckpt, str(ckpt / META), "scoring 'cosine' but the calibration holds error moments")
+
+
+def test_error_moments_that_do_not_fit_the_network(ckpt: Path) -> None:
+    def drop_a_channel(m: dict) -> None:
+        scale = m["calibration"]["error_moments"]["3d"][1]
+        scale["mean"], scale["whitener"] = scale["mean"][:-1], torch.eye(39).flatten().tolist()
+
+    _edit_meta(ckpt, drop_a_channel)
+    _refused(ckpt, str(ckpt / META), "branch '3d', scale 1: expected 40 channels")
+
+
+def test_error_moments_with_nan_or_a_whitener_that_is_not_square(ckpt: Path) -> None:
+    _edit_meta(ckpt, lambda m: m["calibration"]["error_moments"]["rgb"][0]["whitener"].__setitem__(3, float("nan")))
+    _refused(ckpt, str(ckpt / META), "NaN or infinite")
+    _edit_meta(ckpt, lambda m: m["calibration"]["error_moments"]["rgb"][0].update(mean=[0.0] * 24, whitener=[1.0] * 24))
+    _refused(ckpt, str(ckpt / META), "C x C values for C channel means")
+
+
+def test_a_config_without_a_scoring_is_one_written_before_it_and_scores_cosine(ckpt: Path) -> None:
+    def as_before(m: dict) -> None:
+        m["config"].pop("scoring")
+        m["calibration"].pop("error_moments")
+
+    _edit_meta(ckpt, as_before)
+    model, meta = load_checkpoint(ckpt)
+    assert meta.config.scoring == "cosine" and model.error_whitening is None

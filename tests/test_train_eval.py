@@ -207,16 +207,26 @@ def test_a_saved_checkpoint_scores_exactly_as_the_model_did_before_saving(tmp_pa
     import torch
 
     from crd_model.checkpoint import save_checkpoint
-    from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, TrainingInfo
+    from crd_model.config import BranchStats, Calibration, CheckpointMeta, CRDConfig, ScaleErrorMoments, TrainingInfo
     from crd_model.inputs import PreparedFrame
     from crd_model.torch_model import CRDModel
 
     torch.manual_seed(0)
     model = CRDModel(CRDConfig(image_size=64), teacher_weights=True).eval()
     stats = {"rgb": BranchStats(mean=3.2, std=0.2), "3d": BranchStats(mean=3.0, std=0.15)}
+    rng = np.random.default_rng(0)
+    moments = {  # the whitened scoring's moments travel in config.json too
+        b: [
+            ScaleErrorMoments(
+                mean=rng.normal(0, 0.01, c).tolist(), whitener=np.diag(rng.uniform(1, 9, c)).ravel().tolist()
+            )
+            for c in model.teacher.channels
+        ]
+        for b in ("rgb", "3d")
+    }
     calibration = Calibration(branch_stats=stats, threshold=4.0, false_reject_rate=0.01, n_validation=5,
-                              validation_score_max=3.9, validation_score_median=3.5)  # fmt: skip
-    model.set_calibration(calibration.statistics())
+                              validation_score_max=3.9, validation_score_median=3.5, error_moments=moments)  # fmt: skip
+    model.set_calibration(calibration.statistics(), calibration.moments())
     g = torch.Generator().manual_seed(1)
     rgb, x3d = torch.rand(3, 3, 64, 64, generator=g), torch.rand(3, 3, 64, 64, generator=g)
     with torch.inference_mode():
