@@ -217,7 +217,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
         cal = meta.calibration
         moments = cal.moments()
         values = [cal.threshold, *[x for s in cal.statistics().values() for x in s]]
-        values += [x for scales in (moments or {}).values() for mean, std in scales for x in (*mean, *std)]
+        values += [x for scales in (moments or {}).values() for mean, whitener in scales for x in (*mean, *whitener)]
         if not all(math.isfinite(v) for v in values):
             raise CheckpointError(f"{meta_path}: calibration holds NaN or infinite values")
         if (meta.config.scoring == "whitened") != (moments is not None):
