@@ -181,8 +181,13 @@ def moments_from_sums(total: torch.Tensor) -> ScaleErrorMoments:
     shrunk = (1.0 - shrinkage) * cov + shrinkage * level * torch.eye(c, dtype=cov.dtype)
     values, vectors = torch.linalg.eigh(shrunk)
     whitener = vectors @ torch.diag(values.clamp_min(shrinkage * level).rsqrt()) @ vectors.T
-    # float32 values, as the model holds them: config.json then round-trips exactly what calibration used.
-    return ScaleErrorMoments(mean=mean.float().tolist(), whitener=whitener.float().flatten().tolist())
+    return ScaleErrorMoments(mean=_float32_values(mean), whitener=_float32_values(whitener))
+
+
+def _float32_values(t: torch.Tensor) -> list[float]:
+    """The float32 values the model holds, each written with the fewest digits that give it back (half the
+    bytes of float64's): config.json round-trips exactly what calibration used."""
+    return [float(str(v)) for v in t.float().flatten().numpy()]
 
 
 def score_frames(inspector, frames: Sequence[PreparedFrame], batch_size: int) -> np.ndarray:
