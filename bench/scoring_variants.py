@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import ROOT
 from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visibility_groups
+from crd_model.anomaly_map import unit_error
 
 
 def _evaluation(inspector, data: Path, category: str):
@@ -431,13 +432,6 @@ def _branch_features(inspector, frames: list, batch_size: int = 16):
         yield {name: (o.target, o.mixed) for name, o in outs.items()}
 
 
-def _unit_error(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """The student's error on the unit sphere, (B, C, h, w): |e|^2 / 2 is the model's 1 - cos."""
-    import torch.nn.functional as F
-
-    return F.normalize(t.float(), dim=1) - F.normalize(s.float(), dim=1)
-
-
 def _feature_space_maps(inspector, split, per_scale) -> dict[str, list[np.ndarray]]:
     """branch -> per-scale maps `per_scale(branch, k, teacher, student)` (B, 1, h, w), upsampled bilinearly
     to the input size as the model's maps are, (N, S, S) float32 each."""
@@ -469,7 +463,7 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
     for feats in _branch_features(inspector, stats_frames):
         for name, (teacher, student) in feats.items():
             for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
-                e = _unit_error(t, s).double()
+                e = unit_error(t, s).double()
                 acc = sums.setdefault((name, k), [torch.zeros(()), 0.0, 0.0])
                 acc[0] = acc[0] + e.sum(dim=(0, 2, 3))
                 acc[1] = acc[1] + (e * e).sum(dim=(0, 2, 3))
@@ -481,7 +475,7 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
     for feats in _branch_features(inspector, stats_frames):
         for name, (teacher, student) in feats.items():
             for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
-                e = _unit_error(t, s).double() - moments[(name, k)][0].view(1, -1, 1, 1)
+                e = unit_error(t, s).double() - moments[(name, k)][0].view(1, -1, 1, 1)
                 flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
                 outer[(name, k)] = outer.get((name, k), 0) + flat.T @ flat
     whiteners = {}
@@ -502,7 +496,7 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
         def per_scale(name, k, t, s):
             mean, square = moments[(name, k)]
             var = (square - mean * mean) if centred else square
-            e = _unit_error(t, s)
+            e = unit_error(t, s)
             if centred:
                 e = e - mean.float().view(1, -1, 1, 1)
             return (e * e / var.float().clamp_min(1e-12).view(1, -1, 1, 1)).mean(dim=1, keepdim=True)
@@ -510,7 +504,7 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
         return per_scale
 
     def mahalanobis(name, k, t, s):
-        e = _unit_error(t, s) - moments[(name, k)][0].float().view(1, -1, 1, 1)
+        e = unit_error(t, s) - moments[(name, k)][0].float().view(1, -1, 1, 1)
         z = torch.einsum("ij,bjhw->bihw", whiteners[(name, k)], e)
         return (z * z).mean(dim=1, keepdim=True)
 
