@@ -41,7 +41,7 @@ from scipy import stats as sps
 
 import crd_model
 from crd_model.anomaly_map import error_sums
-from crd_model.config import BranchStats, Calibration, CalibrationSource, ScaleErrorMoments
+from crd_model.config import BranchStats, Calibration, CalibrationSource, ScaleErrorMoments, moment_pairs
 from crd_model.inputs import PreparedFrame
 
 log = structlog.get_logger(__name__)
@@ -241,9 +241,7 @@ def calibrate_frames(
     moments = None
     if inspector.model.error_whitening is not None:  # the map the statistics describe is measured with these
         moments = error_moments(inspector, stats_frames, batch_size)
-        inspector.model.error_whitening.set_moments(
-            {k: [(m.mean, m.whitener) for m in scales] for k, scales in moments.items()}
-        )
+        inspector.model.error_whitening.set_moments(moment_pairs(moments))
     stats = branch_statistics(inspector, stats_frames, batch_size)
     inspector.model.set_calibration({k: (s.mean, s.std) for k, s in stats.items()})
 

@@ -109,6 +109,11 @@ class ScaleErrorMoments(BaseModel):
         return self
 
 
+def moment_pairs(moments: dict[str, list[ScaleErrorMoments]]) -> dict[str, list[tuple[list[float], list[float]]]]:
+    """Per-branch, per-scale (mean, whitener), as `ErrorWhitening.set_moments` takes them."""
+    return {k: [(m.mean, m.whitener) for m in scales] for k, scales in moments.items()}
+
+
 class CalibrationSource(BaseModel):
     """Where and when a calibration was measured (a checkpoint can be recalibrated without retraining)."""
 
@@ -163,9 +168,7 @@ class Calibration(BaseModel):
 
     def moments(self) -> dict[str, list[tuple[list[float], list[float]]]] | None:
         """Per-branch, per-scale (mean, whitener) of the students' error, as the model takes them."""
-        if self.error_moments is None:
-            return None
-        return {k: [(m.mean, m.whitener) for m in scales] for k, scales in self.error_moments.items()}
+        return None if self.error_moments is None else moment_pairs(self.error_moments)
 
 
 class TrainingInfo(BaseModel):
