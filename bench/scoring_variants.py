@@ -69,6 +69,7 @@ def variants_for(
     memory_bank: bool = False,
     tta: bool = False,
     feature_space: bool = False,
+    conditional: bool = False,
 ) -> dict[str, dict[str, float]]:
     from crd_model.inspector import Inspector
 
@@ -97,6 +98,9 @@ def variants_for(
     model_blurred, model_scores = _blur_max(model, sigma)
     model_val_blurred, model_val_scores = _blur_max(model_val, sigma)
     out = {"model: branch-standardised sum, all scales": score(model_blurred, model_scores, model_val_scores)}
+    if conditional:  # the model and the appearance-conditional variants only
+        out.update(_conditional_variants(inspector, test, val, stats_idx, score, sigma))
+        return out
     if feature_space:  # the model and the feature-space variants only
         out.update(_feature_space_variants(inspector, test, val, stats_idx, score, sigma))
         return out
@@ -525,6 +529,135 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
     return out
 
 
+def _whitener(cov, shrinkage: float = 0.1):
+    """Inverse square root of `cov` shrunk towards its mean variance x identity (as calibration does)."""
+    import torch
+
+    c = cov.shape[0]
+    level = float(cov.diagonal().mean())
+    shrunk = (1.0 - shrinkage) * cov + shrinkage * level * torch.eye(c, dtype=cov.dtype)
+    vals, vecs = torch.linalg.eigh(shrunk)
+    return (vecs @ torch.diag(vals.clamp_min(shrinkage * level).rsqrt()) @ vecs.T).float()
+
+
+def _conditional_variants(
+    inspector, test, val, stats_idx, score, sigma, clusters=(4, 8)
+) -> dict[str, dict[str, float]]:
+    """The students' error whitened *given the local appearance* (evaluation only). A good part's score is the
+    students' failure on its normal texture (docs/model.md), so an error that is ordinary where the teacher
+    sees a pore is extraordinary on a smooth face. The appearance is the teacher's unit feature t at the
+    position, at the same scale:
+    - linear: the error's Gaussian conditional on t, e | t ~ N(m + B (t - m_t), S_r), scored |S_r^-1/2 r|^2 / C
+      with r the residual (B by ridge regression on the statistics images' positions);
+    - k clusters of t (k-means): each cluster's own error mean and covariance, shrunk towards the global
+      one by n0 = 4 C positions;
+    - k clusters, scalar: the model's whitened map divided by its mean over the cluster's positions."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.cluster import KMeans
+
+    stats_frames = [val.frames[i] for i in stats_idx]
+    t_rows: dict[tuple[str, int], list[torch.Tensor]] = {}
+    e_rows: dict[tuple[str, int], list[torch.Tensor]] = {}
+    for feats in _branch_features(inspector, stats_frames):
+        for name, (teacher, student) in feats.items():
+            for k, (t, s) in enumerate(zip(teacher, student, strict=True)):
+                c = t.shape[1]
+                t_rows.setdefault((name, k), []).append(
+                    F.normalize(t.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, c).double()
+                )
+                e_rows.setdefault((name, k), []).append(unit_error(t, s).permute(0, 2, 3, 1).reshape(-1, c).double())
+    fits = {}
+    for key in t_rows:
+        tt, ee = torch.cat(t_rows[key]), torch.cat(e_rows[key])
+        n, c = ee.shape
+        m_e, m_t = ee.mean(0), tt.mean(0)
+        ec, tc = ee - m_e, tt - m_t
+        cov_e = ec.T @ ec / (n - 1)
+        fit = {"m": m_e.float(), "W": _whitener(cov_e, max(0.1, c / n))}
+        # Linear conditional: ridge B = S_et (S_tt + lam I)^-1.
+        s_tt, s_et = tc.T @ tc / (n - 1), ec.T @ tc / (n - 1)
+        lam = 0.01 * float(s_tt.diagonal().mean())
+        b = torch.linalg.solve(s_tt + lam * torch.eye(c, dtype=s_tt.dtype), s_et.T).T
+        r = ec - tc @ b.T
+        fit.update(B=b.float(), m_t=m_t.float(), W_r=_whitener(r.T @ r / (n - 1), max(0.1, c / n)))
+        sub = tt[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20000]].float().numpy()
+        z_global = ((ec.float() @ fit["W"].T) ** 2).mean(1)
+        for nk in clusters:
+            km = KMeans(nk, n_init=2, random_state=0).fit(sub)
+            centres = torch.from_numpy(km.cluster_centers_).float()
+            assign = torch.cdist(tt.float(), centres).argmin(1)
+            means, whiteners, levels = [], [], []
+            n0 = 4 * c
+            for j in range(nk):
+                sel = assign == j
+                nj = int(sel.sum())
+                ej = ee[sel]
+                mj = (ej.sum(0) + n0 * m_e) / (nj + n0)
+                dj = ej - mj
+                cov_j = (dj.T @ dj + n0 * cov_e) / (nj + n0)
+                means.append(mj.float())
+                whiteners.append(_whitener(cov_j, 0.1))
+                levels.append(float(z_global[sel].mean()) if nj else float(z_global.mean()))
+            fit[nk] = (centres, torch.stack(means), torch.stack(whiteners), torch.tensor(levels))
+        fits[key] = fit
+
+    def _assign(t, centres):
+        tu = F.normalize(t.float(), dim=1)
+        flat = tu.permute(0, 2, 3, 1).reshape(-1, tu.shape[1])
+        return torch.cdist(flat, centres).argmin(1).view(tu.shape[0], tu.shape[2], tu.shape[3])
+
+    def linear(name, k, t, s):
+        f = fits[(name, k)]
+        e = unit_error(t, s) - f["m"].view(1, -1, 1, 1)
+        dt = F.normalize(t.float(), dim=1) - f["m_t"].view(1, -1, 1, 1)
+        r = e - torch.einsum("ij,bjhw->bihw", f["B"], dt)
+        z = torch.einsum("ij,bjhw->bihw", f["W_r"], r)
+        return (z * z).mean(dim=1, keepdim=True)
+
+    def per_cluster(nk):
+        def per_scale(name, k, t, s):
+            centres, means, whiteners, _ = fits[(name, k)][nk]
+            a = _assign(t, centres)
+            e = unit_error(t, s)
+            out = torch.zeros(e.shape[0], 1, e.shape[2], e.shape[3])
+            for j in range(nk):
+                z = torch.einsum("ij,bjhw->bihw", whiteners[j], e - means[j].view(1, -1, 1, 1))
+                out = torch.where((a == j).unsqueeze(1), (z * z).mean(dim=1, keepdim=True), out)
+            return out
+
+        return per_scale
+
+    def scalar(nk):
+        def per_scale(name, k, t, s):
+            f = fits[(name, k)]
+            centres, _, _, levels = f[nk]
+            e = unit_error(t, s) - f["m"].view(1, -1, 1, 1)
+            z = torch.einsum("ij,bjhw->bihw", f["W"], e)
+            return (z * z).mean(dim=1, keepdim=True) / levels[_assign(t, centres)].unsqueeze(1)
+
+        return per_scale
+
+    def whitened(name, k, t, s):
+        f = fits[(name, k)]
+        z = torch.einsum("ij,bjhw->bihw", f["W"], unit_error(t, s) - f["m"].view(1, -1, 1, 1))
+        return (z * z).mean(dim=1, keepdim=True)
+
+    variants = [("error whitened (bench's copy of the model)", whitened), ("error whitened given t, linear", linear)]
+    variants += [(f"error whitened per t cluster, k={nk}", per_cluster(nk)) for nk in clusters]
+    variants += [(f"whitened / t cluster's mean, k={nk}", scalar(nk)) for nk in clusters]
+    out = {}
+    for label, per_scale in variants:
+        t_maps, v_maps = _feature_space_maps(inspector, test, per_scale), _feature_space_maps(inspector, val, per_scale)
+        fused, fused_val = 0, 0
+        for b in t_maps:
+            m, sd = _stats(_branch_sum([v[stats_idx] for v in v_maps[b]]))
+            fused = fused + (_branch_sum(t_maps[b]) - np.float32(m)) / np.float32(sd)
+            fused_val = fused_val + (_branch_sum(v_maps[b]) - np.float32(m)) / np.float32(sd)
+        out[label] = score(*_blur_max(fused, sigma), _blur_max(fused_val, sigma)[1])
+    return out
+
+
 def _magnitude_maps(teacher: list, student: list, size: tuple[int, int]) -> list:
     """Per scale, |‖t‖ - ‖s‖| / ‖t‖ at each position, upsampled like the (1 - cos) maps."""
     import torch.nn.functional as F
@@ -549,6 +682,8 @@ def main() -> int:
     ap.add_argument("--tta", action="store_true", help="add test-time augmentation (flips, flips and turns)")
     ap.add_argument("--feature-space", action="store_true",
                     help="add the feature-space variants (averaged features, whitened errors)")  # fmt: skip
+    ap.add_argument("--conditional", action="store_true",
+                    help="instead: errors whitened given the teacher feature (linear, k-means)")  # fmt: skip
     ap.add_argument("--ensemble-seeds", type=int, nargs="*", help="instead: each seed's students, and their mean")
     ap.add_argument("--json", default=str(ROOT / "bench" / "results" / "tune-2-scoring-variants.json"))
     a = ap.parse_args()
@@ -562,7 +697,8 @@ def main() -> int:
             results[c] = ensemble_for(ckpts, Path(a.data), c)
         else:
             ckpt = Path(a.checkpoints) / c / f"{a.model}-seed{a.seed}"
-            results[c] = variants_for(ckpt, Path(a.data), c, a.skip_magnitude, a.memory_bank, a.tta, a.feature_space)
+            options = (a.skip_magnitude, a.memory_bank, a.tta, a.feature_space, a.conditional)
+            results[c] = variants_for(ckpt, Path(a.data), c, *options)
         for name, r in results[c].items():
             verdicts = (
                 f"  FRR {r['false_reject_rate']:.3f} det {r['detection_rate']:.3f}" if "detection_rate" in r else ""
