@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import ROOT
 from bench.quality import _blur_max, _branch_sum, _raw_scale_maps, _stats, visibility_groups
 from crd_model.anomaly_map import unit_error
+from crd_model.calibration import shrunk_whitener
 
 
 def _evaluation(inspector, data: Path, category: str):
@@ -485,11 +486,7 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
     whiteners = {}
     for key, o in outer.items():
         n = sums[key][2]
-        cov = o / (n - 1)
-        c = cov.shape[0]
-        cov = 0.9 * cov + 0.1 * torch.eye(c, dtype=cov.dtype) * cov.diagonal().mean()
-        vals, vecs = torch.linalg.eigh(cov)
-        whiteners[key] = (vecs @ torch.diag(vals.rsqrt()) @ vecs.T).float()
+        whiteners[key] = shrunk_whitener(o / (n - 1), 0.1).float()
 
     def pooled(name, k, t, s):
         t3 = F.avg_pool2d(t.float(), 3, stride=1, padding=1, count_include_pad=False)
@@ -529,17 +526,6 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
     return out
 
 
-def _whitener(cov, shrinkage: float = 0.1):
-    """Inverse square root of `cov` shrunk towards its mean variance x identity (as calibration does)."""
-    import torch
-
-    c = cov.shape[0]
-    level = float(cov.diagonal().mean())
-    shrunk = (1.0 - shrinkage) * cov + shrinkage * level * torch.eye(c, dtype=cov.dtype)
-    vals, vecs = torch.linalg.eigh(shrunk)
-    return (vecs @ torch.diag(vals.clamp_min(shrinkage * level).rsqrt()) @ vecs.T).float()
-
-
 def _conditional_variants(
     inspector, test, val, stats_idx, score, sigma, clusters=(4, 8)
 ) -> dict[str, dict[str, float]]:
@@ -574,13 +560,13 @@ def _conditional_variants(
         m_e, m_t = ee.mean(0), tt.mean(0)
         ec, tc = ee - m_e, tt - m_t
         cov_e = ec.T @ ec / (n - 1)
-        fit = {"m": m_e.float(), "W": _whitener(cov_e, max(0.1, c / n))}
+        fit = {"m": m_e.float(), "W": shrunk_whitener(cov_e, max(0.1, c / n)).float()}
         # Linear conditional: ridge B = S_et (S_tt + lam I)^-1.
         s_tt, s_et = tc.T @ tc / (n - 1), ec.T @ tc / (n - 1)
         lam = 0.01 * float(s_tt.diagonal().mean())
         b = torch.linalg.solve(s_tt + lam * torch.eye(c, dtype=s_tt.dtype), s_et.T).T
         r = ec - tc @ b.T
-        fit.update(B=b.float(), m_t=m_t.float(), W_r=_whitener(r.T @ r / (n - 1), max(0.1, c / n)))
+        fit.update(B=b.float(), m_t=m_t.float(), W_r=shrunk_whitener(r.T @ r / (n - 1), max(0.1, c / n)).float())
         sub = tt[torch.randperm(n, generator=torch.Generator().manual_seed(0))[:20000]].float().numpy()
         z_global = ((ec.float() @ fit["W"].T) ** 2).mean(1)
         for nk in clusters:
@@ -597,7 +583,7 @@ def _conditional_variants(
                 dj = ej - mj
                 cov_j = (dj.T @ dj + n0 * cov_e) / (nj + n0)
                 means.append(mj.float())
-                whiteners.append(_whitener(cov_j, 0.1))
+                whiteners.append(shrunk_whitener(cov_j, 0.1).float())
                 levels.append(float(z_global[sel].mean()) if nj else float(z_global.mean()))
             fit[nk] = (centres, torch.stack(means), torch.stack(whiteners), torch.tensor(levels))
         fits[key] = fit

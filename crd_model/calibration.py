@@ -176,12 +176,17 @@ def moments_from_sums(total: torch.Tensor) -> ScaleErrorMoments:
     second = total[c : c + c * c].view(c, c) / n
     cov = (second - torch.outer(mean, mean)) * (n / max(n - 1.0, 1.0))
     cov = (cov + cov.T) / 2
+    whitener = shrunk_whitener(cov, min(max(ERROR_SHRINKAGE, c / n), 1.0))
+    return ScaleErrorMoments(mean=_float32_values(mean), whitener=_float32_values(whitener))
+
+
+def shrunk_whitener(cov: torch.Tensor, shrinkage: float) -> torch.Tensor:
+    """The inverse square root of the covariance `cov` shrunk as (1 - s) x cov + s x (mean variance) x I."""
+    c = cov.shape[0]
     level = max(float(cov.diagonal().mean()), 1e-24)
-    shrinkage = min(max(ERROR_SHRINKAGE, c / n), 1.0)
     shrunk = (1.0 - shrinkage) * cov + shrinkage * level * torch.eye(c, dtype=cov.dtype)
     values, vectors = torch.linalg.eigh(shrunk)
-    whitener = vectors @ torch.diag(values.clamp_min(shrinkage * level).rsqrt()) @ vectors.T
-    return ScaleErrorMoments(mean=_float32_values(mean), whitener=_float32_values(whitener))
+    return vectors @ torch.diag(values.clamp_min(shrinkage * level).rsqrt()) @ vectors.T
 
 
 def _float32_values(t: torch.Tensor) -> list[float]:
