@@ -272,9 +272,12 @@ def test_augmented_training_trains_the_same_from_cached_or_fresh_teacher_feature
     """The cache of (symmetry, image) teacher features and the per-batch path see the same turned inputs."""
     trained = _trainer(tiny_data)
     cached, fresh, plain = trained(augment="d4"), trained(augment="d4", cache_budget_mb=0), trained()
-    for name in cached:  # (Adam turns float rounding into visible parameter differences: compare the losses)
-        assert cached[name] == pytest.approx(fresh[name], rel=1e-4)
-        assert cached[name] != pytest.approx(plain[name], rel=1e-3)  # the turned images were trained on
+    # Adam turns float rounding into visible parameter differences: compare the losses. Cached and fresh
+    # differ by float rounding alone (up to 1.6e-4 relative with one intra-op thread, where the reductions
+    # sum in another order); training without the turns moves the 3D branch's loss by 7.8e-3.
+    for name in cached:
+        assert cached[name] == pytest.approx(fresh[name], rel=5e-4)
+        assert cached[name] != pytest.approx(plain[name], rel=2e-3)  # the turned images were trained on
 
 
 def test_shifted_or_recoloured_training_trains_on_changed_images(tiny_data: Path):
