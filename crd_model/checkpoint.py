@@ -69,10 +69,26 @@ def save_checkpoint(out_dir: str | Path, model: CRDModel, meta: CheckpointMeta) 
     meta = meta.model_copy(
         update={"model_id": f"{category}-{meta.config.architecture}-{weights_digest(out / WEIGHTS)}"}
     )
-    tmp = out / (META + ".tmp")
-    tmp.write_text(meta.model_dump_json(indent=2))
-    tmp.replace(out / META)
+    write_meta(out, meta)
     return meta
+
+
+def write_meta(directory: Path, meta: CheckpointMeta) -> None:
+    """config.json, atomically (a worker watching it never reads half a file): indented, but each list of
+    numbers on one line, so the whitening matrices take half the bytes of one number per line."""
+    tmp = directory / (META + ".tmp")
+    tmp.write_text(_json_text(json.loads(meta.model_dump_json())) + "\n")
+    tmp.replace(directory / META)
+
+
+def _json_text(value: object, depth: int = 0) -> str:
+    pad, inner = "  " * depth, "  " * (depth + 1)
+    if isinstance(value, dict) and value:
+        items = [f"{inner}{json.dumps(k)}: {_json_text(v, depth + 1)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(value, list) and value and not all(isinstance(v, int | float) for v in value):
+        return "[\n" + ",\n".join(inner + _json_text(v, depth + 1) for v in value) + "\n" + pad + "]"
+    return json.dumps(value, allow_nan=False)
 
 
 def read_meta(ckpt_dir: str | Path) -> CheckpointMeta:

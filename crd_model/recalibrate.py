@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from crd_model.calibration import calibrate_frames
-from crd_model.checkpoint import META, WEIGHTS, read_meta
+from crd_model.checkpoint import WEIGHTS, read_meta, write_meta
 from crd_model.config import CheckpointMeta, Scoring
 from crd_model.data.mvtec3d import list_pairs
 from crd_model.dataset import load_samples
@@ -70,9 +70,7 @@ def recalibrate(
     target.mkdir(parents=True, exist_ok=True)
     if target.resolve() != checkpoint.resolve():
         shutil.copy2(checkpoint / WEIGHTS, target / WEIGHTS)  # same bytes, same digest, same model id
-    tmp = target / (META + ".tmp")
-    tmp.write_text(new_meta.model_dump_json(indent=2))
-    tmp.replace(target / META)  # atomic: a worker watching config.json never reads half a file
+    write_meta(target, new_meta)
     written = read_meta(target)
     log.info(
         "recalibrated",

@@ -47,6 +47,23 @@ def ckpt(saved: tuple[Path, dict[str, torch.Tensor], torch.nn.Module], tmp_path:
     return Path(shutil.copytree(saved[0], tmp_path / "ckpt"))
 
 
+def test_config_json_reads_back_what_was_saved_with_each_list_of_numbers_on_one_line(saved) -> None:  # type: ignore[no-untyped-def]
+    """The whitening matrices (C x C numbers per scale) would take one line per number with plain `indent=2`."""
+    from crd_model.checkpoint import read_meta, write_meta
+
+    meta = read_meta(saved[0])
+    text = (saved[0] / META).read_text()
+    assert json.loads(text) == json.loads(meta.model_dump_json())  # the same document, every digit
+    whitener = meta.calibration.error_moments["3d"][-1].whitener
+    assert len(whitener) > 1000
+    assert text.count("\n") < 120  # nested objects indented; a list of numbers is one line
+    assert '"feature_indices": [1, 2, 3],' in text
+    copy = saved[0].parent / "rewritten"
+    copy.mkdir()
+    write_meta(copy, meta)  # what `crd calibrate` writes
+    assert (copy / META).read_text() == text and read_meta(copy) == meta
+
+
 def _refused(ckpt_dir: Path, *needles: str) -> str:
     """Load must fail naming the file; returns the message without the directory (whose name is the test's)."""
     with pytest.raises(CheckpointError) as ei:
