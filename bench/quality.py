@@ -238,7 +238,8 @@ def run_one(data: Path, out: Path, category: str, model: str, seed: int, a: argp
     report = evaluate(ckpt, data, category, groups=groups)
     assert meta.training is not None and meta.calibration is not None
     report["training"] = meta.training.model_dump()
-    report["calibration_record"] = meta.calibration.model_dump(exclude={"source"})
+    # the error moments (whitening matrices, ~29,000 numbers) stay in the checkpoint's config.json
+    report["calibration_record"] = meta.calibration.model_dump(exclude={"source", "error_moments"})
     report["diagnostics"] = diagnose(ckpt, data, category, groups)
     return report
 
