@@ -41,16 +41,19 @@ def evaluate_loaded(
     batch_size: int = 16,
     target_detection: float = 0.95,
 ) -> dict:
-    """Metrics overall, per defect type (its images + all good ones), and per named group of types."""
+    """Metrics overall, per defect type (its images + all good ones), and per named group of types; each
+    with how many of its defective parts the stored threshold catches (where a threshold loses)."""
     assert test.gt is not None
     scores, maps = score_split(inspector, test, batch_size)
     labels = test.labels
     types = np.array([s.defect_type for s in test.samples])
     good = types == "good"
+    caught = (scores >= inspector.threshold) & ~good  # as verdict_rates counts them
 
     def subset(mask: np.ndarray) -> dict:
         idx = np.flatnonzero(mask)
-        return metric_row(labels[idx], scores[idx], [test.gt[i] for i in idx], [maps[i] for i in idx])
+        row = metric_row(labels[idx], scores[idx], [test.gt[i] for i in idx], [maps[i] for i in idx])
+        return {**row, "caught": int(caught[idx].sum())}
 
     report: dict = {
         "model_id": inspector.model_id,
@@ -116,12 +119,12 @@ def evaluate(
 
 
 def format_report(report: dict) -> str:
-    head = f"{'subset':<16}{'n':>5}{'I-AUROC':>10}{'P-AUROC':>10}{'AUPRO@30%':>11}{'AUPRO@1%':>10}"
+    head = f"{'subset':<16}{'n':>5}{'I-AUROC':>10}{'P-AUROC':>10}{'AUPRO@30%':>11}{'AUPRO@1%':>10}{'caught':>9}"
     lines = [head, "-" * len(head)]
 
     def row(name: str, r: dict) -> str:
         vals = "".join(f"{r[m]:>{w}.3f}" for m, w in zip(METRICS, (10, 10, 11, 10), strict=True))
-        return f"{name:<16}{r['n']:>5}{vals}"
+        return f"{name:<16}{r['n']:>5}{vals}{str(r['caught']) + '/' + str(r['n_anomalous']):>9}"
 
     lines.append(row("overall", report["overall"]))
     for name, r in report["per_defect"].items():

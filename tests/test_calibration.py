@@ -311,8 +311,15 @@ def test_eval_reports_the_threshold_a_target_detection_rate_needs(tiny_data: Pat
     assert v["detections"] == int((scores[~good] >= inspector.threshold).sum()) and v["n_anomalous"] == 15
     lo, hi = v["false_reject_rate_ci95"]
     assert lo <= v["false_reject_rate"] <= hi
+    # Where the stored threshold loses: each defect type's parts it catches, counted independently.
+    types = np.array([s.defect_type for s in test.samples])
+    for defect, row in report["per_defect"].items():
+        assert row["caught"] == int((scores[types == defect] >= inspector.threshold).sum())
+    assert sum(r["caught"] for r in report["per_defect"].values()) == v["detections"] == report["overall"]["caught"]
     text = format_report(report)
     assert "for a detection rate >= 0.8" in text and "good parts rejected (95 % CI" in text
+    color, line = report["per_defect"]["color"], next(t for t in text.splitlines() if t.startswith("color"))
+    assert line.endswith(f" {color['caught']}/{color['n_anomalous']}")
 
 
 def test_crd_train_says_how_long_a_category_took_and_warns(tiny_data: Path, tmp_path: Path, capsys):
