@@ -509,13 +509,20 @@ def _feature_space_variants(inspector, test, val, stats_idx, score, sigma) -> di
         z = torch.einsum("ij,bjhw->bihw", whiteners[(name, k)], e)
         return (z * z).mean(dim=1, keepdim=True)
 
-    out = {}
-    for label, per_scale in (
+    variants = [
         ("error whitened, full covariance", mahalanobis),
         ("1 - cos of 3x3-averaged features", pooled),
         ("error whitened per channel", whitened(False)),
         ("error whitened per channel, centred", whitened(True)),
-    ):
+    ]
+    return _scored_as_the_model(inspector, test, val, stats_idx, score, sigma, variants)
+
+
+def _scored_as_the_model(inspector, test, val, stats_idx, score, sigma, variants) -> dict[str, dict[str, float]]:
+    """Each (label, per-scale map) of `variants` fused as the model fuses its maps (each branch's scale sum
+    standardised on the statistics images, branches summed, blurred, maxed), then scored."""
+    out = {}
+    for label, per_scale in variants:
         t_maps, v_maps = _feature_space_maps(inspector, test, per_scale), _feature_space_maps(inspector, val, per_scale)
         fused, fused_val = 0, 0
         for b in t_maps:
@@ -632,16 +639,7 @@ def _conditional_variants(
     variants = [("error whitened (bench's copy of the model)", whitened), ("error whitened given t, linear", linear)]
     variants += [(f"error whitened per t cluster, k={nk}", per_cluster(nk)) for nk in clusters]
     variants += [(f"whitened / t cluster's mean, k={nk}", scalar(nk)) for nk in clusters]
-    out = {}
-    for label, per_scale in variants:
-        t_maps, v_maps = _feature_space_maps(inspector, test, per_scale), _feature_space_maps(inspector, val, per_scale)
-        fused, fused_val = 0, 0
-        for b in t_maps:
-            m, sd = _stats(_branch_sum([v[stats_idx] for v in v_maps[b]]))
-            fused = fused + (_branch_sum(t_maps[b]) - np.float32(m)) / np.float32(sd)
-            fused_val = fused_val + (_branch_sum(v_maps[b]) - np.float32(m)) / np.float32(sd)
-        out[label] = score(*_blur_max(fused, sigma), _blur_max(fused_val, sigma)[1])
-    return out
+    return _scored_as_the_model(inspector, test, val, stats_idx, score, sigma, variants)
 
 
 def _magnitude_maps(teacher: list, student: list, size: tuple[int, int]) -> list:

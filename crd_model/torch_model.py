@@ -178,7 +178,7 @@ class CRDModel(nn.Module):
         error_moments: dict[str, list[tuple[list[float], list[float]]]] | None = None,
     ) -> None:
         """Per-branch (mean, std) that standardise the raw maps before they are fused and, for
-        `scoring="whitened"`, the per-channel (mean, std) of the students' error they are measured with."""
+        `scoring="whitened"`, the per-scale (mean, whitener) of the students' error they are measured with."""
         if self.error_whitening is not None and error_moments is not None:
             self.error_whitening.set_moments(error_moments)
         self.anomaly_map_generator.set_statistics(stats)
