@@ -90,3 +90,53 @@ def recolour(rgb: torch.Tensor, gains: torch.Tensor) -> torch.Tensor:
     textures under another exposure and white balance.
     """
     return (rgb * gains.to(rgb).view(*gains.shape, 1, 1)).clamp_(0, 1)
+
+
+def fractal_noise(
+    shape: tuple[int, int, int, int],
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    octaves: int = 6,
+    persistence: float = 0.6,
+) -> torch.Tensor:
+    """Value noise summed over octaves, (B, C, H, W) in [-1, 1]: octave o is a random grid of 2 ** (o + 1)
+    cells a side, upsampled bilinearly, weighted persistence ** o (the simplex-octave noise of RD++)."""
+    b, c, h, w = shape
+    total = torch.zeros(shape, device=device)
+    weight_sum = 0.0
+    for o in range(octaves):
+        cells = 2 ** (o + 1)
+        grid = torch.rand((b, c, cells + 1, cells + 1), generator=generator) * 2 - 1
+        up = torch.nn.functional.interpolate(grid.to(device), size=(h, w), mode="bilinear", align_corners=True)
+        total += persistence**o * up
+        weight_sum += persistence**o
+    return total / weight_sum
+
+
+def pseudo_defects(
+    x: torch.Tensor,
+    generator: torch.Generator,
+    amplitude: float,
+    on_object: bool = False,
+) -> torch.Tensor:
+    """Add a patch of fractal noise to each image (B, C, S, S): a rectangle of 10 px (at 256 px) to an eighth
+    of the side, placed at random, noise peaking at `amplitude` in the input's units. `on_object`: only where the
+    image is not background (any channel > 0; the 3D inputs' background is 0 in every channel), which
+    stays 0.
+
+    The students are trained to reconstruct the clean image's teacher features from these corrupted
+    ones (TrainOptions.noise), so they learn to restore normal appearance rather than to copy whatever
+    they are shown; the idea and the patch recipe are RD++'s (Tien et al., CVPR 2023).
+    """
+    b, c, s, _ = x.shape
+    smallest, largest = max(2, round(10 * s / 256)), max(3, s // 8)
+    sizes = torch.randint(smallest, largest + 1, (b, 2), generator=generator)
+    corners = (torch.rand((b, 2), generator=generator) * (s - sizes + 1)).long()
+    noise = fractal_noise((b, c, largest, largest), generator, x.device)
+    patch = torch.zeros_like(x)
+    for i, ((h, w), (r, col)) in enumerate(zip(sizes.tolist(), corners.tolist(), strict=True)):
+        crop = noise[i, :, :h, :w]
+        patch[i, :, r : r + h, col : col + w] = crop / crop.abs().max().clamp_min(1e-6)  # its peak: amplitude
+    if on_object:
+        patch = patch * (x.amax(dim=1, keepdim=True) > 0)
+    return x + amplitude * patch

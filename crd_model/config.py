@@ -193,6 +193,7 @@ class TrainingInfo(BaseModel):
     augment: str | None = None
     shift: int | None = None
     gain: float | None = None
+    noise: float | None = None
     seconds_per_epoch: float | None = None
     fit_seconds: float | None = None
 

@@ -137,18 +137,29 @@ class CRDModel(nn.Module):
         n = next(iter(inputs.values())).shape[0]
         return {k: [f[i * n : (i + 1) * n] for f in feats] for i, k in enumerate(inputs)}
 
-    def run_branch(self, feats: dict[str, Features], name: str) -> BranchOutput:
-        """Forward of one branch. CRD branches get their own modality first, the other as helper."""
+    def run_branch(
+        self, feats: dict[str, Features], name: str, targets: dict[str, Features] | None = None
+    ) -> BranchOutput:
+        """Forward of one branch. CRD branches get their own modality first, the other as helper.
+        `targets`: the teacher features the branch must reconstruct, when they are not its inputs'
+        (training on corrupted inputs: `TrainOptions.noise`)."""
         if name == "fused":
-            target = [
-                torch.cat([F.normalize(r, dim=1), F.normalize(d, dim=1)], dim=1)
-                for r, d in zip(feats["rgb"], feats["3d"], strict=True)
-            ]
-            return self.branches["fused"](target)
-        if self.config.architecture == "crd":
-            helper = feats["3d" if name == "rgb" else "rgb"]
-            return self.branches[name](feats[name], helper)
-        return self.branches[name](feats[name])
+            output = self.branches["fused"](self._fused(feats))
+            target = None if targets is None else self._fused(targets)
+        else:
+            helper = feats["3d" if name == "rgb" else "rgb"] if self.config.architecture == "crd" else None
+            output = self.branches[name](feats[name], helper)
+            target = None if targets is None else targets[name]
+        if target is not None:
+            output.target = target
+        return output
+
+    @staticmethod
+    def _fused(feats: dict[str, Features]) -> Features:
+        return [
+            torch.cat([F.normalize(r, dim=1), F.normalize(d, dim=1)], dim=1)
+            for r, d in zip(feats["rgb"], feats["3d"], strict=True)
+        ]
 
     def run_branches(self, feats: dict[str, Features]) -> dict[str, BranchOutput]:
         return {name: self.run_branch(feats, name) for name in self.branches}

@@ -54,6 +54,9 @@ class TrainOptions:
     augment: str = "none"  # "none" (the paper), "flips" or "d4" (flips and quarter turns): crd_model/augment.py
     shift: int = 0  # > 0: each training image moved by up to this many pixels per epoch (teacher run per batch)
     gain: float = 0.0  # > 0: each RGB channel scaled by 1 +- up to this per image and epoch (teacher run per batch)
+    # > 0: the students reconstruct each clean image's teacher features from a copy with a patch of fractal
+    # noise of this amplitude (input units; RD++ uses 0.2) in each modality (augment.pseudo_defects)
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         # Refused here, before minutes of preprocessing, rather than silently read as "off" later.
@@ -65,12 +68,13 @@ class TrainOptions:
             "false_reject_rate": 0 <= self.false_reject_rate <= 1,
             "shift": self.shift >= 0,
             "gain": 0 <= self.gain < 1,
+            "noise": 0 <= self.noise <= 1,
         }
         bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"invalid training options: {', '.join(bad)} (epochs, batch_size >= 1; learning_rate > 0; "
-                "0 < lr_decay <= 1; 0 <= false_reject_rate <= 1; shift >= 0 pixels; 0 <= gain < 1)"
+                "0 < lr_decay <= 1; 0 <= false_reject_rate <= 1; shift >= 0 pixels; 0 <= gain < 1; 0 <= noise <= 1)"
             )
         if self.loss not in LOSS_KINDS:
             raise ValueError(f"unknown loss {self.loss!r}; expected one of {list(LOSS_KINDS)}")
@@ -124,6 +128,7 @@ def fit(
         symmetry: tuple[bool, bool, bool],
         offsets: torch.Tensor | None = None,
         gains: torch.Tensor | None = None,
+        corrupt: bool = False,
     ) -> dict[str, list[torch.Tensor]]:
         rgb = _to_device(None if rgb_all is None else rgb_all[idx], device)
         x3d = _to_device(None if x3d_all is None else x3d_all[idx], device)
@@ -136,8 +141,20 @@ def fit(
             x3d = None if x3d is None else augment.translate(x3d, offsets)
         if gains is not None and rgb is not None:
             rgb = augment.recolour(rgb, gains)
+        if corrupt:
+            rgb = None if rgb is None else augment.pseudo_defects(rgb, noise_draws, options.noise)
+            x3d = None if x3d is None else augment.pseudo_defects(x3d, noise_draws, options.noise, on_object=True)
         with torch.inference_mode():
             return model.encode(rgb, x3d)
+
+    def batch_features(idx, sym, offsets, gains, corrupt: bool = False) -> dict[str, list[torch.Tensor]]:
+        """Teacher features of a batch computed now, images grouped by the symmetry they drew."""
+        ks = [0] if sym is None else sorted(set(sym.tolist()))
+        parts = [
+            encode(_drawn(idx, sym, k).numpy(), symmetries[k], _drawn(offsets, sym, k), _drawn(gains, sym, k), corrupt)
+            for k in ks
+        ]
+        return {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))] for m, fs in parts[0].items()}
 
     # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget. Shifted or
     # recoloured images are new every epoch, so their features are computed per batch.
@@ -164,6 +181,7 @@ def fit(
     generator = torch.Generator().manual_seed(options.seed)
     # Shifts and gains draw from their own stream, so turning them on leaves the batches as they were.
     jitter = torch.Generator().manual_seed(options.seed + 1)
+    noise_draws = torch.Generator().manual_seed(options.seed + 2)
     # bf16 autocast on CUDA only: the students' convolutions run in bf16, the cosine loss in float32
     # (autocast's float32 list), and the parameters and Adam's state stay float32, so no loss scaling is
     # needed (bf16 has float32's exponent range). CPUs train in float32.
@@ -188,22 +206,25 @@ def fit(
             gains = None
             if options.gain > 0:
                 gains = 1 + options.gain * (2 * torch.rand((len(idx), 3), generator=jitter) - 1)
+            if options.noise > 0 and sym is not None:
+                # Corrupted features are computed per symmetry group: put the clean rows in that order too.
+                grouped = torch.argsort(sym, stable=True)
+                idx, sym = idx[grouped], sym[grouped]
+                offsets = None if offsets is None else offsets[grouped]
+                gains = None if gains is None else gains[grouped]
             if cache is not None:
                 rows = idx if sym is None else sym * n + idx
                 dev_rows = rows.to(device)
                 feats = {m: [f.index_select(0, dev_rows) for f in fs] for m, fs in cache.items()}
             else:
-                ks = [0] if sym is None else sorted(set(sym.tolist()))
-                parts = [
-                    encode(_drawn(idx, sym, k).numpy(), symmetries[k], _drawn(offsets, sym, k), _drawn(gains, sym, k))
-                    for k in ks
-                ]
-                feats = {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))]
-                         for m, fs in parts[0].items()}  # fmt: skip
+                feats = batch_features(idx, sym, offsets, gains)
+            inputs, targets = feats, None
+            if options.noise > 0:
+                inputs, targets = batch_features(idx, sym, offsets, gains, corrupt=True), feats
             # Separate optimisers, stepped one after the other (the branches share no parameters).
             for name in branches:
                 with autocast:
-                    out = model.run_branch(feats, name)
+                    out = model.run_branch(inputs, name, targets)
                     loss = sum(out.loss_terms(options.loss).values())
                 optimisers[name].zero_grad(set_to_none=True)
                 loss.backward()
@@ -334,6 +355,7 @@ def train_category(
             augment=options.augment,
             shift=options.shift,
             gain=options.gain,
+            noise=options.noise,
             seconds_per_epoch=round(fit_seconds / options.epochs, 3),
             fit_seconds=round(fit_seconds, 2),
         ),

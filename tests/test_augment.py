@@ -1,4 +1,5 @@
-"""Pose augmentation: a flipped or turned normals image is the normals image of the flipped or turned part."""
+"""Pose augmentation: a flipped or turned normals image is the normals image of the flipped or turned part;
+the pseudo-defects of denoising training stay where they are drawn."""
 
 from __future__ import annotations
 
@@ -75,3 +76,27 @@ def test_recolour_scales_each_channel_of_each_image_and_clips():
     got = augment.recolour(rgb.clone(), torch.tensor([[1.1, 0.9, 1.0], [3.0, 1.0, 1.0]]))
     assert torch.allclose(got[0, :, 0, 0], torch.tensor([0.55, 0.45, 0.5]))
     assert torch.equal(got[1, :, 0, 0], torch.tensor([1.0, 0.5, 0.5]))  # 1.5 clipped to the image's range
+
+
+def test_pseudo_defects_add_one_bounded_noise_rectangle_per_image():
+    x = torch.rand(6, 3, 256, 256, generator=torch.Generator().manual_seed(0))
+    got = augment.pseudo_defects(x, torch.Generator().manual_seed(1), 0.2)
+    for before, after in zip(x, got, strict=True):
+        changed = (after != before).any(dim=0)
+        rows, cols = changed.any(dim=1).nonzero().flatten(), changed.any(dim=0).nonzero().flatten()
+        height, width = int(rows[-1] - rows[0] + 1), int(cols[-1] - cols[0] + 1)
+        assert 10 <= height <= 32 and 10 <= width <= 32  # RD++'s 10 px to an eighth of the side, at 256 px
+        assert changed[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].float().mean() > 0.9  # one filled rectangle
+        assert float((after - before).abs().max()) == pytest.approx(0.2, rel=1e-5)  # its peak is the amplitude
+    again = augment.pseudo_defects(x, torch.Generator().manual_seed(1), 0.2)
+    assert torch.equal(again, got)  # drawn from the generator alone
+
+
+def test_pseudo_defects_on_the_object_leave_the_background_at_zero():
+    x3d = torch.zeros(8, 3, 64, 64)
+    x3d[:, :, 16:48, 16:48] = 0.5  # the object; the 3D inputs' background is 0 in every channel
+    got = augment.pseudo_defects(x3d, torch.Generator().manual_seed(2), 0.3, on_object=True)
+    background = torch.ones(64, 64, dtype=torch.bool)
+    background[16:48, 16:48] = False
+    assert torch.equal(got[:, :, background], x3d[:, :, background])
+    assert (got != x3d).any()  # and the object is corrupted

@@ -290,12 +290,60 @@ def test_shifted_or_recoloured_training_trains_on_changed_images(tiny_data: Path
     assert recoloured["rgb"] != pytest.approx(plain["rgb"], rel=1e-3)
 
 
+@pytest.mark.parametrize("augment", ["none", "d4"])
+def test_denoising_training_reconstructs_the_clean_features_from_corrupted_ones(
+    tiny_data: Path, monkeypatch, augment: str
+):
+    """`noise`: each branch gets the teacher features of images with a noise patch, and its loss is taken
+    against the same images' clean features (the cached ones), not against what it was shown."""
+    import torch
+
+    from crd_model import augment as pose
+    from crd_model.config import CRDConfig
+    from crd_model.dataset import load_split
+    from crd_model.torch_model import CRDModel
+    from crd_model.train import TrainOptions, fit
+
+    config = CRDConfig(image_size=64)
+    train = load_split(tiny_data, TINY_CATEGORY, "train", config)
+    torch.manual_seed(0)
+    model = CRDModel(config, teacher_weights=True)
+    rgb, x3d = torch.from_numpy(train.stack("rgb")), torch.from_numpy(train.stack("x3d"))
+    with torch.inference_mode():  # every (symmetry, image) the training can draw, clean
+        clean = [
+            model.encode(pose.transform(rgb, sym), pose.transform(x3d, sym, normals=True))["rgb"]
+            for sym in pose.variants(augment)
+        ]
+    shallow, deep = torch.cat([c[0] for c in clean]), torch.cat([c[-1] for c in clean])
+    calls = []
+    run_branch = model.run_branch
+
+    def recording(feats, name, targets=None):
+        calls.append((feats, targets))
+        return run_branch(feats, name, targets)
+
+    monkeypatch.setattr(model, "run_branch", recording)
+    options = TrainOptions(epochs=1, batch_size=8, progress=False, seed=0, noise=0.2, augment=augment)
+    fit(model, train, options, torch.device("cpu"))
+    assert calls
+    for shown, targets in calls:
+        assert targets is not None
+        for i, target in enumerate(targets["rgb"][-1]):
+            # The target is one (symmetry, image)'s clean features ...
+            row = int((deep - target).flatten(1).abs().amax(1).argmin())
+            torch.testing.assert_close(target, deep[row], rtol=1e-4, atol=1e-4)
+            # ... and what the branch saw is that same image, corrupted: closest to it, yet not it.
+            assert int((shallow - shown["rgb"][0][i]).flatten(1).abs().mean(1).argmin()) == row
+            assert not torch.allclose(shown["rgb"][-1][i], target, rtol=1e-3, atol=1e-3)
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [
         ({"shift": -2}, "shift=-2"),
         ({"gain": -0.1}, "gain=-0.1"),
         ({"gain": 1.5}, "gain=1.5"),
+        ({"noise": -0.2}, "noise=-0.2"),
         ({"epochs": 0}, "epochs=0"),
         ({"lr_decay": 0.0}, "lr_decay=0.0"),
         ({"loss": "cosine"}, "unknown loss 'cosine'"),
