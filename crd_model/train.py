@@ -55,7 +55,7 @@ class TrainOptions:
     shift: int = 0  # > 0: each training image moved by up to this many pixels per epoch (teacher run per batch)
     gain: float = 0.0  # > 0: each RGB channel scaled by 1 +- up to this per image and epoch (teacher run per batch)
     # > 0: the students reconstruct each clean image's teacher features from a copy with a patch of fractal
-    # noise of this amplitude (input units; RD++ uses 0.2) in each modality (augment.pseudo_defects)
+    # noise peaking at this amplitude (input units; RD++ uses 0.2) in each modality (augment.pseudo_defects)
     noise: float = 0.0
 
     def __post_init__(self) -> None:
