@@ -201,6 +201,14 @@ def _check_digest(path: Path, meta: CheckpointMeta, meta_path: Path) -> None:
         )
 
 
+def load_weights(model: CRDModel, state: dict[str, torch.Tensor]) -> CRDModel:
+    """`model` holding `state`, every tensor of it (the teacher's included, so the teacher counts as
+    pretrained), in place."""
+    model.load_state_dict(state, strict=True)
+    model.teacher.pretrained = True
+    return model
+
+
 def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") -> tuple[CRDModel, CheckpointMeta]:
     meta = read_meta(ckpt_dir)
     meta_path = Path(ckpt_dir) / META
@@ -227,8 +235,7 @@ def load_checkpoint(ckpt_dir: str | Path, device: str | torch.device = "cpu") ->
     for name, tensor in state.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{weights}: tensor {name!r} holds NaN or infinite values")
-    model.load_state_dict(state, strict=True)
-    model.teacher.pretrained = True
+    load_weights(model, state)
     if meta.calibration is not None:
         cal = meta.calibration
         moments = cal.moments()

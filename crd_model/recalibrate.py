@@ -14,7 +14,7 @@ from pathlib import Path
 import structlog
 
 from crd_model.calibration import calibrate_frames
-from crd_model.checkpoint import WEIGHTS, read_meta, write_meta
+from crd_model.checkpoint import WEIGHTS, load_weights, read_meta, write_meta
 from crd_model.config import CheckpointMeta, Scoring
 from crd_model.data.mvtec3d import list_pairs
 from crd_model.dataset import load_samples
@@ -46,9 +46,8 @@ def recalibrate(
     assert meta is not None and meta.calibration is not None  # Inspector refuses uncalibrated checkpoints
     if scoring is not None and scoring != meta.config.scoring:
         meta = meta.model_copy(update={"config": meta.config.model_copy(update={"scoring": scoring})})
-        model = CRDModel(meta.config, teacher_weights=None)
-        model.load_state_dict(inspector.model.state_dict())  # the same weights, scored the new way
-        model.teacher.pretrained = True
+        # The same weights, scored the new way.
+        model = load_weights(CRDModel(meta.config, teacher_weights=None), inspector.model.state_dict())
         inspector = Inspector.from_model(model, inspector.device, model_id=meta.model_id)
     rate = meta.calibration.false_reject_rate if false_reject_rate is None else false_reject_rate
     samples = list_pairs(folder)
