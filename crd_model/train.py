@@ -123,6 +123,9 @@ def fit(
     symmetries = augment.variants(options.augment)
     normals = model.config.representation_3d == "normals"
 
+    # Pseudo-defects draw from their own stream too (the batches, shifts and gains stay as they were).
+    noise_draws = torch.Generator().manual_seed(options.seed + 2)
+
     def encode(
         idx: np.ndarray,
         symmetry: tuple[bool, bool, bool],
@@ -147,7 +150,13 @@ def fit(
         with torch.inference_mode():
             return model.encode(rgb, x3d)
 
-    def batch_features(idx, sym, offsets, gains, corrupt: bool = False) -> dict[str, list[torch.Tensor]]:
+    def batch_features(
+        idx: torch.Tensor,
+        sym: torch.Tensor | None,
+        offsets: torch.Tensor | None,
+        gains: torch.Tensor | None,
+        corrupt: bool = False,
+    ) -> dict[str, list[torch.Tensor]]:
         """Teacher features of a batch computed now, images grouped by the symmetry they drew."""
         ks = [0] if sym is None else sorted(set(sym.tolist()))
         parts = [
@@ -181,7 +190,6 @@ def fit(
     generator = torch.Generator().manual_seed(options.seed)
     # Shifts and gains draw from their own stream, so turning them on leaves the batches as they were.
     jitter = torch.Generator().manual_seed(options.seed + 1)
-    noise_draws = torch.Generator().manual_seed(options.seed + 2)
     # bf16 autocast on CUDA only: the students' convolutions run in bf16, the cosine loss in float32
     # (autocast's float32 list), and the parameters and Adam's state stay float32, so no loss scaling is
     # needed (bf16 has float32's exponent range). CPUs train in float32.
