@@ -16,6 +16,7 @@ from pathlib import Path
 import structlog
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 log = structlog.get_logger(__name__)
@@ -91,8 +92,16 @@ def map_state_dict_in_order(
 class Teacher(nn.Module):
     """A frozen multi-scale encoder. Input: RGB-like images in [0, 1]; ImageNet-normalised here."""
 
-    def __init__(self, backbone: str, feature_indices: tuple[int, ...], weights: str | Path | bool | None = True):
+    def __init__(
+        self,
+        backbone: str,
+        feature_indices: tuple[int, ...],
+        weights: str | Path | bool | None = True,
+        input_weight: float = 0.0,
+    ):
         """`weights`: True = the backbone's offline default, a path = that file, None/False = random.
+        `input_weight` > 0: the normalised input, averaged down to the shallowest scale, joins its features
+        as three more channels, scaled by it (`CRDConfig.teacher_input_weight`).
 
         Random teachers only make sense for shape tests; training refuses them.
         """
@@ -101,6 +110,9 @@ class Teacher(nn.Module):
         self.encoder = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=feature_indices)
         self.channels: list[int] = list(self.encoder.feature_info.channels())
         self.reductions: list[int] = list(self.encoder.feature_info.reduction())
+        self.input_weight = float(input_weight)
+        if self.input_weight > 0:
+            self.channels[0] += 3
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.pretrained = False
@@ -135,4 +147,9 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.encoder((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        feats = self.encoder(x)
+        if self.input_weight > 0:
+            r = self.reductions[0]
+            feats[0] = torch.cat([feats[0], self.input_weight * F.avg_pool2d(x, r, r)], dim=1)
+        return feats

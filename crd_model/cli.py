@@ -72,6 +72,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         choices=["whitened", "cosine"],
         help="each scale's map: the students' error whitened at calibration (default), or the paper's 1 - cos",
     )
+    p.add_argument(
+        "--teacher-input-weight",
+        type=_number(float, at_least=0),
+        default=0.0,
+        help="append the input, averaged to the shallowest scale and times this weight, to the teacher's features "
+        "there (0, the default: off; 20 sharpens the maps, docs/model.md)",
+    )
 
 
 def cmd_synth(a: argparse.Namespace) -> int:
@@ -103,6 +110,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         representation_3d=a.representation_3d,
         plane=a.plane,
         scoring=a.scoring,
+        teacher_input_weight=a.teacher_input_weight,
     )
     options = TrainOptions(
         epochs=a.epochs,

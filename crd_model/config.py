@@ -40,6 +40,10 @@ class CRDConfig(BaseModel):
     smoothing_3d: float = Field(1.5, ge=0)
     # The 3D input is computed at this multiple of image_size, then averaged over the object down to it.
     oversample_3d: int = Field(1, ge=1, le=4)
+    # The input itself (ImageNet-normalised, averaged over each cell of the shallowest scale) appended to the
+    # teacher's shallowest features with this weight, so the students must also reproduce the part's colour
+    # (RGB) or surface direction (3D) there; 0: off (docs/model.md, "The input as teacher channels").
+    teacher_input_weight: float = Field(0.0, ge=0)
     bottleneck_blocks: int = Field(3, ge=1, le=8)
     decoder_blocks: int = Field(1, ge=0, le=8)
     amplifier_expansion: int = Field(2, ge=1, le=8)

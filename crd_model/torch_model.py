@@ -100,7 +100,7 @@ class CRDModel(nn.Module):
         self.config = config
         # One frozen teacher serves both modalities: the paper's two teachers hold identical
         # ImageNet weights, and one module lets us encode RGB and 3D in a single batch.
-        self.teacher = Teacher(config.backbone, config.feature_indices, teacher_weights)
+        self.teacher = Teacher(config.backbone, config.feature_indices, teacher_weights, config.teacher_input_weight)
         widths, reductions = self.teacher.channels, self.teacher.reductions
         kw = dict(
             bottleneck_blocks=config.bottleneck_blocks,

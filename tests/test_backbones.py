@@ -146,6 +146,21 @@ def test_teacher_features_are_the_reference_stage_outputs(backbone, channels):
         assert torch.allclose(f, ref, atol=1e-4, rtol=1e-4)
 
 
+def test_the_input_joins_the_shallowest_features_when_asked():
+    plain = Teacher("efficientnet_lite0", (1, 2, 3), weights=True)
+    with_input = Teacher("efficientnet_lite0", (1, 2, 3), weights=True, input_weight=8.0)
+    assert with_input.channels == [plain.channels[0] + 3, *plain.channels[1:]]
+    img = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        a, b = plain(img), with_input(img)
+    assert torch.equal(b[0][:, :-3], a[0])
+    assert all(torch.equal(x, y) for x, y in zip(a[1:], b[1:], strict=True))
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    # each stride-4 cell holds its 4 x 4 pixels' mean, normalised as the teacher's input, times the weight
+    cells = ((img - mean) / std).view(2, 3, 16, 4, 16, 4).mean(dim=(3, 5))
+    assert torch.allclose(b[0][:, -3:], 8.0 * cells, atol=1e-5)
+
+
 def test_teacher_stays_frozen_in_train_mode():
     teacher = Teacher("efficientnet_lite0", (1, 2, 3), weights=True)
     teacher.train()

@@ -19,7 +19,7 @@ from crd_model.calibration import (
     split_for_calibration,
     threshold_rank,
 )
-from crd_model.checkpoint import META, WEIGHTS, read_meta
+from crd_model.checkpoint import META, WEIGHTS, load_checkpoint, read_meta
 from crd_model.cli import main
 from crd_model.data.mvtec3d import list_pairs, list_samples, read_rgb, read_xyz
 from crd_model.dataset import load_split
@@ -325,11 +325,14 @@ def test_eval_reports_the_threshold_a_target_detection_rate_needs(tiny_data: Pat
 def test_crd_train_says_how_long_a_category_took_and_warns(tiny_data: Path, tmp_path: Path, capsys):
     out = tmp_path / "ckpt"
     args = ["train", "--data", str(tiny_data), "--category", TINY_CATEGORY, "--out", str(out), "--image-size", "64",
-            "--epochs", "2", "--batch-size", "8", "--seed", "1", "--scoring", "cosine"]  # fmt: skip
+            "--epochs", "2", "--batch-size", "8", "--seed", "1", "--scoring", "cosine",
+            "--teacher-input-weight", "4"]  # fmt: skip
     assert main(args) == 0
     printed = capsys.readouterr().out
     meta = read_meta(out)
     assert meta.config.scoring == "cosine" and meta.calibration.error_moments is None  # the paper's maps, on request
+    assert meta.config.teacher_input_weight == 4.0
+    assert load_checkpoint(out)[0].teacher.channels[0] == 24 + 3  # efficientnet_lite0's stride-4 stage, and RGB
     training = meta.training
     assert training.device == "cpu" and training.bf16 is False and training.epochs == 2
     assert training.seconds_per_epoch > 0 and 0 < training.fit_seconds <= training.seconds

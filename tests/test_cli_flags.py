@@ -42,6 +42,10 @@ def _fails(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["work", "--stand-in-latency-ms", "1", "--consumer", "gpu 0"], "--consumer"),
         (["work", "--stand-in-latency-ms", "1", "--metrics-port", "70000"], "--metrics-port"),
         (["results", "--line", "a{b}"], "--line"),
+        (
+            ["train", "--data", ".", "--category", "x", "--out", "o", "--teacher-input-weight", "-1"],
+            "--teacher-input-weight",
+        ),
     ],
 )
 def test_bad_setting_flags_are_refused_before_anything_starts(

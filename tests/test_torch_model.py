@@ -11,9 +11,11 @@ from crd_model.loss import distillation_loss
 from crd_model.torch_model import CRDModel, create_model
 
 
-@pytest.mark.parametrize("architecture", ["crd", "rgb", "3d", "fused"])
-def test_every_architecture_reconstructs_the_teacher_scales(architecture):
-    model = create_model(architecture=architecture, image_size=128).train()
+@pytest.mark.parametrize(
+    ("architecture", "input_weight"), [("crd", 0.0), ("rgb", 0.0), ("3d", 0.0), ("fused", 0.0), ("crd", 8.0)]
+)
+def test_every_architecture_reconstructs_the_teacher_scales(architecture, input_weight):
+    model = create_model(architecture=architecture, image_size=128, teacher_input_weight=input_weight).train()
     rgb, x3d = torch.rand(2, 3, 128, 128), torch.rand(2, 3, 128, 128)
     feats = model.encode(rgb if model.config.uses_rgb else None, x3d if model.config.uses_3d else None)
     outputs = model.run_branches(feats)
