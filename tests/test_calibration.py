@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from crd_model.calibration import (
     false_reject_bound,
     images_needed,
+    isolated_order_statistic,
     split_for_calibration,
     threshold_rank,
 )
@@ -54,6 +56,28 @@ def test_the_stated_false_reject_rate_is_what_new_good_parts_get():
     assert bound.expected <= rate
     inside = (true_rates >= bound.interval[0]) & (true_rates <= bound.interval[1])
     assert inside.mean() == pytest.approx(0.90, abs=0.01)
+
+
+def test_an_isolated_top_score_is_told_from_a_heavy_tail():
+    """Honest good parts rarely trip the isolation test, whatever their score distribution; one part that scores
+    far above the rest (a defective part filed as good) does."""
+    rng = np.random.default_rng(1)
+    m, k = 75, threshold_rank(75, 0.01)
+    draws = {
+        "normal": (rng.normal(size=(5_000, m)), 0.001),
+        "gumbel": (rng.gumbel(size=(5_000, m)), 0.006),
+        "lognormal": (rng.lognormal(0.0, 0.5, size=(5_000, m)), 0.015),
+        "t5": (rng.standard_t(5, size=(5_000, m)), 0.02),
+    }
+    for name, (sets, most) in draws.items():
+        tripped = np.mean([isolated_order_statistic(np.sort(s), k) for s in sets])
+        assert tripped <= most, name
+    good = np.sort(rng.normal(5.0, 1.0, size=m))
+    misfiled = np.sort(np.append(good[1:], 14.0))  # a defect scoring 9 sigma above the median
+    assert isolated_order_statistic(misfiled, k) and not isolated_order_statistic(good, k)
+    # the order statistic the threshold sits on is what counts, not the maximum: at rate 0.05 it is not the top
+    assert not isolated_order_statistic(misfiled, threshold_rank(m, 0.05))
+    assert not isolated_order_statistic(misfiled[-9:], 9)  # too few scores to judge
 
 
 def test_how_many_images_a_rate_needs():
@@ -192,6 +216,7 @@ def test_crd_calibrate_recalibrates_from_a_folder_without_touching_the_weights(
     assert main([*args, "--false-reject-rate", "0"]) == 0
     printed = capsys.readouterr().out
     assert "threshold" in printed and "warning: a false-reject rate of 0 cannot be guaranteed" in printed
+    assert "rests on one image" not in printed  # good parts only
 
     after = read_meta(out)
     cal = after.calibration
@@ -232,6 +257,29 @@ def test_crd_calibrate_recalibrates_from_a_folder_without_touching_the_weights(
     assert rewritten.model_id == before.model_id and (inplace / WEIGHTS).read_bytes() == weights_before
     assert rewritten.calibration.false_reject_rate == before.calibration.false_reject_rate  # kept by default
     assert rewritten.calibration.source.kind == "folder"
+
+
+def test_crd_calibrate_warns_when_one_part_sets_the_threshold(
+    tiny_checkpoint: Path, good_folder: Path, tmp_path: Path, capsys
+):
+    folder = tmp_path / "with-a-misfiled-part"
+    shutil.copytree(good_folder, folder)
+    # A part filed as good by mistake: a good part with a black square over a quarter of it.
+    source = sorted((folder / "rgb").glob("*.png"))[0]
+    rgb = read_rgb(source)
+    rgb[: rgb.shape[0] // 2, : rgb.shape[1] // 2] = 0
+    Image.fromarray(rgb).save(folder / "rgb" / "zz_misfiled.png")
+    shutil.copy(folder / "xyz" / f"{source.stem}.tiff", folder / "xyz" / "zz_misfiled.tiff")
+    assert 16 in split_for_calibration(17)[1], "the misfiled part (sorted last) must be a threshold image"
+    out = tmp_path / "out"
+    args = ["calibrate", "--checkpoint", str(tiny_checkpoint), "--folder", str(folder), "--out", str(out)]
+    assert main([*args, "--false-reject-rate", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert "warning: the threshold rests on one image far above the others: rgb/zz_misfiled.png scores" in printed
+    cal = read_meta(out).calibration
+    assert any("rgb/zz_misfiled.png" in w for w in cal.warnings)  # also in the record
+    scores = dict(zip(cal.source.threshold_images, cal.source.threshold_scores, strict=True))
+    assert max(scores, key=scores.get) == "rgb/zz_misfiled.png"
 
 
 def test_crd_calibrate_switches_the_scoring_without_touching_the_weights(
