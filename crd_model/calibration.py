@@ -274,13 +274,15 @@ def calibrate_frames(
     scores = score_frames(inspector, thr_frames, batch_size)
     # The same images one at a time (the top scores, where a flip would matter): how far a score moves
     # when only the batch around it changes.
-    top = np.argsort(scores)[::-1][:REPEAT_CHECK_IMAGES]
+    order = np.argsort(scores, kind="stable")  # threshold images by score, lowest first
+    top = order[::-1][:REPEAT_CHECK_IMAGES]
     alone = np.array([score_frames(inspector, [thr_frames[int(i)]], 1)[0] for i in top], dtype=np.float32)
     repeat_error = float(np.max(np.abs(alone.astype(np.float64) - scores[top].astype(np.float64)), initial=0.0))
 
     m = len(scores)
     rank = threshold_rank(m, false_reject_rate)
-    ordered = np.sort(scores)
+    ordered = scores[order]
+    median = float(np.median(scores))
     q = float(ordered[rank - 1])
     guard = repeat_guard(q, repeat_error)
     threshold = threshold_above(q, guard)
@@ -303,11 +305,11 @@ def calibrate_frames(
         return names[i] if names is not None else str(i)
 
     if isolated_order_statistic(ordered, rank):
-        setter = name(t_idx[int(np.argsort(scores, kind="stable")[rank - 1])])
+        setter = name(t_idx[int(order[rank - 1])])
         below = float(ordered[rank - 2])
         warnings.append(
             f"the threshold rests on one image far above the others: {setter} scores {q:.4g}, the next score below "
-            f"it is {below:.4g} (median {float(np.median(scores)):.4g}); if it is not a good part, remove it and "
+            f"it is {below:.4g} (median {median:.4g}); if it is not a good part, remove it and "
             f"calibrate again, or defects scoring between {below:.4g} and {q:.4g} pass"
         )
     for w in warnings:
@@ -332,7 +334,7 @@ def calibrate_frames(
         false_reject_rate=false_reject_rate,
         n_validation=len(set(s_idx) | set(t_idx)),
         validation_score_max=float(scores.max()),
-        validation_score_median=float(np.median(scores)),
+        validation_score_median=median,
         method="same-images" if shared else "held-out",
         n_statistics=len(s_idx),
         n_threshold=m,
