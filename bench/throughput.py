@@ -11,7 +11,8 @@ enlarged to 800x800, the MVTec 3D-AD size), all at the same batch size:
    frames/s, the worker's CPU per frame, the per-stage CPU and wall ms per frame (from its
    /metrics), its peak RSS, Redis server CPU per frame, bytes per frame and per result;
 3. latency capture -> result (p50/p99) with a paced producer at 50 % and 90 % of the measured rate;
-4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers;
+4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers, and (`--processes-per-device N`)
+   the pipeline again with N worker processes sharing the device under a supervisor;
 5. optionally (`--profile-worker DIR`) py-spy stacks of the worker process during the pipeline run
    (`bench/stack_summary.py` sums them up).
 Uses REDIS_URL, else an embedded Valkey. Writes BENCHMARKS.md (section "throughput") and
@@ -439,6 +440,8 @@ def main() -> int:
     ap.add_argument("--decode-threads", type=int, default=2)
     ap.add_argument("--decode-processes", type=int, default=None, help="the worker's (default: its own default)")
     ap.add_argument("--also-threads", action="store_true", help="also run the pipeline with threads decoding")
+    ap.add_argument("--processes-per-device", type=int, nargs="*", default=[], metavar="N",
+                    help="also the pipeline with N worker processes on the device")  # fmt: skip
     ap.add_argument("--buckets", default=None, help="batch shapes, e.g. 64 (default: powers of two up to --batch)")
     ap.add_argument("--max-wait-ms", type=int, default=20)
     ap.add_argument("--latency-loads", type=float, nargs="+", default=[0.5, 0.9], help="shares of the capacity")
@@ -506,6 +509,12 @@ def main() -> int:
             if a.also_threads:
                 row["pipeline_threads"] = drain_run(url, [*common, "--decode-processes", "0"], rgbs, xyzs, a.frames)
                 print(side, "pipeline, threads decoding:", row["pipeline_threads"], flush=True)
+            for n in a.processes_per_device:
+                # A supervisor and n workers: CPU counts them all; stages and the main process's CPU are not
+                # the supervisor's to report.
+                run = drain_run(url, [*common, "--processes-per-device", str(n)], rgbs, xyzs, a.frames)
+                row.setdefault("pipeline_per_device", {})[str(n)] = run
+                print(side, f"pipeline, {n} worker processes on the device:", run, flush=True)
             row["latency"] = [
                 latency_run(url, common, rgbs, xyzs, a.frames, share * row["pipeline"]["fps"])
                 for share in a.latency_loads
@@ -563,6 +572,13 @@ def render(out: dict) -> str:
             pp, pt = row["pipeline"]["fps"], row["pipeline_threads"]["fps"]
             lines.append(f"{side}x{side}: the pipeline with threads decoding (`--decode-processes 0`) "
                          f"{pt:.1f} frames/s; processes / threads {pp / pt:.2f}.")  # fmt: skip
+    for side, row in out["sizes"].items():
+        one = row["pipeline"]["fps"]
+        for n, run in row.get("pipeline_per_device", {}).items():
+            lines.append(f"{side}x{side}: {n} worker processes on the device (`--processes-per-device {n}`) "
+                         f"{run['fps']:.1f} frames/s, {run['fps'] / one:.2f}x one process, "
+                         f"{run['fps'] / row['in_process']['model_alone_fps']:.2f} of the model alone; "
+                         f"{run['worker_cpu_ms_per_frame']:.2f} ms of CPU per frame in all.")  # fmt: skip
     lines += ["", "Per frame, per stage, in the worker (ms; CPU = the stage's own thread time, in whichever process "
               "ran it):", ""]  # fmt: skip
     sides = list(out["sizes"])

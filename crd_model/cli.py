@@ -214,6 +214,7 @@ _WORK_FLAGS = {
     "consumer": ("worker", "consumer"),
     "decode_threads": ("worker", "decode_threads"),
     "decode_processes": ("worker", "decode_processes"),
+    "processes_per_device": ("worker", "processes_per_device"),
 }
 _PLC_FLAGS = {
     "protocol": ("plc", "protocol"),
@@ -324,10 +325,12 @@ def cmd_work(a: argparse.Namespace) -> int:
         extra[("worker", "devices")] = ("--devices", [x for x in a.devices.split(",") if x])
     s = _settings(a, _WORK_FLAGS, extra)
     s = _named(s, f"crd-work:{s.worker.consumer}")
-    if s.worker.devices:
+    if s.worker.devices or s.worker.processes_per_device > 1:
+        from crd_model.inspector import default_device
         from workers.supervisor import resolve_devices, supervise
 
-        devices = resolve_devices(s.worker.devices)
+        own = [s.worker.device or str(default_device())]
+        devices = resolve_devices(s.worker.devices or own, s.worker.processes_per_device)
         if len(devices) > 1:
             return supervise(s, devices, a.argv[1:])
         s = s.model_copy(update={"worker": s.worker.model_copy(update={"device": devices[0]})})
@@ -570,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--devices", default=None,
         help="one worker process per device: 'all' (every GPU) or e.g. cuda:0,cuda:1 (a supervisor starts them)",
+    )  # fmt: skip
+    p.add_argument(
+        "--processes-per-device", type=int, default=None,
+        help="worker processes per device (each its own consumer and device loop) under a supervisor; default 1",
     )  # fmt: skip
     p.add_argument(
         "--shadow-model", action="append", default=[], metavar="CATEGORY=CHECKPOINT_DIR",

@@ -10,22 +10,27 @@ import time
 import urllib.request
 
 import numpy as np
+import pytest
 
 from crd_model.stream import unpack_result
 from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group
 from producers.producer import Producer
 from producers.sources import SourceFrame
 from tests.plc_sims import free_port
-from workers.supervisor import _without
+from workers.supervisor import _without, resolve_devices
 
 
-def test_one_worker_per_device_under_a_supervisor(settings, r):
+@pytest.mark.parametrize(
+    "placement", [["--devices", "cpu,cpu"], ["--device", "cpu", "--processes-per-device", "2"]],
+    ids=["one-per-device", "two-on-one-device"],
+)  # fmt: skip
+def test_workers_under_a_supervisor_share_the_line(settings, r, placement):
     ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)
     port = free_port()
     env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1")
     env.pop("CRD_REDIS__URL", None)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "crd_model.cli", "work", "--devices", "cpu,cpu", "--consumer", "node7",
+        [sys.executable, "-m", "crd_model.cli", "work", *placement, "--consumer", "node7",
          "--stand-in-latency-ms", "20", "--max-wait-ms", "5", "--metrics-port", str(port), "--plain-logs"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
@@ -60,6 +65,11 @@ def test_one_worker_per_device_under_a_supervisor(settings, r):
 def test_children_get_the_command_line_without_the_supervisors_own_flags():
     argv = ["--devices", "all", "--model", "disc=/m", "--consumer=n", "--metrics-port", "9102", "--max-batch", "8"]
     assert _without(argv, ("--devices", "--consumer", "--metrics-port")) == ["--model", "disc=/m", "--max-batch", "8"]
+
+
+def test_several_processes_per_device_name_each_device_that_often():
+    assert resolve_devices(["cuda:0", "cuda:1"], 3) == ["cuda:0"] * 3 + ["cuda:1"] * 3
+    assert resolve_devices(["cpu"]) == ["cpu"]
 
 
 def test_gpu_workers_under_a_supervisor_share_the_hosts_cores_for_decoding(settings):

@@ -1,4 +1,5 @@
-"""One worker per device on a node with several GPUs: `crd work --devices all` (or `cuda:0,cuda:1`).
+"""One worker per device on a node with several GPUs: `crd work --devices all` (or `cuda:0,cuda:1`),
+and several per device with `--processes-per-device N`.
 
 The supervisor starts one `crd work` process per device, each pinned to its device, with its own
 consumer name (`<consumer>-<index>`) and, when a metrics port is set, its own port (`port + 1 +
@@ -31,14 +32,15 @@ from workers.hostpool import default_processes
 log = structlog.get_logger("crd.supervisor")
 
 
-def resolve_devices(devices: Sequence[str]) -> list[str]:
-    """`all` -> every visible CUDA device (or the CPU if there is none); else the list as given."""
+def resolve_devices(devices: Sequence[str], per_device: int = 1) -> list[str]:
+    """`all` -> every visible CUDA device (or the CPU if there is none); else the list as given. Each
+    device is named `per_device` times: one worker process per entry."""
     if list(devices) == ["all"]:
         import torch
 
         n = torch.cuda.device_count()
-        return [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
-    return list(devices)
+        devices = [f"cuda:{i}" for i in range(n)] if n else ["cpu"]
+    return [d for d in devices for _ in range(per_device)]
 
 
 class Child:
@@ -50,7 +52,8 @@ class Child:
 
     def start(self) -> None:
         # CRD_WORKER__DEVICES cleared: a child is one device's worker, never a supervisor again.
-        self.proc = subprocess.Popen(self.argv, env=dict(os.environ, CRD_WORKER__DEVICES="[]"))
+        env = dict(os.environ, CRD_WORKER__DEVICES="[]", CRD_WORKER__PROCESSES_PER_DEVICE="1")
+        self.proc = subprocess.Popen(self.argv, env=env)
         self.started_at = time.monotonic()
 
     def ready(self) -> bool:
@@ -131,7 +134,8 @@ class Supervisor(Daemon):
 
 def supervise(settings: Settings, devices: Sequence[str], argv: Sequence[str]) -> int:
     """Run one worker per device; `argv` is this command line without --devices (children inherit it)."""
-    child_args = _without(list(argv), ("--devices", "--device", "--consumer", "--metrics-port"))
+    own_flags = ("--devices", "--device", "--consumer", "--metrics-port", "--processes-per-device")
+    child_args = _without(list(argv), own_flags)
     sup = Supervisor(settings, devices, child_args)
     sup.install_signal_handlers()
     threading.current_thread().name = "supervisor"

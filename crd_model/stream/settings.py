@@ -228,6 +228,9 @@ class WorkerSettings(BaseModel):
     device: str | None = None
     # Several devices (or ["all"]): one worker process per device under a supervisor (workers/supervisor.py).
     devices: list[str] = []
+    # Worker processes per device (each its own consumer, device loop and GIL) under that supervisor: one
+    # process's host-side work per batch caps what it can feed a fast GPU (BENCHMARKS.md, "Throughput on a GPU").
+    processes_per_device: int = Field(1, ge=1, le=16)
     bf16: bool | None = Field(None, description="bf16 autocast; None = on CUDA")
     compile: bool | None = Field(None, description="torch.compile with static batch shapes; None = on CUDA")
     time_stages: bool = Field(False, description="synchronise the device between stages to time each (benchmarks)")
