@@ -5,7 +5,9 @@
 #                throughput steps serve)
 #   profile      the device preprocessing alone, flood filling by runs and by pixels
 #   throughput   bench/throughput.py at 200x200 (decode processes; THREADS_TOO=1 adds threads;
-#                PER_DEVICE="2 3" adds the pipeline with that many worker processes on the GPU)
+#                PER_DEVICE="2 3" adds the pipeline with that many worker processes on the GPU;
+#                T_THROUGHPUT its time box in seconds, default 380: on 2026-11-28 one process, two
+#                processes and the in-process steps took more than 330)
 #   overhead     bench/worker_overhead.py, CRD_WORKER__FREEZE_STARTUP_OBJECTS on/off (stand-in model)
 #   sizing       bench/sizing.py, the model alone
 #   throughput800  bench/throughput.py at 800x800

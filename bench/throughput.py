@@ -10,7 +10,8 @@ enlarged to 800x800, the MVTec 3D-AD size), all at the same batch size:
    (`--null-model`: read, decode, preprocess, post-process, encode, publish) and with the model:
    frames/s, the worker's CPU per frame, the per-stage CPU and wall ms per frame (from its
    /metrics), its peak RSS, Redis server CPU per frame, bytes per frame and per result;
-3. latency capture -> result (p50/p99) with a paced producer at 50 % and 90 % of the measured rate;
+3. latency capture -> result (p50/p99) with a paced producer at 50 % and 90 % of the measured rate
+   (before the optional runs below, so a time-boxed run on a lent GPU keeps it);
 4. optionally (`--scaling`) queueing with 1, 2, 4, 8 stand-in workers, and (`--processes-per-device N`)
    the pipeline again with N worker processes sharing the device under a supervisor;
 5. optionally (`--profile-worker DIR`) py-spy stacks of the worker process during the pipeline run
@@ -430,6 +431,17 @@ def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worke
 # -- main ------------------------------------------------------------------------------------------------------
 
 
+STARTED = time.monotonic()
+
+
+def report(side: int, what: str, value: object, out: dict, path: str) -> None:
+    """One step's figures as they come, with the seconds since start, and everything so far to `path`:
+    a time-boxed run (a lent GPU) keeps what it measured."""
+    print(f"{side} {what}: {value}  [{time.monotonic() - STARTED:.0f} s]", flush=True)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=96)
@@ -495,32 +507,32 @@ def main() -> int:
             chosen = repeated(pairs, a.frames)
             rgbs, xyzs = [p[0] for p in chosen], [p[1] for p in chosen]
             row: dict = {"in_process": in_process(inspector, rgbs, xyzs, a.batch)}
+            out["sizes"][str(side)] = row
             if inspector._bf16 or inspector._compiled:
                 reference = Inspector(ckpt, inspector.device, bf16=False, compile=False, buckets=())
                 n = min(len(rgbs), 256)  # distinct frames repeat; a few batches say it
                 row["in_process"]["fast_vs_fp32"] = agreement(inspector, reference, rgbs[:n], xyzs[:n], a.batch)
                 del reference
-            print(side, "in process:", row["in_process"], flush=True)
+            report(side, "in process", row["in_process"], out, a.json)
             row["data_path"] = drain_run(url, [*common, "--null-model"], rgbs, xyzs, a.frames)
-            print(side, "data path:", row["data_path"], flush=True)
+            report(side, "data path", row["data_path"], out, a.json)
             profile = Path(a.profile_worker) / f"pyspy-pipeline-{side}.txt" if a.profile_worker else None
             row["pipeline"] = drain_run(url, common, rgbs, xyzs, a.frames, profile)
-            print(side, "pipeline:", row["pipeline"], flush=True)
+            report(side, "pipeline", row["pipeline"], out, a.json)
+            row["latency"] = [
+                latency_run(url, common, rgbs, xyzs, a.frames, share * row["pipeline"]["fps"])
+                for share in a.latency_loads
+            ]
+            report(side, "latency", row["latency"], out, a.json)
             if a.also_threads:
                 row["pipeline_threads"] = drain_run(url, [*common, "--decode-processes", "0"], rgbs, xyzs, a.frames)
-                print(side, "pipeline, threads decoding:", row["pipeline_threads"], flush=True)
+                report(side, "pipeline, threads decoding", row["pipeline_threads"], out, a.json)
             for n in a.processes_per_device:
                 # A supervisor and n workers: CPU counts them all; stages and the main process's CPU are not
                 # the supervisor's to report.
                 run = drain_run(url, [*common, "--processes-per-device", str(n)], rgbs, xyzs, a.frames)
                 row.setdefault("pipeline_per_device", {})[str(n)] = run
-                print(side, f"pipeline, {n} worker processes on the device:", run, flush=True)
-            row["latency"] = [
-                latency_run(url, common, rgbs, xyzs, a.frames, share * row["pipeline"]["fps"])
-                for share in a.latency_loads
-            ]
-            print(side, "latency:", row["latency"], flush=True)
-            out["sizes"][str(side)] = row
+                report(side, f"pipeline, {n} worker processes on the device", run, out, a.json)
         if a.scaling:
             out["scaling"] = [scaling_run(url, w, 100.0, a.batch, 24 * a.batch) for w in (1, 2, 4, 8)]
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

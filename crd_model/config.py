@@ -44,9 +44,6 @@ class CRDConfig(BaseModel):
     # teacher's shallowest features with this weight, so the students must also reproduce the part's colour
     # (RGB) or surface direction (3D) there; 0: off (docs/model.md, "The input as teacher channels").
     teacher_input_weight: float = Field(0.0, ge=0)
-    # Each RGB image scaled so its mean luminance is this (0..1) before the teacher: a change of exposure
-    # between parts (a lamp ageing, a camera's auto-exposure) then no longer shifts every feature. None: off.
-    rgb_exposure: float | None = Field(None, gt=0, le=1)
     bottleneck_blocks: int = Field(3, ge=1, le=8)
     decoder_blocks: int = Field(1, ge=0, le=8)
     amplifier_expansion: int = Field(2, ge=1, le=8)

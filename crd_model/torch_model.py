@@ -131,8 +131,6 @@ class CRDModel(nn.Module):
 
     def encode(self, rgb: torch.Tensor | None, x3d: torch.Tensor | None) -> dict[str, Features]:
         """Teacher features per modality; both modalities go through the teacher as one batch."""
-        if rgb is not None and self.config.rgb_exposure is not None:
-            rgb = normalise_exposure(rgb, self.config.rgb_exposure)
         inputs = {k: v for k, v in (("rgb", rgb), ("3d", x3d)) if v is not None}
         batch = torch.cat(list(inputs.values()), dim=0)
         feats = self.teacher(batch)
@@ -201,16 +199,6 @@ class CRDModel(nn.Module):
         if self.training:
             return self.run_branches(self.encode(rgb, x3d))
         return self.anomaly_map_generator(self.branch_maps(rgb, x3d))
-
-
-LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601
-
-
-def normalise_exposure(rgb: torch.Tensor, level: float) -> torch.Tensor:
-    """(N, 3, H, W) RGB in 0..1, each image scaled so its mean luminance is `level` (hue untouched)."""
-    luma = torch.tensor(LUMA, device=rgb.device, dtype=rgb.dtype).view(1, 3, 1, 1)
-    mean = (rgb * luma).sum(dim=1).mean(dim=(1, 2)).view(-1, 1, 1, 1)
-    return rgb * (level / mean.clamp_min(1e-3))
 
 
 def create_model(config: CRDConfig | None = None, teacher_weights: str | bool | None = True, **overrides) -> CRDModel:
