@@ -21,13 +21,19 @@ from workers.supervisor import _without, resolve_devices
 
 
 @pytest.mark.parametrize(
-    "placement", [["--devices", "cpu,cpu"], ["--device", "cpu", "--processes-per-device", "2"]],
-    ids=["one-per-device", "two-on-one-device"],
-)  # fmt: skip
-def test_workers_under_a_supervisor_share_the_line(settings, r, placement):
+    "placement, placement_env",
+    [
+        (["--devices", "cpu,cpu"], {}),
+        (["--device", "cpu", "--processes-per-device", "2"], {}),
+        # from the environment, which the children inherit: each must still be one worker, not a supervisor
+        ([], {"CRD_WORKER__DEVICE": "cpu", "CRD_WORKER__PROCESSES_PER_DEVICE": "2"}),
+    ],
+    ids=["one-per-device", "two-on-one-device", "two-on-one-device-from-env"],
+)
+def test_workers_under_a_supervisor_share_the_line(settings, r, placement, placement_env):
     ensure_group(r, settings.streams.key(settings.line, "frames"), settings.streams.group)
     port = free_port()
-    env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, REDIS_URL=settings.redis.url, CRD_LINE=settings.line, PYTHONUNBUFFERED="1", **placement_env)
     env.pop("CRD_REDIS__URL", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "crd_model.cli", "work", *placement, "--consumer", "node7",

@@ -1,7 +1,7 @@
 """One worker per device on a node with several GPUs: `crd work --devices all` (or `cuda:0,cuda:1`),
 and several per device with `--processes-per-device N`.
 
-The supervisor starts one `crd work` process per device, each pinned to its device, with its own
+The supervisor starts one `crd work` process per device (or N each), each pinned to its device, with its own
 consumer name (`<consumer>-<index>`) and, when a metrics port is set, its own port (`port + 1 +
 index`). Separate processes keep each GPU's worker independent (its own CUDA context, allocator,
 compiled graphs and GIL), which is how a CUDA application scales over devices; one process feeding
