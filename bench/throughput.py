@@ -393,10 +393,16 @@ def latency_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int
     thread.join()
     worker.stop()
     close_line(s, r)
-    lat = [(x.timings.finished_at - x.timings.captured_at) * 1000 for x in results]
+    t = [x.timings for x in results]
+    lat = np.array([(x.finished_at - x.captured_at) * 1000 for x in t])
+    # Where a frame waited: in the stream before the worker read it, or in the worker (batching, stages).
+    queued = np.array([(x.started_at - x.captured_at) * 1000 for x in t])
+    inside = np.array([(x.finished_at - x.started_at) * 1000 for x in t])
     # One producer thread may not keep up with a fast GPU: the rate it reached is what was offered.
-    return {"fps_asked": fps, "fps_offered": n / sent[0], "frames": len(results),
-            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99))}  # fmt: skip
+    out = {"fps_asked": fps, "fps_offered": n / sent[0], "frames": len(results)}
+    for name, ms in (("", lat), ("before_read_", queued), ("in_worker_", inside)):
+        out[f"{name}p50_ms"], out[f"{name}p99_ms"] = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
+    return out
 
 
 def scaling_run(url: str, workers: int, latency_ms: float, batch: int, per_worker_frames: int) -> dict:
@@ -549,6 +555,13 @@ def _main(run: dict) -> str:
     return "" if main is None else f" ({main:.2f})"
 
 
+def _split(x: dict) -> str:
+    """p99 before the worker read the frame / inside the worker (runs before 2026-11-28 lack it)."""
+    if "in_worker_p99_ms" not in x:
+        return ""
+    return f"; p99 {x['before_read_p99_ms']:.0f} ms in the stream, {x['in_worker_p99_ms']:.0f} in the worker"
+
+
 def _processes(n: int | None) -> str:
     return "the worker's default (processes on a GPU, none on a CPU)" if n is None else str(n)
 
@@ -615,7 +628,7 @@ def render(out: dict) -> str:
         dp, pp = row["data_path"], row["pipeline"]
         latency = "; ".join(
             f"at {100 * x['fps_asked'] / pp['fps']:.0f} %: {x['p50_ms']:.0f} / {x['p99_ms']:.0f} ms "
-            f"({x['fps_offered']:.1f}/s)"
+            f"({x['fps_offered']:.1f}/s{_split(x)})"
             for x in row["latency"]
         )
         lines.append(
