@@ -261,6 +261,17 @@ class WorkerProcess:
             if frames.get(st)
         }
 
+    def batches(self) -> dict[str, float]:
+        """Batches run so far: how many, their mean size in frames and mean device seconds."""
+        sums: dict[str, float] = {}
+        for sample in self._metric_samples():
+            if sample.name.startswith(("crd_worker_batch_size_", "crd_worker_inference_seconds_")):
+                sums[sample.name] = sums.get(sample.name, 0.0) + sample.value
+        n = sums.get("crd_worker_batch_size_count", 0.0)
+        return {"batches": n, "mean_frames": sums.get("crd_worker_batch_size_sum", 0.0) / max(n, 1.0),
+                "mean_device_s": sums.get("crd_worker_inference_seconds_sum", 0.0)
+                / max(sums.get("crd_worker_inference_seconds_count", 0.0), 1.0)}  # fmt: skip
+
     def gc_pauses(self) -> dict[str, float]:
         """The worker process's garbage collections so far: full ones (generation 2) and their seconds,
         and collections of any generation longer than 25 ms (crd_worker_gc_pause_seconds)."""
@@ -391,6 +402,7 @@ def latency_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int
     thread.start()
     results = [x for _, x in tail_results(r, s.streams.key(s.line, "results"), start="0", count=n, timeout_s=600)]
     thread.join()
+    batches, stages = worker.batches(), worker.stages()
     worker.stop()
     close_line(s, r)
     t = [x.timings for x in results]
@@ -399,7 +411,8 @@ def latency_run(url: str, worker_args: list[str], rgbs: list, xyzs: list, n: int
     queued = np.array([(x.started_at - x.captured_at) * 1000 for x in t])
     inside = np.array([(x.finished_at - x.started_at) * 1000 for x in t])
     # One producer thread may not keep up with a fast GPU: the rate it reached is what was offered.
-    out = {"fps_asked": fps, "fps_offered": n / sent[0], "frames": len(results)}
+    out = {"fps_asked": fps, "fps_offered": n / sent[0], "frames": len(results), "batches": batches,
+           "stages_ms_per_frame": stages}  # fmt: skip
     for name, ms in (("", lat), ("before_read_", queued), ("in_worker_", inside)):
         out[f"{name}p50_ms"], out[f"{name}p99_ms"] = float(np.percentile(ms, 50)), float(np.percentile(ms, 99))
     return out
@@ -559,7 +572,11 @@ def _split(x: dict) -> str:
     """p99 before the worker read the frame / inside the worker (runs before 2026-11-28 lack it)."""
     if "in_worker_p99_ms" not in x:
         return ""
-    return f"; p99 {x['before_read_p99_ms']:.0f} ms in the stream, {x['in_worker_p99_ms']:.0f} in the worker"
+    text = f"; p99 {x['before_read_p99_ms']:.0f} ms in the stream, {x['in_worker_p99_ms']:.0f} in the worker"
+    b = x.get("batches", {})
+    if b.get("batches"):
+        text += f"; batches of {b['mean_frames']:.1f} frames, {1000 * b['mean_device_s']:.0f} ms each"
+    return text
 
 
 def _processes(n: int | None) -> str:
