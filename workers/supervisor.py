@@ -84,7 +84,7 @@ class Supervisor(Daemon):
             if port is not None:
                 argv += ["--metrics-port", str(port)]
             self.children.append(Child(i, device, argv, port))
-        self.up = Gauge("crd_supervisor_children_ready", "Worker processes ready, one per device",
+        self.up = Gauge("crd_supervisor_children_ready", "Worker processes ready (one per device, or N each)",
                         registry=self.registry)  # fmt: skip
         self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
                               registry=self.registry)  # fmt: skip
