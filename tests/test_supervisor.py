@@ -11,6 +11,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from crd_model.stream import unpack_result
 from crd_model.stream.redis_streams import F_PAYLOAD, ensure_group
@@ -62,10 +63,26 @@ def test_workers_under_a_supervisor_share_the_line(settings, r, placement, place
         results = [unpack_result(f[F_PAYLOAD]) for _, f in r.xrange(key)]
         assert sorted(x.frame_id for x in results) == sorted(sent)
         assert {x.worker for x in results} == {"node7-0", "node7-1"}  # both devices did work
+        # The supervisor's one metrics port carries each worker's own metrics, labelled with its name.
+        per_worker = {w: sum(1 for x in results if x.worker == w) for w in ("node7-0", "node7-1")}
+        while (seen := _frames_by_worker(port)) != per_worker and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert seen == per_worker
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, out[-3000:]
+
+
+def _frames_by_worker(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    seen: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for x in fam.samples:
+            if x.name == "crd_worker_frames_total":
+                seen[x.labels["worker"]] = seen.get(x.labels["worker"], 0.0) + x.value
+    return seen
 
 
 def test_children_get_the_command_line_without_the_supervisors_own_flags():

@@ -19,10 +19,12 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import structlog
 from prometheus_client import Gauge
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 from crd_model.stream.daemon import Daemon
 from crd_model.stream.redis_streams import Backoff
@@ -44,8 +46,8 @@ def resolve_devices(devices: Sequence[str], per_device: int = 1) -> list[str]:
 
 
 class Child:
-    def __init__(self, index: int, device: str, argv: list[str], port: int | None):
-        self.index, self.device, self.argv, self.port = index, device, argv, port
+    def __init__(self, index: int, device: str, argv: list[str], port: int | None, consumer: str):
+        self.index, self.device, self.argv, self.port, self.consumer = index, device, argv, port, consumer
         self.proc: subprocess.Popen | None = None
         self.backoff = Backoff(base=1.0, cap=30.0)
         self.started_at = 0.0
@@ -66,6 +68,35 @@ class Child:
             return False
 
 
+class ChildMetrics:
+    """The children's own metrics (`crd_*`) on the supervisor's /metrics, each sample labelled with its
+    worker's consumer name: one scrape of the pod's metrics port sees every worker process."""
+
+    def __init__(self, children: Sequence[Child]):
+        self.children = children
+
+    def describe(self) -> list[Metric]:
+        return []  # names vary with what the children report; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        for child in self.children:
+            if child.port is None:
+                continue
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{child.port}/metrics", timeout=2) as resp:
+                    text = resp.read().decode()
+            except OSError:
+                continue  # starting or restarting: its series are absent from this scrape
+            for fam in text_string_to_metric_families(text):
+                if not fam.name.startswith("crd_"):
+                    continue
+                out = families.setdefault(fam.name, Metric(fam.name, fam.documentation, fam.type, fam.unit))
+                for x in fam.samples:
+                    out.add_sample(x.name, {**x.labels, "worker": child.consumer}, x.value, x.timestamp, x.exemplar)
+        yield from families.values()
+
+
 class Supervisor(Daemon):
     def __init__(self, settings: Settings, devices: Sequence[str], child_args: list[str]):
         super().__init__(settings.observability, log.bind(devices=list(devices)))
@@ -77,17 +108,19 @@ class Supervisor(Daemon):
         self.children = []
         for i, device in enumerate(devices):
             port = None if base_port is None else base_port + 1 + i
+            consumer = f"{settings.worker.consumer}-{i}"
             argv = [sys.executable, "-m", "crd_model.cli", "work", *child_args, "--device", device,
-                    "--consumer", f"{settings.worker.consumer}-{i}"]  # fmt: skip
+                    "--consumer", consumer]  # fmt: skip
             if device.startswith("cuda"):
                 argv += share
             if port is not None:
                 argv += ["--metrics-port", str(port)]
-            self.children.append(Child(i, device, argv, port))
+            self.children.append(Child(i, device, argv, port, consumer))
         self.up = Gauge("crd_supervisor_children_ready", "Worker processes ready (one per device, or N each)",
                         registry=self.registry)  # fmt: skip
         self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
                               registry=self.registry)  # fmt: skip
+        self.registry.register(ChildMetrics(self.children))
 
     def reload(self, *_: object) -> None:
         """SIGHUP: each worker re-reads its models file."""
