@@ -251,10 +251,12 @@ class WorkerProcess:
         seconds: dict[tuple[str, str], float] = {}
         frames: dict[str, float] = {}
         for sample in self._metric_samples():
+            # Summed: under a supervisor each worker process reports its own (labelled `worker`).
             if sample.name == "crd_worker_stage_seconds_total":
-                seconds[(sample.labels["stage"], sample.labels["clock"])] = sample.value
+                key = (sample.labels["stage"], sample.labels["clock"])
+                seconds[key] = seconds.get(key, 0.0) + sample.value
             elif sample.name == "crd_worker_stage_frames_total":
-                frames[sample.labels["stage"]] = sample.value
+                frames[sample.labels["stage"]] = frames.get(sample.labels["stage"], 0.0) + sample.value
         return {
             st: {clock: 1000 * seconds.get((st, clock), 0.0) / frames[st] for clock in ("cpu", "wall")}
             for st in STAGES
@@ -547,8 +549,8 @@ def main() -> int:
                 row["pipeline_threads"] = drain_run(url, [*common, "--decode-processes", "0"], rgbs, xyzs, a.frames)
                 report(side, "pipeline, threads decoding", row["pipeline_threads"], out, a.json)
             for n in a.processes_per_device:
-                # A supervisor and n workers: CPU counts them all; stages and the main process's CPU are not
-                # the supervisor's to report.
+                # A supervisor and n workers: CPU counts them all, stages are summed over the workers (the
+                # supervisor's /metrics carries theirs), and "main process" is the supervisor's.
                 run = drain_run(url, [*common, "--processes-per-device", str(n)], rgbs, xyzs, a.frames)
                 row.setdefault("pipeline_per_device", {})[str(n)] = run
                 report(side, f"pipeline, {n} worker processes on the device", run, out, a.json)
