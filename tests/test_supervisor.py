@@ -72,6 +72,7 @@ def test_workers_under_a_supervisor_share_the_line(settings, r, placement, place
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, out[-3000:]
+    assert "cpu_workers_share_the_cores" in out  # two CPU workers: told they compete for the cores
 
 
 def _frames_by_worker(port: int) -> dict[str, float]:

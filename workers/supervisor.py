@@ -121,6 +121,9 @@ class Supervisor(Daemon):
         self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
                               registry=self.registry)  # fmt: skip
         self.registry.register(ChildMetrics(self.children))
+        if sum(1 for d in devices if d == "cpu") > 1:
+            # Each CPU worker's model takes every core: on 2 cores two ran at 0.24x one (docs/deploy.md).
+            self.log.warning("cpu_workers_share_the_cores", workers=sum(1 for d in devices if d == "cpu"))
 
     def reload(self, *_: object) -> None:
         """SIGHUP: each worker re-reads its models file."""
