@@ -459,6 +459,10 @@ def report(side: int, what: str, value: object, out: dict, path: str) -> None:
     """One step's figures as they come, with the seconds since start, and everything so far to `path`:
     a time-boxed run (a lent GPU) keeps what it measured."""
     print(f"{side} {what}: {value}  [{time.monotonic() - STARTED:.0f} s]", flush=True)
+    save(out, path)
+
+
+def save(out: dict, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(out, indent=2))
 
@@ -556,8 +560,7 @@ def main() -> int:
                 report(side, f"pipeline, {n} worker processes on the device", run, out, a.json)
         if a.scaling:
             out["scaling"] = [scaling_run(url, w, 100.0, a.batch, 24 * a.batch) for w in (1, 2, 4, 8)]
-    Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.json).write_text(json.dumps(out, indent=2))
+    save(out, a.json)
     text = render(out)
     print(text)
     if not a.no_write:

@@ -58,12 +58,17 @@ class Child:
         self.proc = subprocess.Popen(self.argv, env=env)
         self.started_at = time.monotonic()
 
+    def get(self, path: str, timeout: float) -> bytes:
+        """GET a path of the child's metrics port (it has one); OSError if it does not answer 2xx."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
+            return resp.read()
+
     def ready(self) -> bool:
         if self.port is None:
             return self.proc is not None and self.proc.poll() is None
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as resp:
-                return resp.status == 200
+            self.get("/readyz", timeout=1)
+            return True
         except OSError:
             return False
 
@@ -84,8 +89,7 @@ class ChildMetrics:
             if child.port is None:
                 continue
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{child.port}/metrics", timeout=2) as resp:
-                    text = resp.read().decode()
+                text = child.get("/metrics", timeout=2).decode()
             except OSError:
                 continue  # starting or restarting: its series are absent from this scrape
             for fam in text_string_to_metric_families(text):
@@ -121,9 +125,10 @@ class Supervisor(Daemon):
         self.restarts = Gauge("crd_supervisor_child_restarts", "Worker processes restarted after dying",
                               registry=self.registry)  # fmt: skip
         self.registry.register(ChildMetrics(self.children))
-        if sum(1 for d in devices if d == "cpu") > 1:
+        cpu_workers = sum(1 for d in devices if d == "cpu")
+        if cpu_workers > 1:
             # Each CPU worker's model takes every core: on 2 cores two ran at 0.24x one (docs/deploy.md).
-            self.log.warning("cpu_workers_share_the_cores", workers=sum(1 for d in devices if d == "cpu"))
+            self.log.warning("cpu_workers_share_the_cores", workers=cpu_workers)
 
     def reload(self, *_: object) -> None:
         """SIGHUP: each worker re-reads its models file."""
