@@ -358,3 +358,44 @@ def test_training_options_refuse_values_that_would_train_something_else(options:
         TrainOptions(**options)
     print(caught.value)
     TrainOptions(shift=3, gain=0.2, augment="d4", loss="global")  # valid ones still construct
+
+
+def test_standardised_features_are_fitted_on_the_training_images_and_travel_with_the_weights(
+    tiny_data: Path, tmp_path: Path
+):
+    """`standardise_features`: before training, each teacher channel's mean and std over the training
+    images are measured (per modality and scale), so the students see and reproduce features of mean 0 and
+    std 1 there; the moments are saved with the weights and a loaded checkpoint encodes the same."""
+    import torch
+
+    from crd_model.checkpoint import load_checkpoint, save_checkpoint
+    from crd_model.config import CheckpointMeta, CRDConfig
+    from crd_model.dataset import load_split
+    from crd_model.torch_model import CRDModel
+    from crd_model.train import TrainOptions, fit
+
+    config = CRDConfig(image_size=64, standardise_features=True)
+    train = load_split(tiny_data, TINY_CATEGORY, "train", config)
+    torch.manual_seed(0)
+    model = CRDModel(config, teacher_weights=True)
+    fit(model, train, TrainOptions(epochs=1, batch_size=8, progress=False, seed=0), torch.device("cpu"))
+    rgb, x3d = torch.from_numpy(train.stack("rgb")), torch.from_numpy(train.stack("x3d"))
+    with torch.inference_mode():
+        seen = model.encode(rgb, x3d)
+        with model.feature_standardiser.bypassed():
+            raw = model.encode(rgb, x3d)
+    for modality in ("rgb", "3d"):
+        for f, r in zip(seen[modality], raw[modality], strict=True):
+            per_channel = f.transpose(0, 1).flatten(1).double()
+            assert per_channel.mean(dim=1).abs().max() < 1e-3
+            std = per_channel.std(dim=1, correction=0)
+            assert std.max() < 1 + 1e-3 and std.median() == pytest.approx(1.0, abs=1e-3)  # floored channels < 1
+            assert r.transpose(0, 1).flatten(1).mean(dim=1).abs().max() > 0.1  # the raw features are not so
+
+    save_checkpoint(tmp_path / "ckpt", model, CheckpointMeta(model_id="x", config=config))
+    loaded, _ = load_checkpoint(tmp_path / "ckpt")
+    with torch.inference_mode():
+        again = loaded.encode(rgb, x3d)
+    for modality in ("rgb", "3d"):
+        for a, b in zip(again[modality], seen[modality], strict=True):
+            torch.testing.assert_close(a, b)
