@@ -44,9 +44,6 @@ class CRDConfig(BaseModel):
     # teacher's shallowest features with this weight, so the students must also reproduce the part's colour
     # (RGB) or surface direction (3D) there; 0: off (docs/model.md, "The input as teacher channels").
     teacher_input_weight: float = Field(0.0, ge=0)
-    # Each teacher feature channel standardised (per modality, with its mean and std over the training
-    # images) before the students see and reproduce it (docs/model.md, "Standardised teacher features").
-    standardise_features: bool = False
     bottleneck_blocks: int = Field(3, ge=1, le=8)
     decoder_blocks: int = Field(1, ge=0, le=8)
     amplifier_expansion: int = Field(2, ge=1, le=8)

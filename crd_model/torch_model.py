@@ -29,7 +29,6 @@ from crd_model.components.bottleneck import OneClassBottleneck
 from crd_model.components.crossmodal_amplifier import CrossmodalAmplifier
 from crd_model.components.crossmodal_filter import CrossmodalFilter
 from crd_model.components.decoder import StudentDecoder
-from crd_model.components.feature_standardiser import FeatureStandardiser
 from crd_model.config import CRDConfig
 from crd_model.loss import distillation_loss
 
@@ -119,10 +118,6 @@ class CRDModel(nn.Module):
         else:
             branches = {arch: RDBranch(widths, reductions, **kw)}
         self.branches = nn.ModuleDict(branches)
-        modalities = [m for m, used in (("rgb", config.uses_rgb), ("3d", config.uses_3d)) if used]
-        self.feature_standardiser = (
-            FeatureStandardiser(dict.fromkeys(modalities, widths)) if config.standardise_features else None
-        )
         # The student's error per channel, whitened with calibration's moments (config.scoring).
         self.error_whitening = (
             ErrorWhitening({name: [2 * w for w in widths] if name == "fused" else widths for name in branches})
@@ -140,8 +135,7 @@ class CRDModel(nn.Module):
         batch = torch.cat(list(inputs.values()), dim=0)
         feats = self.teacher(batch)
         n = next(iter(inputs.values())).shape[0]
-        out = {k: [f[i * n : (i + 1) * n] for f in feats] for i, k in enumerate(inputs)}
-        return out if self.feature_standardiser is None else self.feature_standardiser(out)
+        return {k: [f[i * n : (i + 1) * n] for f in feats] for i, k in enumerate(inputs)}
 
     def run_branch(
         self, feats: dict[str, Features], name: str, targets: dict[str, Features] | None = None

@@ -165,13 +165,6 @@ def fit(
         ]
         return {m: [torch.cat([p[m][j] for p in parts]).clone() for j in range(len(fs))] for m, fs in parts[0].items()}
 
-    if model.feature_standardiser is not None:  # its moments come from the raw features of the training images
-        with model.feature_standardiser.bypassed():
-            model.feature_standardiser.fit(
-                encode(np.arange(i, min(i + options.batch_size, n)), symmetries[0])
-                for i in range(0, n, options.batch_size)
-            )
-
     # Teacher features of every (symmetry, image), row s * n + i, when they fit the budget. Shifted or
     # recoloured images are new every epoch, so their features are computed per batch.
     cache = None
