@@ -115,7 +115,7 @@ def test_a_frame_sent_twice_gets_one_result_and_the_copy_a_duplicate_dead_letter
     dead = settings.streams.key(settings.line, "dead")
     ensure_group(r, frames, "g")
     # The same frame XADDed twice (a producer retrying after a lost reply), plus another frame.
-    ids = [r.xadd(frames, {b"frame_id": fid, b"payload": b"x"}).decode() for fid in (b"cam:1", b"cam:1", b"cam:2")]
+    ids = [r.xadd(frames, {b"frame_id": f, b"payload": b"x" + f}).decode() for f in (b"cam:1", b"cam:1", b"cam:2")]
     r.xreadgroup("g", "w1", {frames: ">"}, count=3)
     pub = Publisher(r, settings.streams, settings.line, "g", "w1")
     first = pub.publish([Outcome(ids[0], "cam:1", "ok", b"r0")])
@@ -125,6 +125,7 @@ def test_a_frame_sent_twice_gets_one_result_and_the_copy_a_duplicate_dead_letter
     assert [e[1][b"frame_id"] for e in r.xrange(results)] == [b"cam:1", b"cam:2"]
     ((_, dead_fields),) = r.xrange(dead)
     assert dead_fields[b"reason"] == b"duplicate" and dead_fields[b"source_id"].decode() == ids[1]
+    assert dead_fields[b"payload"] == b"xcam:1"  # the copy's own bytes, though the worker sent none back
     assert r.xpending(frames, "g")["pending"] == 0  # the copy is acknowledged, not left hanging
     # Outside the window a frame id is new again (ids are unique per camera boot; the window bounds memory).
     short = Publisher(r, settings.streams.model_copy(update={"dedup_window_s": 0.05}), settings.line, "g", "w1")

@@ -25,7 +25,8 @@ log = structlog.get_logger("crd.publish")
 # The promise holds per frame, not per stream entry: the frame ids published within the dedup
 # window are kept in a sorted set (score = server time). A second entry with a published frame id
 # (a producer's retry after a lost reply, a restarted producer resending) is acknowledged without a
-# result and dead-lettered with reason "duplicate".
+# result and dead-lettered with reason "duplicate", with its payload: an error's travels in ARGV, any
+# other's is read from the frames entry here (the worker does not send every frame's bytes back).
 #
 # Results carry no MAXLEN here: the worker trims them below what every consumer group of the
 # results stream has acknowledged (redis_streams.trim_results).
@@ -55,10 +56,19 @@ for i = 0, n - 1 do
       end
       published = published + 1
     else
+      local payload = ARGV[b + 7]
+      if payload == '' then  -- a frame that decoded: its bytes are read here, not sent back by the worker
+        local e = redis.call('XRANGE', KEYS[1], id, id)
+        if #e == 1 then
+          for j = 1, #e[1][2], 2 do
+            if e[1][2][j] == 'payload' then payload = e[1][2][j + 1] end
+          end
+        end
+      end
       redis.call('XADD', KEYS[3], 'MAXLEN', '~', dmax, '*',
                  'frame_id', frame_id, 'reason', 'duplicate',
                  'message', 'this frame id already has a result (published within the dedup window)',
-                 'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer, 'payload', ARGV[b + 7])
+                 'source_id', id, 'deliveries', ARGV[b + 6], 'worker', consumer, 'payload', payload)
       duplicates = duplicates + 1
     end
     redis.call('XACK', KEYS[1], group, id)
