@@ -186,11 +186,13 @@ def test_bad_frames_become_error_results_and_dead_letters(settings, r):
     import msgpack
 
     add("v2", msgpack.packb({"v": 2, "type": "frame", "frame_id": "v2"}))
+    add("other-line", frame("other-line", line=s.line + "-other"))
     add("good", frame("good"))
     worker = Worker(s, ModelRegistry({"disc": StandInInspector(1)}), r=r, limits=Limits(max_message_bytes=100_000))
-    assert worker.run(max_frames=7, idle_exit_s=3) == 7
+    assert worker.run(max_frames=8, idle_exit_s=3) == 8
     by_id = {x.frame_id: x for x in _results(r, s)}
-    assert set(by_id) == {"garbage", "empty", "unknown-cat", "mismatch", "huge", "v2", "good"}
+    assert set(by_id) == {"garbage", "empty", "unknown-cat", "mismatch", "huge", "v2", "other-line", "good"}
+    assert {x.line for x in by_id.values()} == {s.line}  # every result names the line whose stream it is on
     codes = {fid: (x.error.code if x.error else x.verdict) for fid, x in by_id.items()}
     assert codes == {
         "garbage": "bad_msgpack",
@@ -199,6 +201,7 @@ def test_bad_frames_become_error_results_and_dead_letters(settings, r):
         "mismatch": "shape_mismatch",
         "huge": "too_large",
         "v2": "unsupported_version",
+        "other-line": "invalid",
         "good": "ok",
     }
     dead = {f[b"frame_id"].decode(): f for _, f in r.xrange(s.streams.key(s.line, "dead"))}

@@ -135,6 +135,8 @@ def unpack_item(
             raise WireError("invalid", "entry has no payload field")
         item.frame = unpack_frame_views(payload, limits)  # payloads as views of `payload`: no copy
         item.frame_id = item.frame.frame_id
+        if item.frame.line != line:  # its result would go to this line's stream, labelled as another line's
+            raise WireError("invalid", f"frame is for line {item.frame.line!r} but came on line {line!r}'s stream")
         if registry.get(item.frame.category) is None:
             raise WireError(
                 "unknown_category",
@@ -228,7 +230,7 @@ def _build_outcome(item: Item, worker: str, region_min_area: int, max_regions: i
     )
     common = dict(
         frame_id=item.frame_id,
-        line=f.line if f else item.line,
+        line=item.line,
         camera=f.camera if f else "",
         seq=f.seq if f else None,
         category=f.category if f else "",
