@@ -253,7 +253,7 @@ def _tta_raw_scale_maps(inspector, split, augment_name: str, batch_size: int = 1
     from crd_model import augment
     from crd_model.preprocessing import ModelInput
 
-    normals = inspector.config.representation_3d == "normals"
+    normals = inspector.config.representation_3d in ("normals", "normals_height")
     total: dict[str, list[np.ndarray]] = {}
     symmetries = augment.variants(augment_name)
     for sym in symmetries:

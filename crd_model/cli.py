@@ -59,7 +59,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="state-dict file (.safetensors or .pth) for the teacher, e.g. wide_resnet50_2's",
     )
     p.add_argument("--image-size", type=int, default=256, help="a multiple of 32, >= 64")
-    p.add_argument("--modality-3d", dest="representation_3d", default="normals", choices=["normals", "depth"])
+    p.add_argument(
+        "--modality-3d", dest="representation_3d", default="normals", choices=["normals", "depth", "normals_height"]
+    )
     p.add_argument(
         "--plane",
         default="ransac",

@@ -11,7 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Architecture = Literal["crd", "rgb", "3d", "fused"]
-Representation3D = Literal["normals", "depth"]
+Representation3D = Literal["normals", "depth", "normals_height"]
 PlaneMethod = Literal["ransac", "corners", "none"]
 Scoring = Literal["cosine", "whitened"]
 

@@ -640,6 +640,23 @@ def _bounding_box(mask: torch.Tensor, margin: int) -> tuple[slice, slice] | None
     return slice(r0, r1), slice(c0, c1)
 
 
+def _scaled_height(filled: torch.Tensor, planes: torch.Tensor | None, fg: torch.Tensor) -> torch.Tensor:
+    """Height above the plane (no plane: -z), min-max over each frame's foreground to [0.1, 0.9]; 0 off it."""
+    b = len(filled)
+    if planes is None:
+        height = -filled[:, 2]
+    else:
+        p = planes.to(filled.dtype)
+        height = (filled * p[:, :3, None, None]).sum(dim=1) + p[:, 3, None, None]
+    inf = torch.tensor(float("inf"), device=height.device, dtype=height.dtype)
+    lo = torch.where(fg, height, inf).flatten(1).amin(dim=1).view(b, 1, 1)
+    hi = torch.where(fg, height, -inf).flatten(1).amax(dim=1).view(b, 1, 1)
+    spread = hi - lo
+    flat = ~(spread > 1e-9)
+    scaled = torch.where(flat, torch.full_like(height, 0.5), 0.1 + 0.8 * (height - lo) / torch.where(flat, 1.0, spread))
+    return torch.where(fg, scaled, torch.zeros((), device=height.device))
+
+
 def points_to_3d_input(
     xyz: torch.Tensor,
     representation: str = "normals",
@@ -652,14 +669,15 @@ def points_to_3d_input(
 
     - "depth": height above the plane (plane="none": -z), min-max over the foreground to [0.1, 0.9];
     - "normals": unit surface normals from Sobel gradients of the point map (smoothed over the object
-      with a Gaussian of 1.5 px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1.
+      with a Gaussian of 1.5 px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1;
+    - "normals_height": the normals' x and y, and the height as "depth" has it in place of their z.
     The object is the valid points more than `distance` (m) above the plane, grown through the connected
     points more than `grow_distance` above it, with the points it encloses that are more than
     `grow_distance / 2` above it (None: neither). Background is 0. A frame with too few
     valid points, no fittable plane, or no object gets zeros.
     """
-    if representation not in ("normals", "depth"):
-        raise ValueError(f"unknown representation {representation!r}; expected 'normals' or 'depth'")
+    if representation not in ("normals", "depth", "normals_height"):
+        raise ValueError(f"unknown representation {representation!r}; expected 'normals', 'depth' or 'normals_height'")
     if plane not in ("ransac", "corners", "none"):
         raise ValueError(f"unknown plane {plane!r}; expected 'ransac', 'corners' or 'none'")
     b, _, s, _ = xyz.shape
@@ -680,20 +698,7 @@ def points_to_3d_input(
     fg &= known  # anything filling could not reach stays background
 
     if representation == "depth":
-        if planes is None:
-            height = -filled[:, 2]
-        else:
-            p = planes.to(filled.dtype)
-            height = (filled * p[:, :3, None, None]).sum(dim=1) + p[:, 3, None, None]
-        inf = torch.tensor(float("inf"), device=height.device, dtype=height.dtype)
-        lo = torch.where(fg, height, inf).flatten(1).amin(dim=1).view(b, 1, 1)
-        hi = torch.where(fg, height, -inf).flatten(1).amax(dim=1).view(b, 1, 1)
-        spread = hi - lo
-        flat = ~(spread > 1e-9)
-        scaled = torch.where(
-            flat, torch.full_like(height, 0.5), 0.1 + 0.8 * (height - lo) / torch.where(flat, 1.0, spread)
-        )
-        out[:] = torch.where(fg, scaled, torch.zeros((), device=height.device)).unsqueeze(1)
+        out[:] = _scaled_height(filled, planes, fg).unsqueeze(1)
         return out, fg
 
     # The 3x3 gradient stencils of foreground pixels must not see (0, 0, 0): fill the missing pixels right
@@ -716,6 +721,9 @@ def points_to_3d_input(
         n = surface_normals(smoothed, None if planes is None else planes[part]) * blue  # facing -> blue 1
         crop_fg = fg[part, rows, cols].unsqueeze(1)
         out[part, :, rows, cols] = torch.where(crop_fg, (n + 1) * 0.5, torch.zeros((), device=n.device))
+    if representation == "normals_height":
+        # A camera-facing normal's z follows from its x and y; its channel carries the height instead.
+        out[:, 2] = _scaled_height(filled, planes, fg)
     return out, fg
 
 

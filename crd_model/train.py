@@ -121,7 +121,7 @@ def fit(
     n = len(train.frames)
     rgb_all, x3d_all = train.stack("rgb"), train.stack("x3d")
     symmetries = augment.variants(options.augment)
-    normals = model.config.representation_3d == "normals"
+    normals = model.config.representation_3d in ("normals", "normals_height")
 
     # Pseudo-defects draw from their own stream too (the batches, shifts and gains stay as they were).
     noise_draws = torch.Generator().manual_seed(options.seed + 2)
