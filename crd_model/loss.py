@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSS_KINDS = ("position", "global", "magnitude")
+LOSS_KINDS = ("position", "global", "magnitude", "hard")
+HARD_SHARE = 0.1  # "hard": the share of each scale's positions (over the batch) whose mean is added
 
 
 def cosine_distance_map(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -23,12 +24,20 @@ def distillation_loss(
       (RD4AD's and TRD's `loss_distil`): large-norm positions weigh more;
     - "magnitude": "position" plus the mean squared relative norm error ((|p| - |t|) / |t|)^2, so the
       student also learns each feature vector's length, which (1 - cos) ignores (an experiment:
-      docs/model.md).
+      docs/model.md);
+    - "hard": "position" plus the mean of the hardest `HARD_SHARE` of each scale's positions in the batch
+      (EfficientAD's hard feature loss, as a term: the worst-reproduced normal texture is what sets a
+      good part's score; an experiment: docs/model.md).
     """
     if kind == "magnitude":
         norms = (_relative_norm_error(p, t) for p, t in zip(predicted, target, strict=True))
         return distillation_loss(predicted, target, "position") + sum(
             norms, start=torch.zeros((), device=target[0].device)
+        )
+    if kind == "hard":
+        hardest = (_hardest_mean(cosine_distance_map(p, t)) for p, t in zip(predicted, target, strict=True))
+        return distillation_loss(predicted, target, "position") + sum(
+            hardest, start=torch.zeros((), device=target[0].device)
         )
     if kind == "position":
         terms = (cosine_distance_map(p, t).mean() for p, t in zip(predicted, target, strict=True))
@@ -46,3 +55,9 @@ def _relative_norm_error(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Mean over positions of ((|p| - |t|) / |t|)^2, feature vectors along dim 1."""
     t_norm = t.float().norm(dim=1)
     return (((p.float().norm(dim=1) - t_norm) / t_norm.clamp_min(1e-6)) ** 2).mean()
+
+
+def _hardest_mean(d: torch.Tensor) -> torch.Tensor:
+    """Mean of the largest `HARD_SHARE` of the values of d."""
+    flat = d.flatten()
+    return flat.topk(max(1, int(HARD_SHARE * flat.numel()))).values.mean()

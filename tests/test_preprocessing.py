@@ -428,6 +428,18 @@ def test_xyz_to_3d_input_representations(plane: str, size: int) -> None:
             np.testing.assert_allclose(np.median(top, axis=1), [0.5, 0.5, 1.0], atol=0.03)
 
 
+def test_normals_height_is_the_normals_x_y_and_the_depth_channel() -> None:
+    xyz, _, _ = make_scene(4.0, 300.0)
+    normals, fg = xyz_to_3d_input(xyz, 64, representation="normals")
+    depth, fg_depth = xyz_to_3d_input(xyz, 64, representation="depth")
+    both, fg_both = xyz_to_3d_input(xyz, 64, representation="normals_height")
+    np.testing.assert_array_equal(fg_both, fg)
+    np.testing.assert_array_equal(fg_both, fg_depth)
+    np.testing.assert_array_equal(both[:2], normals[:2])
+    np.testing.assert_array_equal(both[2], depth[0])
+    assert (both[:, ~fg] == 0).all() and both[2][fg].min() == pytest.approx(0.1, abs=1e-6)
+
+
 def test_pooling_over_the_object_averages_object_pixels_and_drops_background_cells() -> None:
     x3d = torch.zeros(1, 3, 4, 4)
     fg = torch.zeros(1, 4, 4, dtype=torch.bool)

@@ -66,6 +66,17 @@ def test_cosine_loss_is_zero_for_identical_and_positive_otherwise():
     assert distillation_loss([-x for x in a], a) == pytest.approx(4.0, abs=1e-5)  # 2 scales x (1 - (-1))
 
 
+def test_the_hard_loss_adds_the_mean_of_each_scales_hardest_tenth():
+    torch.manual_seed(0)
+    target = [torch.randn(2, 8, 5, 4), torch.randn(2, 16, 3, 3)]
+    student = [t.clone() for t in target]
+    student[0][0, :, 0, :] = -target[0][0, :, 0, :]  # 4 of 40 positions (a tenth) reversed: 1 - cos = 2
+    position = distillation_loss(student, target, "position")
+    assert position == pytest.approx(8 / 40, abs=1e-5)
+    assert distillation_loss(student, target, "hard") == pytest.approx(8 / 40 + 2.0, abs=1e-5)
+    assert distillation_loss(target, target, "hard").abs() < 1e-6
+
+
 def test_the_magnitude_loss_sees_a_scaled_student_the_cosine_loss_does_not():
     a = [torch.randn(2, 8, 4, 4), torch.randn(2, 16, 2, 2)]
     doubled = [2 * x for x in a]
