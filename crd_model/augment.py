@@ -48,7 +48,7 @@ def transform(x: torch.Tensor, symmetry: tuple[bool, bool, bool], normals: bool 
         nx = 1 - nx
     if flip_rows:
         ny = 1 - ny
-    on_object = x[:, 2:3] > 0  # the background is 0 in every channel; a surface facing the camera has blue >= 0.5
+    on_object = x[:, 2:3] > 0  # background is 0 in every channel; on the object blue >= 0.5, or height >= 0.1
     return torch.where(on_object, torch.cat([nx, ny, x[:, 2:]], dim=1), x).contiguous()
 
 

@@ -60,7 +60,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--image-size", type=int, default=256, help="a multiple of 32, >= 64")
     p.add_argument(
-        "--modality-3d", dest="representation_3d", default="normals", choices=["normals", "depth", "normals_height"]
+        "--modality-3d",
+        dest="representation_3d",
+        default="normals_height",
+        choices=["normals_height", "normals", "depth"],
+        help="the 3D input: the normals' x and y with the height above the plane (default), the normals, or the height",
     )
     p.add_argument(
         "--plane",
@@ -73,6 +77,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         default="whitened",
         choices=["whitened", "cosine"],
         help="each scale's map: the students' error whitened at calibration (default), or the paper's 1 - cos",
+    )
+    p.add_argument(
+        "--loss",
+        default="hard",
+        choices=["hard", "position", "global", "magnitude"],
+        help="the students' loss: 1 - cos per position plus the mean of each scale's hardest tenth (default), "
+        "1 - cos per position alone (the paper's), or the experiments in docs/model.md",
     )
     p.add_argument(
         "--teacher-input-weight",
@@ -122,6 +133,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         false_reject_rate=a.false_reject_rate,
         device=a.device,
         teacher_weights=a.teacher_weights,
+        loss=a.loss,
     )
     meta = train_category(a.data, a.category, a.out, config, options)
     assert meta.calibration is not None and meta.training is not None

@@ -290,7 +290,7 @@ def _smooth_points(points: np.ndarray, region: np.ndarray, sigma: float) -> np.n
 def xyz_to_3d_input(
     xyz: np.ndarray,
     size: int,
-    representation: Literal["normals", "depth"] = "normals",
+    representation: Literal["normals", "depth", "normals_height"] = "normals",
     plane: Literal["ransac", "corners", "none"] = "ransac",
     distance: float = 0.005,
     smoothing: float = 1.5,
@@ -302,11 +302,12 @@ def xyz_to_3d_input(
     fill missing points inside the foreground, then encode:
     - "depth": height above the plane (plane="none": -z), min-max over the foreground to [0.1, 0.9];
     - "normals": unit surface normals from Sobel gradients of the point map (smoothed over the object
-      with a Gaussian of `smoothing` px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1.
+      with a Gaussian of `smoothing` px at 256 px), mapped (n + 1) / 2, facing the camera = blue 1;
+    - "normals_height": the normals' x and y, and the height as "depth" has it in place of their z.
     Background is 0. No valid points, no fittable plane, or no object: zeros and an empty foreground.
     """
-    if representation not in ("normals", "depth"):
-        raise ValueError(f"unknown representation {representation!r}; expected 'normals' or 'depth'")
+    if representation not in ("normals", "depth", "normals_height"):
+        raise ValueError(f"unknown representation {representation!r}; expected 'normals', 'depth' or 'normals_height'")
     if plane not in ("ransac", "corners", "none"):
         raise ValueError(f"unknown plane {plane!r}; expected 'ransac', 'corners' or 'none'")
     xyz = np.asarray(xyz, dtype=F32)
@@ -334,12 +335,12 @@ def xyz_to_3d_input(
     filled = fill_holes(small, valid & fg, fg)
     fg &= _valid(filled)  # anything fill_holes could not reach stays background
 
+    height = -filled[..., 2] if coeffs is None else filled @ coeffs[:3].astype(F32) + F32(coeffs[3])
+    lo, hi = float(height[fg].min()), float(height[fg].max())
+    scaled = 0.1 + 0.8 * (height - lo) / (hi - lo) if hi - lo > 1e-9 else np.full_like(height, 0.5)
+    scaled = np.where(fg, scaled, 0.0).astype(F32)
     if representation == "depth":
-        height = -filled[..., 2] if coeffs is None else filled @ coeffs[:3].astype(F32) + F32(coeffs[3])
-        lo, hi = float(height[fg].min()), float(height[fg].max())
-        scaled = 0.1 + 0.8 * (height - lo) / (hi - lo) if hi - lo > 1e-9 else np.full_like(height, 0.5)
-        out = np.where(fg, scaled, 0.0).astype(F32)
-        return np.repeat(out[None], 3, axis=0), fg
+        return np.repeat(scaled[None], 3, axis=0), fg
 
     # The 3x3 gradient stencils of foreground pixels must not see (0, 0, 0): fill the missing pixels
     # right around the foreground (occlusion bands) from their neighbours too.
@@ -350,4 +351,6 @@ def xyz_to_3d_input(
     # (0.5, 0.5, 1) and never confused with the background's 0.
     n[..., 2] *= -1
     out = np.where(fg[..., None], (n + 1) * 0.5, 0.0).astype(F32)
+    if representation == "normals_height":  # the normal's z follows from its x and y: the height instead
+        out[..., 2] = scaled
     return np.ascontiguousarray(out.transpose(2, 0, 1)), fg

@@ -523,7 +523,7 @@ def test_reference_numpy_ransac_fallback_finds_the_plane() -> None:
 # -- agreement with the reference implementation ---------------------------------------------------------
 
 
-def _reference_inputs(rgbs, xyzs, size: int, representation: str = "normals"):
+def _reference_inputs(rgbs, xyzs, size: int, representation: str):
     from tests import reference_preprocess as ref
 
     rgb = np.stack([ref.resize_rgb(r, size) for r in rgbs])
@@ -531,7 +531,7 @@ def _reference_inputs(rgbs, xyzs, size: int, representation: str = "normals"):
     return rgb, x3d
 
 
-@pytest.mark.parametrize("representation", ["normals", "depth"])
+@pytest.mark.parametrize("representation", ["normals_height", "normals", "depth"])
 def test_device_path_agrees_with_the_reference_on_the_synthetic_test_split(tiny_data, representation):
     from crd_model.data.mvtec3d import list_samples, read_rgb, read_xyz
     from tests.conftest import TINY_CATEGORY
@@ -564,7 +564,7 @@ def test_a_trained_checkpoint_scores_the_same_through_both_paths(tiny_data, tiny
     samples = list_samples(tiny_data, TINY_CATEGORY, "test")
     rgbs = [read_rgb(s.rgb_path) for s in samples]
     xyzs = [read_xyz(s.xyz_path) for s in samples]
-    ref_rgb, ref_x3d = _reference_inputs(rgbs, xyzs, size)
+    ref_rgb, ref_x3d = _reference_inputs(rgbs, xyzs, size, inspector.config.representation_3d)
     reference = inspector.infer(
         [PreparedFrame(r, x, rgb.shape[:2]) for r, x, rgb in zip(ref_rgb, ref_x3d, rgbs, strict=True)]
     )
