@@ -275,7 +275,7 @@ def main() -> int:
     a = ap.parse_args()
     if a.merge:
         payload = merge_runs([Path(f) for f in a.merge], a.categories)
-        payload["command"] = "bench/quality.py " + " ".join(sys.argv[1:])
+        payload["command"] = "bench/quality.py " + shlex.join(sys.argv[1:])
         _place(payload, a)
         Path(a.json).write_text(json.dumps(payload, indent=2, default=float))
         return _publish(payload, a)
@@ -310,7 +310,7 @@ def main() -> int:
                     f"{t['seconds_per_epoch']:.1f}s/epoch)",
                     flush=True,
                 )
-    command = "bench/quality.py " + " ".join(sys.argv[1:])
+    command = "bench/quality.py " + shlex.join(sys.argv[1:])
     payload = {"machine": machine(), "command": command, "args": vars(a), "results": results,
                "wall_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     out_json = Path(a.json)
