@@ -62,9 +62,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--modality-3d",
         dest="representation_3d",
-        default="normals_height",
-        choices=["normals_height", "normals", "depth"],
-        help="the 3D input: the normals' x and y with the height above the plane (default), the normals, or the height",
+        default="normals",
+        choices=["normals", "depth", "normals_height"],
+        help="the 3D input: surface normals (default), the height above the plane, or the normals' x and y with "
+        "the height in place of their z (an option: docs/model.md)",
     )
     p.add_argument(
         "--plane",
@@ -80,10 +81,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--loss",
-        default="hard",
-        choices=["hard", "position", "global", "magnitude"],
-        help="the students' loss: 1 - cos per position plus the mean of each scale's hardest tenth (default), "
-        "1 - cos per position alone (the paper's), or the experiments in docs/model.md",
+        default="position",
+        choices=["position", "hard", "global", "magnitude"],
+        help="the students' loss: the mean of 1 - cos per position (default, the paper's), that plus the mean of "
+        "each scale's hardest tenth (an option), or the experiments in docs/model.md",
     )
     p.add_argument(
         "--teacher-input-weight",

@@ -29,7 +29,7 @@ class CRDConfig(BaseModel):
     # usual CNNs, as RD4AD uses layer1..layer3 of a ResNet).
     feature_indices: tuple[int, ...] = (1, 2, 3)
     image_size: int = 256
-    representation_3d: Representation3D = "normals_height"
+    representation_3d: Representation3D = "normals"
     plane: PlaneMethod = "ransac"
     plane_distance: float = Field(0.005, gt=0, description="metres; points closer to the plane are background")
     # Hysteresis: the object grows from the points above plane_distance through the connected points above

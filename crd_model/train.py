@@ -50,9 +50,9 @@ class TrainOptions:
     progress: bool = True
     workers: int | None = None
     bf16: bool | None = None  # bf16 autocast of the students' forward/backward; None = on CUDA only
-    # "hard" (mean of 1 - cos plus the mean of each scale's hardest tenth of positions), "position" (mean of
-    # 1 - cos, the paper's), "global" (TRD's flattened cosine), "magnitude" (an experiment): crd_model/loss.py
-    loss: str = "hard"
+    # "position" (mean of 1 - cos, the paper's), "hard" (that plus the mean of each scale's hardest tenth of
+    # positions), "global" (TRD's flattened cosine), "magnitude" (an experiment): crd_model/loss.py
+    loss: str = "position"
     augment: str = "none"  # "none" (the paper), "flips" or "d4" (flips and quarter turns): crd_model/augment.py
     shift: int = 0  # > 0: each training image moved by up to this many pixels per epoch (teacher run per batch)
     gain: float = 0.0  # > 0: each RGB channel scaled by 1 +- up to this per image and epoch (teacher run per batch)
