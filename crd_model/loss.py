@@ -29,26 +29,22 @@ def distillation_loss(
       (EfficientAD's hard feature loss, as a term: the worst-reproduced normal texture is what sets a
       good part's score; an experiment: docs/model.md).
     """
-    if kind == "magnitude":
-        norms = (_relative_norm_error(p, t) for p, t in zip(predicted, target, strict=True))
-        return distillation_loss(predicted, target, "position") + sum(
-            norms, start=torch.zeros((), device=target[0].device)
-        )
-    if kind == "hard":
-        hardest = (_hardest_mean(cosine_distance_map(p, t)) for p, t in zip(predicted, target, strict=True))
-        return distillation_loss(predicted, target, "position") + sum(
-            hardest, start=torch.zeros((), device=target[0].device)
-        )
-    if kind == "position":
-        terms = (cosine_distance_map(p, t).mean() for p, t in zip(predicted, target, strict=True))
-    elif kind == "global":
-        terms = (
-            (1.0 - F.cosine_similarity(p.flatten(1), t.flatten(1), dim=1)).mean()
-            for p, t in zip(predicted, target, strict=True)
-        )
-    else:
+    if kind not in LOSS_KINDS:
         raise ValueError(f"unknown loss {kind!r}; expected one of {list(LOSS_KINDS)}")
+    terms = (_scale_loss(kind, p, t) for p, t in zip(predicted, target, strict=True))
     return sum(terms, start=torch.zeros((), device=target[0].device))
+
+
+def _scale_loss(kind: str, p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """One scale's term of `distillation_loss`."""
+    if kind == "global":
+        return (1.0 - F.cosine_similarity(p.flatten(1), t.flatten(1), dim=1)).mean()
+    d = cosine_distance_map(p, t)  # once per scale: "hard" reuses it
+    if kind == "hard":
+        return d.mean() + _hardest_mean(d)
+    if kind == "magnitude":
+        return d.mean() + _relative_norm_error(p, t)
+    return d.mean()
 
 
 def _relative_norm_error(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

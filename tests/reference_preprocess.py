@@ -287,6 +287,14 @@ def _smooth_points(points: np.ndarray, region: np.ndarray, sigma: float) -> np.n
     return out
 
 
+def _scaled_height(filled: np.ndarray, coeffs: np.ndarray | None, fg: np.ndarray) -> np.ndarray:
+    """Height above the plane (no plane: -z), min-max over the foreground to [0.1, 0.9]; 0 off it."""
+    height = -filled[..., 2] if coeffs is None else filled @ coeffs[:3].astype(F32) + F32(coeffs[3])
+    lo, hi = float(height[fg].min()), float(height[fg].max())
+    scaled = 0.1 + 0.8 * (height - lo) / (hi - lo) if hi - lo > 1e-9 else np.full_like(height, 0.5)
+    return np.where(fg, scaled, 0.0).astype(F32)
+
+
 def xyz_to_3d_input(
     xyz: np.ndarray,
     size: int,
@@ -335,12 +343,8 @@ def xyz_to_3d_input(
     filled = fill_holes(small, valid & fg, fg)
     fg &= _valid(filled)  # anything fill_holes could not reach stays background
 
-    height = -filled[..., 2] if coeffs is None else filled @ coeffs[:3].astype(F32) + F32(coeffs[3])
-    lo, hi = float(height[fg].min()), float(height[fg].max())
-    scaled = 0.1 + 0.8 * (height - lo) / (hi - lo) if hi - lo > 1e-9 else np.full_like(height, 0.5)
-    scaled = np.where(fg, scaled, 0.0).astype(F32)
     if representation == "depth":
-        return np.repeat(scaled[None], 3, axis=0), fg
+        return np.repeat(_scaled_height(filled, coeffs, fg)[None], 3, axis=0), fg
 
     # The 3x3 gradient stencils of foreground pixels must not see (0, 0, 0): fill the missing pixels
     # right around the foreground (occlusion bands) from their neighbours too.
@@ -352,5 +356,5 @@ def xyz_to_3d_input(
     n[..., 2] *= -1
     out = np.where(fg[..., None], (n + 1) * 0.5, 0.0).astype(F32)
     if representation == "normals_height":  # the normal's z follows from its x and y: the height instead
-        out[..., 2] = scaled
+        out[..., 2] = _scaled_height(filled, coeffs, fg)
     return np.ascontiguousarray(out.transpose(2, 0, 1)), fg
